@@ -1,0 +1,2 @@
+//! gsb-health (skeleton)
+#![forbid(unsafe_code)]
