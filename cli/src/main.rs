@@ -19,7 +19,11 @@ use tokio_util::sync::CancellationToken;
 const EXIT_BAD_CONFIG: u8 = 64;
 
 #[derive(Parser, Debug)]
-#[command(name = "gsb", version, about = "One URL and the same data for a meeting service's primary and backup sites")]
+#[command(
+    name = "gsb",
+    version,
+    about = "One URL and the same data for a meeting service's primary and backup sites"
+)]
 struct Cli {
     /// Log format: `human` (default) or `json` (one object per line).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "GSB_LOG_FORMAT")]
@@ -38,7 +42,11 @@ enum LogFormat {
 #[derive(clap::Args, Debug, Clone)]
 pub struct AdminArgs {
     /// Admin API base URL.
-    #[arg(long = "admin", env = "GSB_ADMIN", default_value = "http://127.0.0.1:9090")]
+    #[arg(
+        long = "admin",
+        env = "GSB_ADMIN",
+        default_value = "http://127.0.0.1:9090"
+    )]
     pub url: String,
     /// File holding the admin bearer token (else `GSB_ADMIN_TOKEN`).
     #[arg(long)]
@@ -149,17 +157,27 @@ pub struct BadConfig {
 /// Reads a config file, mapping an unreadable file to `BadConfig`.
 pub fn read_config(path: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).map_err(|e| {
-        BadConfig { path: path.display().to_string(), message: format!("cannot read it: {e}") }.into()
+        BadConfig {
+            path: path.display().to_string(),
+            message: format!("cannot read it: {e}"),
+        }
+        .into()
     })
 }
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }
 
@@ -167,7 +185,10 @@ fn init_logging(format: LogFormat) {
 fn spawn_signal_handler(token: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
@@ -183,7 +204,10 @@ fn spawn_signal_handler(token: CancellationToken) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("gsb: cannot start the runtime: {e}");
@@ -215,20 +239,50 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             spawn_signal_handler(shutdown.clone());
             cmd_replicator::replicator(&config, prometheus_registry(), shutdown).await?;
         }
-        Command::Up { dir, listen, admin_listen, allow_faults } => {
+        Command::Up {
+            dir,
+            listen,
+            admin_listen,
+            allow_faults,
+        } => {
             spawn_signal_handler(shutdown.clone());
-            cmd_up::up(cmd_up::UpOptions { dir, listen, admin_listen, allow_faults }, shutdown).await?;
+            cmd_up::up(
+                cmd_up::UpOptions {
+                    dir,
+                    listen,
+                    admin_listen,
+                    allow_faults,
+                },
+                shutdown,
+            )
+            .await?;
         }
         Command::Status { admin, json } => return cmd_admin::status(&admin, json).await,
-        Command::Failover { admin, to, reason } => return cmd_admin::failover(&admin, &to, &reason).await,
+        Command::Failover { admin, to, reason } => {
+            return cmd_admin::failover(&admin, &to, &reason).await
+        }
         Command::Failback { admin, reason } => return cmd_admin::failback(&admin, &reason).await,
         Command::Auto { admin } => return cmd_admin::auto(&admin).await,
         Command::Verify { config } => return cmd_replicator::verify(&config).await,
         Command::CopyConfig { config } => cmd_replicator::copy_config(&config).await?,
         Command::CheckConfig { config } => return check_config(&config),
-        Command::Site { role, dsn, listen, allow_faults } => {
+        Command::Site {
+            role,
+            dsn,
+            listen,
+            allow_faults,
+        } => {
             spawn_signal_handler(shutdown.clone());
-            cmd_site::site(gsb_site::SiteOptions { role, dsn, listen, allow_faults }, shutdown).await?;
+            cmd_site::site(
+                gsb_site::SiteOptions {
+                    role,
+                    dsn,
+                    listen,
+                    allow_faults,
+                },
+                shutdown,
+            )
+            .await?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -243,8 +297,10 @@ fn prometheus_registry() -> prometheus::Registry {
 /// it has `[replicator]`.
 fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
     let text = read_config(path)?;
-    let table: toml::Table = toml::from_str(&text)
-        .map_err(|e| BadConfig { path: path.display().to_string(), message: e.to_string() })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| BadConfig {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
     let mut checked = Vec::new();
     let mut errors = Vec::new();
     if table.contains_key("sites") || !table.contains_key("replicator") {
@@ -263,6 +319,10 @@ fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
         println!("{}: ok ({})", path.display(), checked.join(", "));
         Ok(ExitCode::SUCCESS)
     } else {
-        Err(BadConfig { path: path.display().to_string(), message: errors.join("\n") }.into())
+        Err(BadConfig {
+            path: path.display().to_string(),
+            message: errors.join("\n"),
+        }
+        .into())
     }
 }
