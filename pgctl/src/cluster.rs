@@ -23,7 +23,7 @@ const DROP_DEADLINE: Duration = Duration::from_secs(5);
 /// How often readiness and exit are polled.
 const POLL: Duration = Duration::from_millis(15);
 /// Start attempts when a port or a stale shared memory block is still in use.
-const START_ATTEMPTS: usize = 6;
+const START_ATTEMPTS: usize = 20;
 /// File name of the server log inside the data directory.
 const LOG_FILE: &str = "gsb-postgres.log";
 
@@ -243,10 +243,11 @@ impl Cluster {
             ("shared_buffers".into(), "32MB".into()),
             ("logging_collector".into(), "off".into()),
         ];
+        // fsync=off survives a process crash (kill -9), not an OS crash: fine for tests.
+        // synchronous_commit stays on, so an acknowledged commit survives `kill`.
         if !self.fsync {
             settings.push(("fsync".into(), "off".into()));
             settings.push(("full_page_writes".into(), "off".into()));
-            settings.push(("synchronous_commit".into(), "off".into()));
         }
         settings.extend(self.settings.iter().cloned());
         for (k, v) in &settings {
@@ -286,17 +287,18 @@ impl Cluster {
                     log_tail: last_lines(&tail, 20),
                 };
                 // A port taken by someone else, or shared memory of a just-killed server.
-                return Err(
-                    if tail.contains("already in use") || tail.contains("could not bind") {
-                        Retry::Yes {
-                            err,
-                            new_port: tail.contains("could not bind")
-                                || tail.contains("Address already in use"),
-                        }
-                    } else {
-                        Retry::No(err)
-                    },
-                );
+                let busy = tail.contains("already in use")
+                    || tail.contains("still in use")
+                    || tail.contains("could not bind");
+                return Err(if busy {
+                    Retry::Yes {
+                        err,
+                        new_port: tail.contains("could not bind")
+                            || tail.contains("Address already in use"),
+                    }
+                } else {
+                    Retry::No(err)
+                });
             }
             if self.ready(pid) {
                 tracing::debug!(port = self.port, pid, "postgres ready");
@@ -354,11 +356,21 @@ impl Cluster {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        let pid = Pid::from_raw(child.id() as i32);
-        let _ = signal::killpg(pid, Signal::SIGKILL);
+        let pid = child.id();
+        // Backends call setsid(), so the process group does not reach them: list them first.
+        let backends = children_of(pid);
+        let _ = signal::killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        for b in &backends {
+            let _ = signal::kill(Pid::from_raw(*b as i32), Signal::SIGKILL);
+        }
         child
             .wait()
             .map_err(|e| Error::io("waiting for the killed postmaster", e))?;
+        // A backend still attached to shared memory would block the restart.
+        let deadline = Instant::now() + DROP_DEADLINE;
+        while backends.iter().any(|b| alive(*b)) && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
         Ok(())
     }
 
@@ -500,6 +512,37 @@ fn chown(path: &Path, uid: Uid, gid: Gid) -> Result<(), Error> {
             e.into(),
         )
     })
+}
+
+/// Pids whose parent is `ppid` (from /proc; empty where /proc is missing).
+fn children_of(ppid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let (_, parent) = proc_stat(pid)?;
+            (parent == ppid).then_some(pid)
+        })
+        .collect()
+}
+
+/// (state, ppid) of a process from /proc/<pid>/stat.
+fn proc_stat(pid: u32) -> Option<(char, u32)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut it = rest.split_whitespace();
+    let state = it.next()?.chars().next()?;
+    let ppid = it.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Whether `pid` is a live (not zombie) process.
+fn alive(pid: u32) -> bool {
+    matches!(proc_stat(pid), Some((s, _)) if s != 'Z' && s != 'X')
 }
 
 /// Waits for the child to exit; false if it is still running at the deadline.
