@@ -34,7 +34,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 /// The whole file, as the proxy reads it.
@@ -142,7 +145,10 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: "127.0.0.1:9090".parse().expect("valid literal"), token_file: None }
+        AdminConfig {
+            listen: "127.0.0.1:9090".parse().expect("valid literal"),
+            token_file: None,
+        }
     }
 }
 
@@ -315,21 +321,29 @@ impl Config {
 
     /// Reads, parses and validates a config file.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Config::from_toml_str(&text)
     }
 
     /// Checks what serde cannot: ranges, URLs, time zones, consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for (key, site) in [("sites.primary", &self.sites.primary), ("sites.backup", &self.sites.backup)] {
+        for (key, site) in [
+            ("sites.primary", &self.sites.primary),
+            ("sites.backup", &self.sites.backup),
+        ] {
             validate_url(&format!("{key}.url"), &site.url)?;
             if let Some(public) = &site.public_url {
                 validate_url(&format!("{key}.public_url"), public)?;
             }
         }
         if !(0.0..=1.0).contains(&self.proxy.retry_budget) {
-            return Err(invalid("proxy.retry_budget", "must be between 0.0 and 1.0 (0.2 = at most 20% of requests retried)"));
+            return Err(invalid(
+                "proxy.retry_budget",
+                "must be between 0.0 and 1.0 (0.2 = at most 20% of requests retried)",
+            ));
         }
         let h = &self.health;
         if h.rise == 0 {
@@ -339,29 +353,51 @@ impl Config {
             return Err(invalid("health.fall", "must be at least 1"));
         }
         if h.interval.is_zero() {
-            return Err(invalid("health.interval", "must be greater than 0, e.g. \"500ms\""));
+            return Err(invalid(
+                "health.interval",
+                "must be greater than 0, e.g. \"500ms\"",
+            ));
         }
         if h.timeout.is_zero() || h.timeout > h.interval.max(Duration::from_secs(60)) {
-            return Err(invalid("health.timeout", "must be greater than 0 and at most 60s, e.g. \"400ms\""));
+            return Err(invalid(
+                "health.timeout",
+                "must be greater than 0 and at most 60s, e.g. \"400ms\"",
+            ));
         }
         if h.components.is_empty() {
-            return Err(invalid("health.components", "at least one component is needed, e.g. { name = \"web\", path = \"/health/web\" }"));
+            return Err(invalid(
+                "health.components",
+                "at least one component is needed, e.g. { name = \"web\", path = \"/health/web\" }",
+            ));
         }
         if !h.components.iter().any(|c| c.critical) {
-            return Err(invalid("health.components", "at least one component must be critical = true"));
+            return Err(invalid(
+                "health.components",
+                "at least one component must be critical = true",
+            ));
         }
         for (i, c) in h.components.iter().enumerate() {
             let key = format!("health.components[{i}]");
             match (&c.path, &c.tcp) {
                 (Some(p), None) if p.starts_with('/') => {}
-                (Some(_), None) => return Err(invalid(format!("{key}.path"), "must start with '/'")),
+                (Some(_), None) => {
+                    return Err(invalid(format!("{key}.path"), "must start with '/'"))
+                }
                 (None, Some(addr)) if addr.contains(':') => {}
                 (None, Some(_)) => return Err(invalid(format!("{key}.tcp"), "must be host:port")),
-                _ => return Err(invalid(&key, "set exactly one of `path` (HTTP probe) or `tcp` (host:port)")),
+                _ => {
+                    return Err(invalid(
+                        &key,
+                        "set exactly one of `path` (HTTP probe) or `tcp` (host:port)",
+                    ))
+                }
             }
             if let Some(range) = &c.expect_status {
                 parse_status_range(range).ok_or_else(|| {
-                    invalid(format!("{key}.expect_status"), format!("expected a status or range like \"200-399\", got {range:?}"))
+                    invalid(
+                        format!("{key}.expect_status"),
+                        format!("expected a status or range like \"200-399\", got {range:?}"),
+                    )
                 })?;
             }
         }
@@ -372,16 +408,32 @@ impl Config {
             let key = format!("maintenance[{i}]");
             for d in &w.days {
                 parse_weekday(d).ok_or_else(|| {
-                    invalid(format!("{key}.days"), format!("unknown day {d:?}; valid: mon, tue, wed, thu, fri, sat, sun"))
+                    invalid(
+                        format!("{key}.days"),
+                        format!("unknown day {d:?}; valid: mon, tue, wed, thu, fri, sat, sun"),
+                    )
                 })?;
             }
-            parse_hh_mm(&w.start)
-                .ok_or_else(|| invalid(format!("{key}.start"), format!("expected HH:MM (24h), got {:?}", w.start)))?;
+            parse_hh_mm(&w.start).ok_or_else(|| {
+                invalid(
+                    format!("{key}.start"),
+                    format!("expected HH:MM (24h), got {:?}", w.start),
+                )
+            })?;
             w.timezone.parse::<chrono_tz::Tz>().map_err(|_| {
-                invalid(format!("{key}.timezone"), format!("unknown IANA time zone {:?}, e.g. \"America/Los_Angeles\"", w.timezone))
+                invalid(
+                    format!("{key}.timezone"),
+                    format!(
+                        "unknown IANA time zone {:?}, e.g. \"America/Los_Angeles\"",
+                        w.timezone
+                    ),
+                )
             })?;
             if w.duration.is_zero() || w.duration > Duration::from_secs(7 * 24 * 3600) {
-                return Err(invalid(format!("{key}.duration"), "must be between 1s and 7 days"));
+                return Err(invalid(
+                    format!("{key}.duration"),
+                    "must be between 1s and 7 days",
+                ));
             }
         }
         Ok(())
@@ -389,12 +441,18 @@ impl Config {
 }
 
 fn validate_url(key: &str, url: &str) -> Result<(), ConfigError> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|_| invalid(key, format!("not a URL: {url:?}; expected like \"http://127.0.0.1:8001\"")))?;
+    let uri: http::Uri = url.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("not a URL: {url:?}; expected like \"http://127.0.0.1:8001\""),
+        )
+    })?;
     match uri.scheme_str() {
         Some("http") | Some("https") if uri.authority().is_some() => Ok(()),
-        _ => Err(invalid(key, format!("expected an http:// or https:// URL with a host, got {url:?}"))),
+        _ => Err(invalid(
+            key,
+            format!("expected an http:// or https:// URL with a host, got {url:?}"),
+        )),
     }
 }
 
@@ -413,7 +471,10 @@ pub fn parse_status_range(s: &str) -> Option<std::ops::RangeInclusive<u16>> {
 /// Parses `mon`..`sun` (also full English names).
 pub fn parse_weekday(s: &str) -> Option<chrono::Weekday> {
     let s = s.trim().to_ascii_lowercase();
-    s.get(..3)?.parse().ok().filter(|_| s.len() == 3 || s.parse::<chrono::Weekday>().is_ok())
+    s.get(..3)?
+        .parse()
+        .ok()
+        .filter(|_| s.len() == 3 || s.parse::<chrono::Weekday>().is_ok())
 }
 
 /// Parses `HH:MM` (24h).

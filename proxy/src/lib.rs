@@ -5,9 +5,11 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod maintenance;
 pub mod metrics;
 pub mod passive;
 pub mod route;
+pub mod routing;
 
 pub use config::{Config, ConfigError};
 pub use route::{RouteSnapshot, Router, Site};
