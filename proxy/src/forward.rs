@@ -1,0 +1,631 @@
+//! Forwarding one client request to the active site: header rewriting, the pooled upstream
+//! client, retry on the other site, passive health, metrics, redirect mode and upgrades.
+//!
+//! The request path reads the route snapshot (no lock) and awaits nothing but the client and the
+//! site.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::Histogram;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::body::{ProxyBody, ReqBody, ReturnableBody};
+use crate::config::{Config, Mode};
+use crate::detect;
+use crate::drain::Drain;
+use crate::error::{Error, ProxyError, RetryType};
+use crate::metrics::ProxyMetrics;
+use crate::passive::PassiveHealth;
+use crate::retry::RetryBudget;
+use crate::route::{Router, Site};
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1); `Proxy-*` are removed too.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("proxy-connection"),
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// What the request path knows about the client connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// `http` or `https`: the listener the request came in on (for `X-Forwarded-Proto`).
+    pub proto: &'static str,
+}
+
+/// Where one site is reached.
+#[derive(Clone, Debug)]
+struct Target {
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix of the site URL without the trailing `/` (usually empty).
+    base_path: String,
+    /// `public_url` (or `url`) without the trailing `/`, for redirect mode.
+    redirect_base: String,
+}
+
+impl Target {
+    fn parse(key: &str, url: &str, public: Option<&str>) -> Result<Target, Error> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| Error::Client(format!("{key}.url: not a URL: {url:?}")))?;
+        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+        if scheme != Scheme::HTTP {
+            // TLS to the sites is not built yet: say so at start instead of failing every request.
+            return Err(Error::Client(format!(
+                "{key}.url: only http:// sites are supported by the forwarder, got {url:?}"
+            )));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| Error::Client(format!("{key}.url: no host in {url:?}")))?;
+        Ok(Target {
+            scheme,
+            authority,
+            base_path: uri.path().trim_end_matches('/').to_owned(),
+            redirect_base: public.unwrap_or(url).trim_end_matches('/').to_owned(),
+        })
+    }
+
+    fn uri(&self, pq: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
+        let pq = match (self.base_path.is_empty(), pq) {
+            (true, Some(pq)) => pq.clone(),
+            (true, None) => PathAndQuery::from_static("/"),
+            (false, pq) => {
+                let rest = pq.map_or("/", |p| p.as_str());
+                format!("{}{rest}", self.base_path)
+                    .parse()
+                    .map_err(|_| ProxyError::BadRequest("path cannot be forwarded"))?
+            }
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::BadRequest("path cannot be forwarded"))
+    }
+}
+
+/// Everything the request path needs, shared by all connections.
+#[derive(Debug)]
+pub struct Forwarder {
+    client: Client<HttpConnector, ReqBody>,
+    router: Arc<Router>,
+    passive: Arc<PassiveHealth>,
+    metrics: ProxyMetrics,
+    /// `gsb_request_duration_seconds{site}` resolved once per site (no label lookup per request).
+    durations: [Histogram; 2],
+    budget: RetryBudget,
+    drain: Arc<Drain>,
+    targets: [Target; 2],
+    mode: Mode,
+    upstream_timeout: Duration,
+    request_log: bool,
+    /// Upgraded tunnels are tracked here so shutdown waits for them (bounded).
+    tracker: TaskTracker,
+    /// Cancelled when the shutdown grace period ends: tunnels still open are closed.
+    hard_stop: CancellationToken,
+}
+
+/// What one attempt on one site needs, besides the body.
+struct Outgoing {
+    method: Method,
+    pq: Option<PathAndQuery>,
+    headers: HeaderMap,
+}
+
+impl Forwarder {
+    /// Builds the forwarder and its pooled upstream client.
+    pub fn new(
+        config: &Config,
+        router: Arc<Router>,
+        passive: Arc<PassiveHealth>,
+        metrics: ProxyMetrics,
+        drain: Arc<Drain>,
+        tracker: TaskTracker,
+        hard_stop: CancellationToken,
+    ) -> Result<Forwarder, Error> {
+        let p = &config.proxy;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(p.connect_timeout));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(30)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(p.idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        let s = &config.sites;
+        let targets = [
+            Target::parse(
+                "sites.primary",
+                &s.primary.url,
+                s.primary.public_url.as_deref(),
+            )?,
+            Target::parse(
+                "sites.backup",
+                &s.backup.url,
+                s.backup.public_url.as_deref(),
+            )?,
+        ];
+        let durations =
+            Site::ALL.map(|site| metrics.request_duration.with_label_values(&[site.as_str()]));
+        Ok(Forwarder {
+            client,
+            router,
+            passive,
+            metrics,
+            durations,
+            budget: RetryBudget::new(p.retry_budget),
+            drain,
+            targets,
+            mode: p.mode,
+            upstream_timeout: p.upstream_timeout,
+            request_log: p.request_log,
+            tracker,
+            hard_stop,
+        })
+    }
+
+    /// Answers one client request.
+    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+        let started = tokio::time::Instant::now();
+        let route = self.router.load();
+        if detect::is_detect_path(req.uri().path()) {
+            return detect::answer(req.method(), route.active);
+        }
+        if self.mode == Mode::Redirect {
+            return self.redirect(&req, route.active);
+        }
+        let method = req.method().clone();
+        let log_path = self.request_log.then(|| req.uri().path().to_owned());
+        let (site, resp) = match self.forward(req, conn, &route).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                let site = e.site().unwrap_or(route.active);
+                tracing::warn!(site = site.as_str(), kind = e.kind(), error = %e, "request failed");
+                (site, e.into_response())
+            }
+        };
+        let status = resp.status();
+        self.durations[site.index()].observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .requests
+            .with_label_values(&[site.as_str(), status.as_str()])
+            .inc();
+        if let Some(path) = log_path {
+            tracing::info!(
+                target: "gsb::access",
+                peer = %conn.peer.ip(),
+                method = %method,
+                path,
+                status = status.as_u16(),
+                site = site.as_str(),
+                ms = started.elapsed().as_millis() as u64,
+                "request"
+            );
+        }
+        resp
+    }
+
+    fn redirect(&self, req: &Request<Incoming>, active: Site) -> Response<ProxyBody> {
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let location = format!("{}{pq}", self.targets[active.index()].redirect_base);
+        let mut resp = Response::new(ProxyBody::empty());
+        *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+        match HeaderValue::try_from(location) {
+            Ok(v) => {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            Err(_) => return ProxyError::BadRequest("path cannot be redirected").into_response(),
+        }
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        self.metrics
+            .requests
+            .with_label_values(&[active.as_str(), "307"])
+            .inc();
+        resp
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+        route: &crate::route::RouteSnapshot,
+    ) -> Result<(Site, Response<ProxyBody>), ProxyError> {
+        self.budget.deposit();
+        let drain = self.drain.token();
+        // An upgrade (WebSocket...) keeps its Upgrade/Connection headers and is tunnelled.
+        let upgrade = upgrade_protocol(&req);
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let mut headers = parts.headers;
+        let host = parts.uri.authority().map(|a| a.as_str().to_owned());
+        prepare_request_headers(&mut headers, conn, host.as_deref(), upgrade.as_ref())?;
+        let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let (mut body, mut returned) = if body.is_end_stream() {
+            (Some(ReqBody::Empty), None)
+        } else {
+            let (b, rx) = ReturnableBody::new(body);
+            (Some(ReqBody::Stream(b)), Some(rx))
+        };
+        let has_body = returned.is_some();
+        let mut out = Outgoing {
+            method: parts.method,
+            pq: parts.uri.path_and_query().cloned(),
+            headers,
+        };
+
+        let first = route.active;
+        let other = first.other();
+        // Headers are cloned for a second attempt only when one could happen.
+        let may_retry = route.usable[other.index()] && self.budget.available();
+        let first_headers = if may_retry {
+            out.headers.clone()
+        } else {
+            std::mem::take(&mut out.headers)
+        };
+        let result = self
+            .attempt(
+                first,
+                &out,
+                first_headers,
+                body.take().unwrap_or(ReqBody::Empty),
+            )
+            .await;
+        let (site, resp) = match result {
+            Ok(resp) => (first, resp),
+            Err(err) => {
+                self.count_error(&err);
+                let safe = match err.retry() {
+                    RetryType::Always => true,
+                    RetryType::IfIdempotent => idempotent && !has_body,
+                    RetryType::Never => false,
+                };
+                // The client's body comes back only if the failed attempt never read it.
+                let retry_body = match returned.take() {
+                    None => Some(ReqBody::Empty),
+                    Some(mut rx) => rx
+                        .try_recv()
+                        .ok()
+                        .map(|b| ReqBody::Stream(ReturnableBody::new(b).0)),
+                };
+                let retry_body = retry_body.filter(|_| safe && may_retry);
+                match retry_body {
+                    Some(b) if self.budget.try_withdraw() => {
+                        tracing::info!(
+                            from = first.as_str(),
+                            to = other.as_str(),
+                            kind = err.kind(),
+                            "retrying on the other site"
+                        );
+                        self.metrics
+                            .retries
+                            .with_label_values(&[first.as_str(), other.as_str()])
+                            .inc();
+                        let headers = std::mem::take(&mut out.headers);
+                        match self.attempt(other, &out, headers, b).await {
+                            Ok(resp) => (other, resp),
+                            Err(err2) => {
+                                self.count_error(&err2);
+                                return Err(ProxyError::NoSite(Box::new(err2)));
+                            }
+                        }
+                    }
+                    _ if route.none_available
+                        || (err.retry() == RetryType::Always && !route.usable[other.index()]) =>
+                    {
+                        return Err(ProxyError::NoSite(Box::new(err)))
+                    }
+                    _ => return Err(err),
+                }
+            }
+        };
+        self.passive.report_status(site, resp.status().as_u16());
+        Ok((
+            site,
+            self.finish_response(resp, site, client_upgrade, upgrade.is_some(), drain),
+        ))
+    }
+
+    /// One exchange with `site`, up to the response headers.
+    async fn attempt(
+        &self,
+        site: Site,
+        out: &Outgoing,
+        headers: HeaderMap,
+        body: ReqBody,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let uri = self.targets[site.index()].uri(out.pq.as_ref())?;
+        let mut req = Request::new(body);
+        *req.method_mut() = out.method.clone();
+        *req.uri_mut() = uri;
+        // Sites are spoken to in HTTP/1.1 whatever the client used.
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+        match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if e.is_connect() => {
+                self.passive.report_connect_failure(site);
+                Err(ProxyError::Connect {
+                    site,
+                    source: Box::new(e),
+                })
+            }
+            Ok(Err(e)) => Err(ProxyError::Upstream {
+                site,
+                source: Box::new(e),
+            }),
+            Err(_) => Err(ProxyError::Timeout {
+                site,
+                timeout: self.upstream_timeout,
+            }),
+        }
+    }
+
+    fn count_error(&self, err: &ProxyError) {
+        if let Some(site) = err.site() {
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[site.as_str(), err.kind()])
+                .inc();
+        }
+    }
+
+    fn finish_response(
+        &self,
+        mut resp: Response<Incoming>,
+        site: Site,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        is_upgrade: bool,
+        drain: CancellationToken,
+    ) -> Response<ProxyBody> {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS && is_upgrade {
+            let upgrade = resp.headers().get(header::UPGRADE).cloned();
+            strip_hop_by_hop(resp.headers_mut());
+            if let (Some(proto), Some(client_up)) = (upgrade, client_upgrade) {
+                let h = resp.headers_mut();
+                h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                h.insert(header::UPGRADE, proto);
+                let upstream_up = hyper::upgrade::on(&mut resp);
+                self.spawn_tunnel(site, client_up, upstream_up, drain);
+            }
+            let (parts, _) = resp.into_parts();
+            return Response::from_parts(parts, ProxyBody::empty());
+        }
+        strip_hop_by_hop(resp.headers_mut());
+        resp.map(|b| ProxyBody::upstream(b, Some(drain)))
+    }
+
+    fn spawn_tunnel(
+        &self,
+        site: Site,
+        client: hyper::upgrade::OnUpgrade,
+        upstream: hyper::upgrade::OnUpgrade,
+        drain: CancellationToken,
+    ) {
+        let hard_stop = self.hard_stop.clone();
+        let span = tracing::info_span!("tunnel", site = site.as_str());
+        self.tracker.spawn(
+            async move {
+                let (client, upstream) = match tokio::try_join!(client, upstream) {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "upgrade did not complete");
+                        return;
+                    }
+                };
+                let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
+                        Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
+                        Err(e) => tracing::debug!(error = %e, "tunnel closed with an error"),
+                    },
+                    _ = drain.cancelled() => tracing::info!("tunnel closed: drain timeout passed"),
+                    _ = hard_stop.cancelled() => tracing::info!("tunnel closed: shutting down"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// The protocol a client asks to upgrade to (HTTP/1.1 `Connection: upgrade` + `Upgrade: x`).
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let proto = req.headers().get(header::UPGRADE)?;
+    connection_has(req.headers(), "upgrade").then(|| proto.clone())
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers: the fixed list, the ones `Connection` names, and `Proxy-*`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if headers.keys().any(|k| k.as_str().starts_with("proxy-")) {
+        let proxy: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for name in proxy {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Rewrites client headers for the site: hop-by-hop removed, `Host` kept (from the HTTP/2
+/// `:authority` when there is no `Host`), `X-Forwarded-For` appended, `-Proto` and `-Host` set.
+fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    conn: ConnInfo,
+    authority: Option<&str>,
+    upgrade: Option<&HeaderValue>,
+) -> Result<(), ProxyError> {
+    strip_hop_by_hop(headers);
+    if let Some(proto) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto.clone());
+    }
+    if !headers.contains_key(header::HOST) {
+        if let Some(a) = authority {
+            let v = HeaderValue::from_str(a)
+                .map_err(|_| ProxyError::BadRequest("invalid :authority"))?;
+            headers.insert(header::HOST, v);
+        }
+    }
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(&X_FORWARDED_HOST, host);
+    }
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(conn.proto));
+    let ip = conn.peer.ip().to_string();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    let v = HeaderValue::try_from(xff)
+        .map_err(|_| ProxyError::BadRequest("invalid X-Forwarded-For"))?;
+    headers.insert(&X_FORWARDED_FOR, v);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> ConnInfo {
+        ConnInfo {
+            peer: "10.1.2.3:5555".parse().expect("addr"),
+            proto: "https",
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("proxy-authorization", HeaderValue::from_static("x"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(header::HOST, HeaderValue::from_static("meet.example"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.1"));
+        prepare_request_headers(&mut h, conn(), None, None).expect("ok");
+        for gone in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "te",
+            "proxy-authorization",
+            "upgrade",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} must be removed");
+        }
+        assert_eq!(h[header::HOST], "meet.example");
+        assert_eq!(h["x-forwarded-host"], "meet.example");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.1.2.3");
+    }
+
+    #[test]
+    fn h2_authority_becomes_host_and_upgrade_is_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let ws = HeaderValue::from_static("websocket");
+        prepare_request_headers(&mut h, conn(), Some("meet.example:8443"), Some(&ws)).expect("ok");
+        assert_eq!(h[header::HOST], "meet.example:8443");
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+    }
+
+    #[test]
+    fn upgrade_needs_connection_token() {
+        let req = Request::builder()
+            .header("upgrade", "websocket")
+            .body(())
+            .expect("req");
+        assert!(upgrade_protocol(&req).is_none());
+        let req = Request::builder()
+            .header("upgrade", "websocket")
+            .header("connection", "keep-alive, Upgrade")
+            .body(())
+            .expect("req");
+        assert_eq!(upgrade_protocol(&req).expect("upgrade"), "websocket");
+    }
+
+    #[test]
+    fn target_uris() {
+        let t = Target::parse("sites.primary", "http://127.0.0.1:8001/", None).expect("target");
+        let pq = PathAndQuery::from_static("/a/b?c=1");
+        assert_eq!(
+            t.uri(Some(&pq)).expect("uri").to_string(),
+            "http://127.0.0.1:8001/a/b?c=1"
+        );
+        let t = Target::parse(
+            "sites.primary",
+            "http://10.0.0.1/meet/",
+            Some("https://b.example/"),
+        )
+        .expect("target");
+        assert_eq!(
+            t.uri(Some(&pq)).expect("uri").to_string(),
+            "http://10.0.0.1/meet/a/b?c=1"
+        );
+        assert_eq!(t.redirect_base, "https://b.example");
+        assert!(Target::parse("sites.backup", "https://10.0.0.1", None).is_err());
+    }
+}
