@@ -1,0 +1,783 @@
+//! The control task: the one writer of the route. It probes both sites, runs the routing state
+//! machine, publishes [`RouteSnapshot`]s, keeps the health metrics, the timeline and the status
+//! view, polls the replicator's backlog, and persists forced states across restarts.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use gsb_health::{ProbeKind, ProbeSpec, Prober, SiteHealth, SiteReport, Verdict};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn, Instrument};
+
+use crate::config::{parse_status_range, Config};
+use crate::maintenance::Schedule;
+use crate::metrics::ProxyMetrics;
+use crate::passive::PassiveHealth;
+use crate::route::{RouteSnapshot, Router, Site};
+use crate::routing::{self, Action, AdminCommand, Event, Forced, Policy, RoutingState};
+
+/// Moves kept in the timeline (older ones are dropped; the counter metric keeps the totals).
+const TIMELINE_LEN: usize = 200;
+/// Largest replicator `/status` body read.
+const MAX_STATUS_BODY: usize = 1024 * 1024;
+
+/// Errors of the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The state file exists but cannot be read; starting anyway could silently move traffic.
+    #[error("cannot read the state file {path}: {source}")]
+    StateRead {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The state file is not what this proxy writes; fix or delete it (after checking the route).
+    #[error("state file {path} is corrupt ({message}); check the route, then delete or fix it")]
+    StateCorrupt {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        message: String,
+    },
+    /// Writing the state file failed: the forced state would not survive a restart.
+    #[error("cannot write the state file {path}: {source}")]
+    StateWrite {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The config could not be turned into probes or windows.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The control task has stopped (shutdown).
+    #[error("the control task has stopped")]
+    Stopped,
+}
+
+/// What is persisted in `failover.state_file`.
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    forced: Forced,
+    /// The active site when written (informational; `forced` decides).
+    active: Site,
+    written_at: DateTime<Utc>,
+}
+
+/// One move of the active site.
+#[derive(Clone, Debug, Serialize)]
+pub struct TimelineEntry {
+    /// When it happened.
+    pub at: DateTime<Utc>,
+    /// Previous active site.
+    pub from: Site,
+    /// New active site.
+    pub to: Site,
+    /// Reason label (`primary_down`, `manual`, ...).
+    pub reason: &'static str,
+    /// Detail: operator text or health evidence.
+    pub detail: String,
+}
+
+/// One component in the status view.
+#[derive(Clone, Debug, Serialize)]
+pub struct ComponentView {
+    /// Name from the config.
+    pub name: String,
+    /// Counts towards `down`.
+    pub critical: bool,
+    /// Up after rise/fall; `null` before the first probe.
+    pub up: Option<bool>,
+    /// Since when in this state.
+    pub since: Option<DateTime<Utc>>,
+    /// The last probe's result.
+    pub last: String,
+}
+
+/// One site in the status view.
+#[derive(Clone, Debug, Serialize)]
+pub struct SiteView {
+    /// `primary` or `backup`.
+    pub site: Site,
+    /// Base URL probed and forwarded to.
+    pub url: String,
+    /// `healthy`, `degraded`, `down`, or `null` before the first probe.
+    pub verdict: Option<Verdict>,
+    /// A partial failure an operator should look at.
+    pub degraded_alert: bool,
+    /// False when no probe could connect.
+    pub reachable: bool,
+    /// Components down and for how long.
+    pub evidence: String,
+    /// Every component.
+    pub components: Vec<ComponentView>,
+}
+
+/// The replication gate in the status view.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicationView {
+    /// The replicator status URL.
+    pub url: String,
+    /// Rows waiting to go backup -> primary (`null`: unknown).
+    pub backup_to_primary_pending: Option<u64>,
+    /// Every direction the replicator reported, as it reported it.
+    pub directions: serde_json::Value,
+    /// Failback is waiting for the backlog.
+    pub failback_blocked: bool,
+    /// The last poll's error, if it failed.
+    pub error: Option<String>,
+}
+
+/// The whole state, as `GET /status` returns it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// The site serving new requests.
+    pub active: Site,
+    /// `Primary` / `Backup`, as detectbackup says it.
+    pub active_title: &'static str,
+    /// Since when.
+    pub since: DateTime<Utc>,
+    /// Why.
+    pub reason: String,
+    /// Operator hold: `none`, `operator`, `manual_failback_pending`.
+    pub forced: &'static str,
+    /// The operator's reason when forced.
+    pub forced_reason: Option<String>,
+    /// Neither site answers.
+    pub none_available: bool,
+    /// A maintenance window is running.
+    pub maintenance_active: bool,
+    /// Next maintenance start or end.
+    pub maintenance_next: Option<DateTime<Utc>>,
+    /// `[primary, backup]`.
+    pub sites: Vec<SiteView>,
+    /// Failback's replication gate, when configured.
+    pub replication: Option<ReplicationView>,
+    /// Moves, newest last.
+    pub timeline: Vec<TimelineEntry>,
+    /// Route generation (increments at every move).
+    pub generation: u64,
+    /// `auto` or `manual`.
+    pub failback_mode: &'static str,
+}
+
+type Reply = oneshot::Sender<Arc<Status>>;
+
+/// Admin commands and the status view; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ControlHandle {
+    commands: mpsc::Sender<(AdminCommand, Reply)>,
+    status: Arc<ArcSwap<Status>>,
+}
+
+impl ControlHandle {
+    /// Applies an operator command; returns the status after it.
+    pub async fn command(&self, cmd: AdminCommand) -> Result<Arc<Status>, ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send((cmd, tx))
+            .await
+            .map_err(|_| ControlError::Stopped)?;
+        rx.await.map_err(|_| ControlError::Stopped)
+    }
+
+    /// The latest status view (no await, no lock).
+    pub fn status(&self) -> Arc<Status> {
+        self.status.load_full()
+    }
+}
+
+/// The control task's own state.
+struct Control {
+    policy: Policy,
+    state: RoutingState,
+    health: [SiteHealth; 2],
+    specs: Vec<ProbeSpec>,
+    urls: [String; 2],
+    prober: Prober,
+    router: Arc<Router>,
+    passive: Arc<PassiveHealth>,
+    metrics: ProxyMetrics,
+    schedule: Schedule,
+    state_file: Option<PathBuf>,
+    timeline: VecDeque<TimelineEntry>,
+    active_since: DateTime<Utc>,
+    replicator: Option<ReplicatorPoll>,
+    status: Arc<ArcSwap<Status>>,
+    interval: Duration,
+    failback_mode: &'static str,
+}
+
+/// Polls the replicator's `/status`.
+struct ReplicatorPoll {
+    url: String,
+    client: Client<HttpConnector, Empty<Bytes>>,
+    timeout: Duration,
+    directions: serde_json::Value,
+    error: Option<String>,
+}
+
+impl ReplicatorPoll {
+    /// Rows pending backup -> primary, or `None` when the replicator cannot be asked.
+    async fn poll(&mut self) -> Option<u64> {
+        match tokio::time::timeout(self.timeout, self.fetch()).await {
+            Ok(Ok(v)) => {
+                let pending = v
+                    .pointer("/directions/backup_to_primary/pending_rows")
+                    .and_then(|p| p.as_u64());
+                self.directions = v.get("directions").cloned().unwrap_or_default();
+                self.error = match pending {
+                    Some(_) => None,
+                    None => {
+                        Some("no directions.backup_to_primary.pending_rows in the answer".into())
+                    }
+                };
+                pending
+            }
+            Ok(Err(e)) => {
+                self.error = Some(e);
+                None
+            }
+            Err(_) => {
+                self.error = Some(format!("no answer within {:?}", self.timeout));
+                None
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<serde_json::Value, String> {
+        let uri: http::Uri = self.url.parse().map_err(|e| format!("{e}"))?;
+        let req = http::Request::get(uri)
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_STATUS_BODY)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("status {status}"));
+        }
+        serde_json::from_slice(&body.to_bytes()).map_err(|e| format!("bad JSON: {e}"))
+    }
+}
+
+/// Loads the state file, publishes the initial route, and spawns the control task on `tracker`.
+pub async fn start(
+    config: &Config,
+    router: Arc<Router>,
+    passive: Arc<PassiveHealth>,
+    metrics: ProxyMetrics,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<ControlHandle, ControlError> {
+    let state_file = config.failover.state_file.clone();
+    let forced = match &state_file {
+        Some(path) => load_state(path)?,
+        None => Forced::None,
+    };
+    if forced != Forced::None {
+        warn!(forced = forced.as_str(), site = ?forced.site(), "forced state restored from the state file");
+    }
+    let specs = probe_specs(config)?;
+    let health = config.health.clone();
+    let state = RoutingState::new(forced);
+    let current = router.load();
+    let generation = if current.active == state.active {
+        current.generation
+    } else {
+        current.generation + 1
+    };
+    router.publish(RouteSnapshot {
+        active: state.active,
+        usable: [true, true],
+        none_available: false,
+        generation,
+    });
+
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(health.timeout));
+    let replicator = config
+        .failover
+        .replicator_status
+        .clone()
+        .map(|url| ReplicatorPoll {
+            url,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            timeout: health.timeout.max(Duration::from_secs(1)),
+            directions: serde_json::Value::Null,
+            error: None,
+        });
+    let control = Control {
+        policy: Policy::from_config(&config.failover),
+        health: [
+            SiteHealth::new(&specs, health.rise, health.fall),
+            SiteHealth::new(&specs, health.rise, health.fall),
+        ],
+        state,
+        specs,
+        urls: [
+            config.sites.primary.url.clone(),
+            config.sites.backup.url.clone(),
+        ],
+        prober: Prober::new(health.timeout),
+        router,
+        passive,
+        metrics,
+        schedule: Schedule::from_config(&config.maintenance)?,
+        state_file,
+        timeline: VecDeque::new(),
+        active_since: Utc::now(),
+        replicator,
+        status: Arc::new(ArcSwap::from_pointee(placeholder_status())),
+        interval: health.interval,
+        failback_mode: match config.failover.failback {
+            crate::config::FailbackMode::Auto => "auto",
+            crate::config::FailbackMode::Manual => "manual",
+        },
+    };
+    control.update_metrics();
+    control.refresh_status(Instant::now());
+    let (tx, rx) = mpsc::channel(16);
+    let handle = ControlHandle {
+        commands: tx,
+        status: control.status.clone(),
+    };
+    tracker.spawn(
+        control
+            .run(rx, shutdown)
+            .instrument(tracing::info_span!("control")),
+    );
+    Ok(handle)
+}
+
+fn placeholder_status() -> Status {
+    Status {
+        active: Site::Primary,
+        active_title: Site::Primary.title(),
+        since: Utc::now(),
+        reason: String::new(),
+        forced: "none",
+        forced_reason: None,
+        none_available: false,
+        maintenance_active: false,
+        maintenance_next: None,
+        sites: vec![],
+        replication: None,
+        timeline: vec![],
+        generation: 0,
+        failback_mode: "auto",
+    }
+}
+
+/// The probes of the `[health]` section.
+fn probe_specs(config: &Config) -> Result<Vec<ProbeSpec>, ControlError> {
+    config
+        .health
+        .components
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let kind = match (&c.path, &c.tcp) {
+                (_, Some(addr)) => ProbeKind::Tcp { addr: addr.clone() },
+                (Some(path), None) => {
+                    let range = c.expect_status.as_deref().unwrap_or("200-399");
+                    let expect_status = parse_status_range(range).ok_or_else(|| {
+                        crate::config::ConfigError::Invalid {
+                            key: format!("health.components[{i}].expect_status"),
+                            message: format!(
+                                "expected a status or range like \"200-399\", got {range:?}"
+                            ),
+                        }
+                    })?;
+                    ProbeKind::Http {
+                        path: path.clone(),
+                        expect_status,
+                        body_contains: c.body_contains.clone(),
+                    }
+                }
+                (None, None) => {
+                    return Err(crate::config::ConfigError::Invalid {
+                        key: format!("health.components[{i}]"),
+                        message: "set `path` or `tcp`".into(),
+                    }
+                    .into())
+                }
+            };
+            Ok(ProbeSpec {
+                name: c.name.clone(),
+                critical: c.critical,
+                kind,
+            })
+        })
+        .collect()
+}
+
+/// Reads the forced state; a missing file means none.
+fn load_state(path: &Path) -> Result<Forced, ControlError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str::<StateFile>(&text)
+            .map(|s| s.forced)
+            .map_err(|e| ControlError::StateCorrupt {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Forced::None),
+        Err(source) => Err(ControlError::StateRead {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Writes the state file atomically (temp file in the same directory, fsync, rename).
+fn save_state(path: &Path, forced: &Forced, active: Site) -> Result<(), ControlError> {
+    use std::io::Write;
+    let err = |source| ControlError::StateWrite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let body = serde_json::to_vec_pretty(&StateFile {
+        forced: forced.clone(),
+        active,
+        written_at: Utc::now(),
+    })
+    .map_err(|e| err(std::io::Error::other(e)))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    f.write_all(&body).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// Wall-clock time of an `Instant` in the past.
+fn wall(now: Instant, then: Instant) -> DateTime<Utc> {
+    Utc::now() - chrono::Duration::from_std(now.saturating_duration_since(then)).unwrap_or_default()
+}
+
+impl Control {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<(AdminCommand, Reply)>,
+        shutdown: CancellationToken,
+    ) {
+        info!(
+            primary = %self.urls[0],
+            backup = %self.urls[1],
+            active = %self.state.active,
+            interval = ?self.interval,
+            "health checker started"
+        );
+        let mut next_round = tokio::time::Instant::now();
+        let mut last_round = tokio::time::Instant::now() - self.interval;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(next_round) => {
+                    self.round("scheduled").await;
+                    last_round = tokio::time::Instant::now();
+                    next_round = last_round + self.interval;
+                }
+                // Live traffic saw failures: probe now instead of at the next interval, but not
+                // more often than four times an interval.
+                _ = self.passive.woken(), if last_round.elapsed() >= self.interval / 4 => {
+                    let failures = Site::ALL.map(|s| self.passive.take_connect_failures(s));
+                    info!(connect_failures_primary = failures[0], connect_failures_backup = failures[1],
+                        "early probe round: live traffic reported failures");
+                    self.round("passive").await;
+                    last_round = tokio::time::Instant::now();
+                    next_round = last_round + self.interval;
+                }
+                Some((cmd, reply)) = commands.recv() => {
+                    info!(command = ?cmd, "admin command");
+                    self.apply(Event::Admin(cmd), Instant::now());
+                    let _ = reply.send(self.status.load_full());
+                }
+            }
+        }
+        info!("health checker stopped");
+    }
+
+    /// One probe round of both sites (concurrently, each bounded by the probe timeout), plus
+    /// the replicator poll and the maintenance schedule, then the state machine.
+    async fn round(&mut self, trigger: &'static str) {
+        let started = Instant::now();
+        let replicator = self.replicator.as_mut();
+        let (primary, backup, backlog) = tokio::join!(
+            self.prober.probe_site(&self.urls[0], &self.specs),
+            self.prober.probe_site(&self.urls[1], &self.specs),
+            async {
+                match replicator {
+                    Some(r) => Some(r.poll().await),
+                    None => None,
+                }
+            }
+        );
+        self.metrics
+            .probe_round
+            .observe(started.elapsed().as_secs_f64());
+        let now = Instant::now();
+        for (site, outcomes) in Site::ALL.into_iter().zip([primary, backup]) {
+            let before = self.health[site.index()].verdict();
+            let changed = self.health[site.index()].observe(&outcomes, now);
+            for (spec, o) in self.specs.iter().zip(&outcomes) {
+                self.metrics
+                    .probe_duration
+                    .with_label_values(&[site.as_str(), &spec.name])
+                    .observe(o.duration.as_secs_f64());
+            }
+            let report = self.health[site.index()].report();
+            for c in &report.components {
+                if let Some(up) = c.up {
+                    self.metrics
+                        .component_up
+                        .with_label_values(&[site.as_str(), &c.name])
+                        .set(up as i64);
+                }
+            }
+            let after = report.verdict;
+            if before != after {
+                let evidence = report.evidence(now);
+                match after {
+                    Some(Verdict::Healthy) => {
+                        info!(site = %site, verdict = "healthy", was = ?before.map(|v| v.as_str()), trigger, %evidence, "site verdict changed")
+                    }
+                    _ => {
+                        warn!(site = %site, verdict = ?after.map(|v| v.as_str()), was = ?before.map(|v| v.as_str()), trigger, %evidence, changed = ?changed, "site verdict changed")
+                    }
+                }
+            }
+        }
+        let verdicts = [self.health[0].verdict(), self.health[1].verdict()];
+        self.apply(Event::Verdicts(verdicts), now);
+        if let Some(backlog) = backlog {
+            if backlog != self.state.backlog {
+                self.apply(Event::Backlog(backlog), now);
+            }
+        }
+        if !self.schedule.is_empty() {
+            let on = self.schedule.is_active(Utc::now());
+            if on != self.state.maintenance {
+                info!(
+                    active = on,
+                    "maintenance window {}",
+                    if on { "started" } else { "ended" }
+                );
+                self.apply(Event::Maintenance(on), now);
+            }
+        }
+        self.apply(Event::Tick, now);
+    }
+
+    /// Runs one step of the state machine and carries out its actions.
+    fn apply(&mut self, event: Event, now: Instant) {
+        let (next, actions) = routing::step(&self.policy, self.state.clone(), &event, now);
+        self.state = next;
+        for action in actions {
+            match action {
+                Action::Move {
+                    from,
+                    to,
+                    reason,
+                    detail,
+                } => {
+                    self.active_since = Utc::now();
+                    let evidence = self.health[from.index()].report().evidence(now);
+                    warn!(from = %from, to = %to, reason = reason.as_str(), %detail, from_evidence = %evidence,
+                        "traffic moved to the {to} site");
+                    self.metrics
+                        .failovers
+                        .with_label_values(&[from.as_str(), to.as_str(), reason.as_str()])
+                        .inc();
+                    if self.timeline.len() == TIMELINE_LEN {
+                        self.timeline.pop_front();
+                    }
+                    self.timeline.push_back(TimelineEntry {
+                        at: Utc::now(),
+                        from,
+                        to,
+                        reason: reason.as_str(),
+                        detail,
+                    });
+                }
+                Action::DegradedAlert { site, raised } => {
+                    let evidence = self.health[site.index()].report().evidence(now);
+                    if raised {
+                        warn!(site = %site, %evidence, "site DEGRADED: partial failure, traffic not moved; an operator may fail over by hand");
+                    } else {
+                        info!(site = %site, "site no longer degraded");
+                    }
+                }
+                Action::FailbackBlocked { blocked, detail } => {
+                    if blocked {
+                        warn!(%detail, max_wait = ?self.policy.failback_max_wait,
+                            "failback waiting for replication backup->primary to drain");
+                    } else {
+                        info!(%detail, "failback no longer waiting for replication");
+                    }
+                }
+                Action::NoneAvailable(none) => {
+                    if none {
+                        error!(primary = %self.health[0].report().evidence(now), backup = %self.health[1].report().evidence(now),
+                            "BOTH sites down: requests go to the primary and get 503 when it does not answer");
+                    } else {
+                        info!("a site is available again");
+                    }
+                }
+                Action::PersistForced => {
+                    if let Some(path) = &self.state_file {
+                        match save_state(path, &self.state.forced, self.state.active) {
+                            Ok(()) => {
+                                info!(forced = self.state.forced.as_str(), path = %path.display(), "forced state saved")
+                            }
+                            Err(e) => {
+                                error!(error = %e, "forced state NOT saved: a restart would not keep it")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.publish();
+        self.update_metrics();
+        self.refresh_status(now);
+    }
+
+    /// Publishes a new snapshot when anything the request path reads changed.
+    fn publish(&self) {
+        let current = self.router.load();
+        let usable = self.state.usable();
+        let none_available = self.state.none_available();
+        let active = self.state.active;
+        if current.active != active
+            || current.usable != usable
+            || current.none_available != none_available
+        {
+            let generation = current.generation + u64::from(current.active != active);
+            self.router.publish(RouteSnapshot {
+                active,
+                usable,
+                none_available,
+                generation,
+            });
+        }
+    }
+
+    fn update_metrics(&self) {
+        let m = &self.metrics;
+        for site in Site::ALL {
+            m.active_site
+                .with_label_values(&[site.as_str()])
+                .set(i64::from(site == self.state.active));
+            let verdict = self.state.verdicts[site.index()];
+            for v in Verdict::ALL {
+                m.site_state
+                    .with_label_values(&[site.as_str(), v.as_str()])
+                    .set(i64::from(verdict == Some(v)));
+            }
+            m.degraded_alert
+                .with_label_values(&[site.as_str()])
+                .set(i64::from(verdict == Some(Verdict::Degraded)));
+        }
+        m.forced.set(i64::from(self.state.forced != Forced::None));
+        m.failback_blocked
+            .set(i64::from(self.state.failback_blocked()));
+    }
+
+    fn refresh_status(&self, now: Instant) {
+        let site_view = |site: Site| {
+            let report: SiteReport = self.health[site.index()].report();
+            SiteView {
+                site,
+                url: self.urls[site.index()].clone(),
+                verdict: report.verdict,
+                degraded_alert: report.verdict == Some(Verdict::Degraded),
+                reachable: report.reachable,
+                evidence: report.evidence(now),
+                components: report
+                    .components
+                    .iter()
+                    .map(|c| ComponentView {
+                        name: c.name.clone(),
+                        critical: c.critical,
+                        up: c.up,
+                        since: c.since.map(|s| wall(now, s)),
+                        last: c.last_detail.clone(),
+                    })
+                    .collect(),
+            }
+        };
+        let wall_now = Utc::now();
+        let status = Status {
+            active: self.state.active,
+            active_title: self.state.active.title(),
+            since: self.active_since,
+            reason: self.state.active_reason.clone(),
+            forced: self.state.forced.as_str(),
+            forced_reason: match &self.state.forced {
+                Forced::Operator { reason, .. } => Some(reason.clone()),
+                _ => None,
+            },
+            none_available: self.state.none_available(),
+            maintenance_active: self.state.maintenance,
+            maintenance_next: self.schedule.next_transition(wall_now),
+            sites: vec![site_view(Site::Primary), site_view(Site::Backup)],
+            replication: self.replicator.as_ref().map(|r| ReplicationView {
+                url: r.url.clone(),
+                backup_to_primary_pending: self.state.backlog,
+                directions: r.directions.clone(),
+                failback_blocked: self.state.failback_blocked(),
+                error: r.error.clone(),
+            }),
+            timeline: self.timeline.iter().cloned().collect(),
+            generation: self.router.load().generation,
+            failback_mode: self.failback_mode,
+        };
+        self.status.store(Arc::new(status));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_file_round_trip_and_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gsb-proxy.state");
+        assert_eq!(
+            load_state(&path).unwrap(),
+            Forced::None,
+            "missing file: no forced state"
+        );
+        let forced = Forced::Operator {
+            site: Site::Backup,
+            reason: "drill".into(),
+        };
+        save_state(&path, &forced, Site::Backup).unwrap();
+        assert_eq!(load_state(&path).unwrap(), forced);
+        assert!(
+            !path.with_extension("tmp").exists(),
+            "temp file renamed away"
+        );
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(matches!(
+            load_state(&path),
+            Err(ControlError::StateCorrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,189 @@
+//! The admin status page (`GET /`): one self-contained HTML page an SRE can read at 3 a.m.
+//! Which site serves and since when and why, each site's components, the replication gate, the
+//! timeline, and the commands to copy. No external assets; refreshes itself every 5 s.
+
+use std::fmt::Write;
+
+use crate::control::{SiteView, Status};
+
+/// Escapes text for HTML element content and attribute values.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn time(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+fn ago(t: &chrono::DateTime<chrono::Utc>) -> String {
+    let secs = (chrono::Utc::now() - *t).num_seconds().max(0);
+    match secs {
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s if s < 172_800 => format!("{}h {}m ago", s / 3600, (s % 3600) / 60),
+        s => format!("{}d ago", s / 86400),
+    }
+}
+
+fn site_section(out: &mut String, v: &SiteView, active: bool) {
+    let verdict = v.verdict.map(|v| v.as_str()).unwrap_or("unknown");
+    let _ = write!(
+        out,
+        "<section class=\"site {verdict}\"><h2>{title}{serving} <span class=\"badge {verdict}\">{verdict}</span></h2>\
+         <p class=\"url\">{url}</p>",
+        title = esc(v.site.title()),
+        serving = if active { " &#9654; serving" } else { "" },
+        url = esc(&v.url),
+    );
+    if v.degraded_alert {
+        out.push_str("<p class=\"alert\">DEGRADED: a partial failure. Traffic is NOT moved automatically; fail over by hand if users are affected.</p>");
+    }
+    if !v.reachable {
+        out.push_str("<p class=\"alert\">UNREACHABLE: no probe could connect.</p>");
+    }
+    out.push_str("<table><tr><th>component</th><th>critical</th><th>state</th><th>since</th><th>last probe</th></tr>");
+    for c in &v.components {
+        let state = match c.up {
+            Some(true) => "up",
+            Some(false) => "down",
+            None => "unknown",
+        };
+        let _ = write!(
+            out,
+            "<tr class=\"{state}\"><td>{}</td><td>{}</td><td>{state}</td><td>{}</td><td>{}</td></tr>",
+            esc(&c.name),
+            if c.critical { "yes" } else { "no" },
+            c.since.as_ref().map(|t| format!("{} ({})", time(t), ago(t))).unwrap_or_default(),
+            esc(&c.last),
+        );
+    }
+    out.push_str("</table></section>");
+}
+
+/// Renders the page for `status`.
+pub fn render(status: &Status) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    out.push_str(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"5\"><meta name=\"viewport\" content=\"width=device-width\">\
+         <title>gsb: ",
+    );
+    out.push_str(status.active_title);
+    out.push_str(
+        " serving</title><style>\
+         body{font:16px/1.4 system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#111}\
+         .banner{padding:1em 1.5em;border-radius:8px;color:#fff;background:#1a7f37}\
+         .banner.backup{background:#b35900}.banner.none{background:#b00020}\
+         .banner h1{margin:0;font-size:2.2em}.alert{background:#fff3cd;border:2px solid #b35900;padding:.5em;font-weight:bold}\
+         .site{display:inline-block;vertical-align:top;margin:1em 1em 0 0;padding:0 1em 1em;background:#fff;border:1px solid #ccc;border-radius:8px;min-width:28em}\
+         .badge{font-size:.7em;padding:.1em .5em;border-radius:4px;color:#fff;background:#777}\
+         .badge.healthy{background:#1a7f37}.badge.degraded{background:#b35900}.badge.down{background:#b00020}\
+         table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:.2em .6em;text-align:left}\
+         tr.down td{color:#b00020;font-weight:bold}.url{color:#555;margin:0}\
+         pre{background:#222;color:#eee;padding:.8em;border-radius:6px;overflow-x:auto}\
+         </style></head><body>",
+    );
+    let banner_class = if status.none_available {
+        "none"
+    } else {
+        status.active.as_str()
+    };
+    let _ = write!(
+        out,
+        "<div class=\"banner {banner_class}\"><h1 id=\"active\">{title} serving</h1>\
+         <div>since {since} ({ago}) &mdash; why: {reason}</div>",
+        title = esc(status.active_title),
+        since = time(&status.since),
+        ago = ago(&status.since),
+        reason = esc(&status.reason),
+    );
+    match status.forced {
+        "operator" => {
+            let _ = write!(
+                out,
+                "<div><b>FORCED by an operator</b>: {}. Health checks do not move traffic until <code>gsb auto</code> or <code>gsb failback</code>.</div>",
+                esc(status.forced_reason.as_deref().unwrap_or(""))
+            );
+        }
+        "manual_failback_pending" => out.push_str(
+            "<div><b>Waiting for a manual failback</b> (failback = \"manual\"): run <code>gsb failback</code> when the primary is ready.</div>",
+        ),
+        _ => {}
+    }
+    out.push_str("</div>");
+    if status.none_available {
+        out.push_str("<p class=\"alert\">BOTH SITES DOWN: requests go to the primary and get 503 when it does not answer.</p>");
+    }
+    if status.maintenance_active {
+        out.push_str("<p class=\"alert\">A maintenance window is running: traffic is on the backup until it ends.</p>");
+    }
+    if let Some(next) = &status.maintenance_next {
+        let _ = write!(out, "<p>Next maintenance start/end: {}</p>", time(next));
+    }
+    for v in &status.sites {
+        site_section(&mut out, v, v.site == status.active);
+    }
+    if let Some(r) = &status.replication {
+        let _ = write!(
+            out,
+            "<h2>Replication (failback gate)</h2><p>backup &rarr; primary pending rows: <b>{}</b>{}{}</p><pre>{}</pre>",
+            r.backup_to_primary_pending.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into()),
+            if r.failback_blocked { " &mdash; <b>failback waiting for it to drain</b>" } else { "" },
+            r.error.as_deref().map(|e| format!(" &mdash; replicator: {}", esc(e))).unwrap_or_default(),
+            esc(&serde_json::to_string_pretty(&r.directions).unwrap_or_default()),
+        );
+    }
+    out.push_str("<h2>Timeline</h2>");
+    if status.timeline.is_empty() {
+        out.push_str("<p>No moves since this proxy started.</p>");
+    } else {
+        out.push_str(
+            "<table><tr><th>when</th><th>from</th><th>to</th><th>reason</th><th>detail</th></tr>",
+        );
+        for e in status.timeline.iter().rev() {
+            let _ = write!(
+                out,
+                "<tr><td>{} ({})</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                time(&e.at),
+                ago(&e.at),
+                e.from.title(),
+                e.to.title(),
+                e.reason,
+                esc(&e.detail)
+            );
+        }
+        out.push_str("</table>");
+    }
+    let _ = write!(
+        out,
+        "<h2>Commands</h2><p>Token from <code>--token-file</code> or <code>GSB_ADMIN_TOKEN</code>; add <code>--admin URL</code> if not on the default.</p>\
+         <pre>gsb status\ngsb failover --to backup --reason \"what is broken\"\ngsb failback --reason \"primary fixed\"\ngsb auto</pre>\
+         <p>Failback mode: {}. Route generation {}. <a href=\"/status\">JSON</a> &middot; <a href=\"/metrics\">metrics</a></p></body></html>",
+        status.failback_mode, status.generation
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_text() {
+        assert_eq!(
+            esc("<b>\"x\" & 'y'</b>"),
+            "&lt;b&gt;&quot;x&quot; &amp; &#39;y&#39;&lt;/b&gt;"
+        );
+    }
+}
