@@ -1,0 +1,150 @@
+//! `run`: the whole proxy process — listeners bound first, then the control task, the admin
+//! listener and the public listeners on one task tracker, until shutdown, then a bounded drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::error::Error;
+use crate::forward::Forwarder;
+use crate::metrics::ProxyMetrics;
+use crate::passive::PassiveHealth;
+use crate::route::{RouteSnapshot, Router, Site};
+use crate::server::{self, ServerCtx};
+use crate::tls::{CertStore, RELOAD_POLL};
+
+/// After shutdown is requested, in-flight requests and tunnels get this long to finish; what is
+/// left is then closed (kept below the usual 30 s SIGKILL deadline of service managers).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Runs the proxy until `shutdown` is cancelled, then stops accepting, lets in-flight work
+/// finish (at most [`SHUTDOWN_GRACE`]) and returns `Ok`.
+///
+/// Everything that can be wrong with the config (token file, TLS files, ports in use) is
+/// reported before any task starts.
+pub async fn run(
+    config: Config,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let metrics = ProxyMetrics::register(&registry)?;
+    let token = read_token(&config)?;
+    let certs = match &config.proxy.tls {
+        Some(t) => Some(CertStore::load(&t.cert, &t.key)?),
+        None => None,
+    };
+    let tls_config = certs.as_ref().map(|c| c.server_config()).transpose()?;
+
+    let public = server::bind(config.proxy.listen, "proxy.listen").await?;
+    let tls_listener = match &config.proxy.tls {
+        Some(t) => Some(server::bind(t.listen, "proxy.tls.listen").await?),
+        None => None,
+    };
+    let admin = server::bind(config.admin.listen, "admin.listen").await?;
+
+    let router = Router::new(RouteSnapshot::initial(Site::Primary));
+    let passive = Arc::new(PassiveHealth::default());
+    let tracker = TaskTracker::new();
+    let hard_stop = CancellationToken::new();
+    let drain = Arc::new(Drain::default());
+    let forwarder = Arc::new(Forwarder::new(
+        &config,
+        router.clone(),
+        passive.clone(),
+        metrics.clone(),
+        drain.clone(),
+        tracker.clone(),
+        hard_stop.clone(),
+    )?);
+
+    let control = crate::control::start(
+        &config,
+        router.clone(),
+        passive,
+        metrics.clone(),
+        &tracker,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| Error::Control(Box::new(e)))?;
+    {
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(e) =
+                crate::admin::serve_admin(admin, control, registry, token, shutdown).await
+            {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        });
+    }
+    tracker.spawn(drain.run(
+        router,
+        config.failover.drain_timeout,
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+
+    let ctx = Arc::new(ServerCtx::new(
+        forwarder,
+        config.proxy.header_read_timeout,
+        config.proxy.idle_timeout,
+        metrics.client_connections.clone(),
+        shutdown.clone(),
+        hard_stop.clone(),
+    ));
+    tracker.spawn(server::serve(
+        public,
+        "http",
+        None,
+        ctx.clone(),
+        tracker.clone(),
+    ));
+    if let (Some(listener), Some(tls_config), Some(certs)) = (tls_listener, tls_config, certs) {
+        tracker.spawn(server::serve(
+            listener,
+            "https",
+            Some(TlsAcceptor::from(tls_config)),
+            ctx,
+            tracker.clone(),
+        ));
+        tracker.spawn(certs.watch(RELOAD_POLL, shutdown.clone()));
+    }
+
+    shutdown.cancelled().await;
+    tracing::info!(grace = ?SHUTDOWN_GRACE, "shutting down: not accepting, draining in-flight requests");
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over: closing the connections still open");
+        hard_stop.cancel();
+        tracker.wait().await;
+    }
+    tracing::info!("proxy stopped");
+    Ok(())
+}
+
+/// Reads `admin.token_file` (trimmed); `None` when not configured.
+fn read_token(config: &Config) -> Result<Option<String>, Error> {
+    let Some(path) = &config.admin.token_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| Error::TokenFile {
+        path: path.clone(),
+        message: format!("cannot read it: {e}"),
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(Error::TokenFile {
+            path: path.clone(),
+            message: "the file is empty; put the bearer token in it".into(),
+        });
+    }
+    Ok(Some(token.to_owned()))
+}
