@@ -1,0 +1,148 @@
+//! Health reflects real state: the database dying and returning, a late database, a
+//! recreated schema, and the fault switch.
+
+mod common;
+
+use common::{start_pg, Site, DEADLINE};
+use gsb_site::Role;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const COMPONENTS: [&str; 4] = ["web", "meetings", "api", "db"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_red_when_the_database_dies_and_green_after_restart() {
+    let mut pg = start_pg().await;
+    let site = Site::start(&pg, "site", Role::Primary, false).await;
+    for c in COMPONENTS {
+        assert_eq!(site.health(c).await, 200, "{c} healthy at start");
+    }
+    let host = site.create_user("h@example.com", "H").await;
+
+    tokio::task::block_in_place(|| pg.kill());
+    for c in ["db", "meetings", "api"] {
+        site.wait_health(c, 503).await;
+    }
+    assert_eq!(site.health("web").await, 200, "the process itself is fine");
+    let r = site.get("/health/db").await;
+    assert!(r.text().await.unwrap().starts_with("db: "), "reason given");
+    let r = site
+        .post("/api/users", json!({"email": "x@example.com", "name": "X"}))
+        .await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    tokio::task::block_in_place(|| pg.restart());
+    for c in COMPONENTS {
+        site.wait_health(c, 200).await;
+    }
+    // The pool reconnected: reads and writes work again and old data is there.
+    let got = site
+        .get(&format!("/api/users/{}", host["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(got.status(), StatusCode::OK);
+    site.create_meeting(&host, "After the crash").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_before_its_database_and_installs_the_schema_when_it_appears() {
+    let mut pg = start_pg().await;
+    let dsn = tokio::task::block_in_place(|| pg.create_db("site"));
+    tokio::task::block_in_place(|| pg.stop());
+
+    let site = Site::spawn(dsn, Role::Backup, false).await;
+    site.wait_health("web", 200).await;
+    assert_eq!(site.health("db").await, 503);
+    assert_eq!(site.health("api").await, 503);
+    let r = site.get("/detectbackup").await;
+    assert_eq!(
+        r.text().await.unwrap(),
+        "Backup",
+        "answers without a database"
+    );
+
+    tokio::task::block_in_place(|| pg.restart());
+    site.wait_health("api", 200).await;
+    site.wait_health("meetings", 200).await;
+    site.create_user("late@example.com", "Late").await;
+    site.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reinstalls_tables_dropped_under_it() {
+    let pg = start_pg().await;
+    let site = Site::start(&pg, "site", Role::Primary, false).await;
+    let db = pg.client("site").await;
+    db.batch_execute("DROP TABLE users").await.unwrap();
+    let r = site.get("/api/users").await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    gsb_tests::wait_until(DEADLINE, "users table reinstalled", || async {
+        site.get("/api/users").await.status() == StatusCode::OK
+    })
+    .await;
+    site.create_user("again@example.com", "Again").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_switch_is_404_without_the_flag_and_breaks_exactly_one_component() {
+    let pg = start_pg().await;
+    let plain = Site::start(&pg, "plain", Role::Primary, false).await;
+    assert_eq!(plain.get("/_faults").await.status(), StatusCode::NOT_FOUND);
+    let r = plain
+        .post("/_faults", json!({"component": "meetings", "broken": true}))
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(plain.health("meetings").await, 200);
+
+    let site = Site::start(&pg, "drill", Role::Primary, true).await;
+    let host = site.create_user("h@example.com", "H").await;
+    let r = site
+        .post("/_faults", json!({"component": "meetings", "broken": true}))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let listed: Value = site.get("/_faults").await.json().await.unwrap();
+    assert_eq!(listed["broken"], json!(["meetings"]));
+
+    for c in COMPONENTS {
+        let expected = if c == "meetings" { 503 } else { 200 };
+        assert_eq!(site.health(c).await, expected, "{c}");
+    }
+    let r = site
+        .post(
+            "/api/meetings",
+            json!({"host_id": host["id"], "topic": "t"}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        site.get("/api/users").await.status(),
+        StatusCode::OK,
+        "users unaffected"
+    );
+    let home = site.get("/").await;
+    assert_eq!(
+        home.status(),
+        StatusCode::OK,
+        "home page degrades, not fails"
+    );
+    assert!(home
+        .text()
+        .await
+        .unwrap()
+        .contains("Meetings are unavailable"));
+
+    let r = site
+        .post("/_faults", json!({"component": "disk", "broken": true}))
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.json::<Value>().await.unwrap()["field"], "component");
+
+    site.post(
+        "/_faults",
+        json!({"component": "meetings", "broken": false}),
+    )
+    .await;
+    for c in COMPONENTS {
+        assert_eq!(site.health(c).await, 200, "{c} after repair");
+    }
+    site.create_meeting(&host, "Works again").await;
+}
