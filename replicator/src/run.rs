@@ -1,0 +1,254 @@
+//! `run`: metrics listener, leader election by advisory lock, schema install, the two
+//! directions, heartbeats and the config copy schedule.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::qualify;
+use crate::db::{connect, Conn, Site};
+use crate::metrics::{Metrics, SharedStatus, Status};
+use crate::schema::{install, table_info, TableInfo};
+use crate::worker::{heartbeat, run_direction, Direction};
+use crate::{copy, Config, Error};
+
+/// Advisory lock key electing the one active replicator per site pair (on the primary).
+const LEADER_LOCK: i64 = 0x6773_625f_6c65_6164; // "gsb_lead"
+/// How often the standby retries the lock and the leader checks its lock session.
+const LOCK_POLL: Duration = Duration::from_secs(1);
+
+/// Runs the replicator until `shutdown`: serves `/metrics` and `/status` on `metrics_listen`,
+/// waits as a standby until it holds the lock, then replicates. Returns early only for errors
+/// retrying cannot fix (missing table, no primary key, permission, bad listener).
+pub async fn run(
+    config: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let metrics = Metrics::register(&registry)?;
+    let status: SharedStatus = Arc::new(Mutex::new(Status::default()));
+    let listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: config.metrics_listen,
+            source,
+        })?;
+    tracing::info!(listen = %config.metrics_listen, "replicator metrics and status listening");
+    let tracker = TaskTracker::new();
+    tracker.spawn(crate::http::serve(
+        listener,
+        registry,
+        status.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    let result = elect_and_replicate(&config, &metrics, &status, &shutdown).await;
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    result
+}
+
+async fn elect_and_replicate(
+    config: &Config,
+    metrics: &Metrics,
+    status: &SharedStatus,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        match lead_once(config, metrics, status, shutdown).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) if e.is_permanent() => {
+                tracing::error!(error = %e, "replicator cannot run");
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "replicator: retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the lock, replicates while holding it; returns when the lock session is lost.
+async fn lead_once(
+    config: &Config,
+    metrics: &Metrics,
+    status: &SharedStatus,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let lock = connect(Site::Primary, &config.primary_dsn).await?;
+    let mut announced = false;
+    loop {
+        let got: bool = lock
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+            .await
+            .map_err(|e| Error::db("primary", "taking the leader lock", e))?
+            .get(0);
+        if got {
+            break;
+        }
+        if !announced {
+            tracing::info!("another replicator is active; waiting as standby");
+            announced = true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(LOCK_POLL) => {}
+        }
+    }
+    tracing::info!("holding the leader lock; installing schema");
+    setup(config).await?;
+    set_active(metrics, status, true);
+    let work = shutdown.child_token();
+    let tasks = TaskTracker::new();
+    let two_way: Vec<String> = config.two_way.iter().map(|t| qualify(t)).collect();
+    let usage: Vec<String> = config.usage_tables.iter().map(|t| qualify(t)).collect();
+    let hb = "gsb.heartbeat".to_owned();
+    let p2b = Direction {
+        name: "primary_to_backup",
+        source: Site::Primary,
+        target: Site::Backup,
+        tables: two_way.iter().cloned().chain([hb.clone()]).collect(),
+    };
+    let b2p = Direction {
+        name: "backup_to_primary",
+        source: Site::Backup,
+        target: Site::Primary,
+        tables: two_way.iter().chain(&usage).cloned().chain([hb]).collect(),
+    };
+    for d in [p2b, b2p] {
+        tasks.spawn(run_direction(
+            d,
+            config.clone(),
+            metrics.clone(),
+            status.clone(),
+            work.clone(),
+        ));
+    }
+    tasks.spawn(heartbeat(
+        Site::Primary,
+        config.primary_dsn.clone(),
+        config.heartbeat_interval,
+        work.clone(),
+    ));
+    tasks.spawn(heartbeat(
+        Site::Backup,
+        config.backup_dsn.clone(),
+        config.heartbeat_interval,
+        work.clone(),
+    ));
+    tasks.spawn(copy::schedule(
+        config.clone(),
+        metrics.clone(),
+        status.clone(),
+        work.clone(),
+    ));
+    if !config.verify_interval.is_zero() {
+        tasks.spawn(verify_loop(
+            config.clone(),
+            metrics.clone(),
+            status.clone(),
+            work.clone(),
+        ));
+    }
+    tasks.close();
+    let lost = hold(&lock, shutdown).await;
+    work.cancel();
+    tasks.wait().await;
+    set_active(metrics, status, false);
+    drop(lock);
+    if lost {
+        tracing::warn!(
+            "lost the leader lock session; stopped replicating, trying to take it again"
+        );
+    }
+    Ok(())
+}
+
+/// Returns when shutdown is requested (false) or the lock session is gone (true).
+async fn hold(lock: &Conn, shutdown: &CancellationToken) -> bool {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(LOCK_POLL) => {}
+        }
+        let alive = tokio::time::timeout(LOCK_POLL * 5, lock.simple_query("SELECT 1")).await;
+        if !matches!(alive, Ok(Ok(_))) {
+            return true;
+        }
+    }
+}
+
+fn set_active(metrics: &Metrics, status: &SharedStatus, active: bool) {
+    metrics.active.set(i64::from(active));
+    status.lock().unwrap_or_else(|p| p.into_inner()).active = active;
+}
+
+/// Installs the schema on both sites: the primary captures two_way tables and applies two_way
+/// and usage tables; the backup captures both and applies two_way.
+pub(crate) async fn setup(config: &Config) -> Result<(), Error> {
+    let mut p = connect(Site::Primary, &config.primary_dsn).await?;
+    let mut b = connect(Site::Backup, &config.backup_dsn).await?;
+    let p_two = infos(&p.client, Site::Primary, &config.two_way).await?;
+    let p_usage = infos(&p.client, Site::Primary, &config.usage_tables).await?;
+    let b_two = infos(&b.client, Site::Backup, &config.two_way).await?;
+    let b_usage = infos(&b.client, Site::Backup, &config.usage_tables).await?;
+    infos(&p.client, Site::Primary, &config.config_tables).await?;
+    infos(&b.client, Site::Backup, &config.config_tables).await?;
+    let p_apply: Vec<TableInfo> = p_two.iter().chain(&p_usage).cloned().collect();
+    let b_capture: Vec<TableInfo> = b_two.iter().chain(&b_usage).cloned().collect();
+    install(&mut p.client, Site::Primary, &p_two, &p_apply).await?;
+    install(&mut b.client, Site::Backup, &b_capture, &b_two).await?;
+    Ok(())
+}
+
+async fn verify_loop(
+    config: Config,
+    metrics: Metrics,
+    status: SharedStatus,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(config.verify_interval) => {}
+        }
+        match crate::verify(&config).await {
+            Ok(r) => {
+                let equal = r.is_equal();
+                metrics.verify_equal.set(i64::from(equal));
+                status.lock().unwrap_or_else(|p| p.into_inner()).last_verify =
+                    Some(crate::metrics::VerifyStatus {
+                        at: chrono::Utc::now(),
+                        equal,
+                    });
+                if !equal {
+                    tracing::warn!(report = %r, "periodic verify: sites differ");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "periodic verify failed"),
+        }
+    }
+}
+
+async fn infos(
+    c: &tokio_postgres::Client,
+    site: Site,
+    names: &[String],
+) -> Result<Vec<TableInfo>, Error> {
+    let mut v = Vec::new();
+    for n in names {
+        v.push(table_info(c, site, &qualify(n)).await?);
+    }
+    Ok(v)
+}

@@ -1,0 +1,256 @@
+//! The SQL installed in each site database (schema `gsb`), and the statements the workers run.
+
+/// Current schema version recorded in `gsb.schema_version`.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Version 1 of the `gsb` schema (run once, inside the install transaction).
+pub const MIGRATION_1: &str = r#"
+CREATE TABLE gsb.site (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    site text NOT NULL,
+    -- highest remote HLC stamp applied here: local stamps stay above it (the HLC receive rule)
+    hlc_floor bigint NOT NULL DEFAULT 0
+);
+CREATE SEQUENCE gsb.hlc_seq CYCLE;
+-- the change log, filled by row triggers; read by transaction visibility (xid < snapshot xmin)
+CREATE TABLE gsb.changes (
+    id bigserial PRIMARY KEY,
+    xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    tbl text NOT NULL,
+    op char(1) NOT NULL CHECK (op IN ('I', 'U', 'D')),
+    pk jsonb NOT NULL,
+    "row" jsonb,
+    hlc bigint NOT NULL,
+    origin text NOT NULL,
+    -- the version this write replaced: tells a causal successor from a concurrent write
+    prev_hlc bigint,
+    prev_origin text,
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX changes_xid_id ON gsb.changes (xid, id);
+-- per direction, the last source change applied here; advanced in the apply transaction
+CREATE TABLE gsb.cursors (
+    direction text PRIMARY KEY,
+    xid xid8 NOT NULL DEFAULT '0',
+    id bigint NOT NULL DEFAULT 0,
+    applied_at timestamptz
+);
+-- current version of every replicated row; deleted = tombstone
+CREATE TABLE gsb.row_versions (
+    tbl text NOT NULL,
+    pk jsonb NOT NULL,
+    hlc bigint NOT NULL,
+    origin text NOT NULL,
+    deleted boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (tbl, pk)
+);
+CREATE TABLE gsb.conflicts (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    tbl text NOT NULL,
+    pk jsonb NOT NULL,
+    reason text NOT NULL,
+    winner_origin text, winner_hlc bigint, winner_row jsonb,
+    loser_origin text, loser_hlc bigint, loser_row jsonb
+);
+-- statements the apply function runs per table, generated from the catalog at install
+CREATE TABLE gsb.tables (
+    tbl text PRIMARY KEY,
+    upsert_sql text NOT NULL,
+    delete_sql text NOT NULL,
+    select_sql text NOT NULL
+);
+-- each site writes its own row every second; replicated, it measures end-to-end lag
+CREATE TABLE gsb.heartbeat (
+    site text PRIMARY KEY,
+    at timestamptz NOT NULL
+);
+"#;
+
+/// Functions (re)created on every install.
+pub const FUNCTIONS: &str = r#"
+CREATE OR REPLACE FUNCTION gsb.record(p_tbl text, p_op text, p_pk jsonb, p_row jsonb)
+RETURNS void LANGUAGE plpgsql AS $f$
+DECLARE
+    v_site text; v_floor bigint; v_prev_h bigint; v_prev_o text; v_h bigint;
+BEGIN
+    SELECT site, hlc_floor INTO v_site, v_floor FROM gsb.site;
+    SELECT hlc, origin INTO v_prev_h, v_prev_o FROM gsb.row_versions WHERE tbl = p_tbl AND pk = p_pk;
+    v_h := greatest(
+        (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint << 16) | (nextval('gsb.hlc_seq') & 65535),
+        coalesce(v_prev_h, 0) + 1,
+        v_floor + 1);
+    INSERT INTO gsb.row_versions (tbl, pk, hlc, origin, deleted)
+        VALUES (p_tbl, p_pk, v_h, v_site, p_op = 'D')
+        ON CONFLICT (tbl, pk) DO UPDATE
+        SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted;
+    INSERT INTO gsb.changes (tbl, op, pk, "row", hlc, origin, prev_hlc, prev_origin)
+        VALUES (p_tbl, p_op, p_pk, p_row, v_h, v_site, v_prev_h, v_prev_o);
+    PERFORM pg_notify('gsb_changes', '');
+END $f$;
+
+CREATE OR REPLACE FUNCTION gsb.capture() RETURNS trigger LANGUAGE plpgsql AS $f$
+DECLARE
+    v_tbl text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    v_new jsonb; v_old jsonb; v_key jsonb; v_oldkey jsonb;
+BEGIN
+    -- the replicator's apply sessions set this: an applied change is never captured again
+    IF current_setting('gsb.applying', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        v_old := to_jsonb(OLD);
+        SELECT jsonb_object_agg(c, v_old -> c) INTO v_oldkey FROM unnest(TG_ARGV) c;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        v_new := to_jsonb(NEW);
+        SELECT jsonb_object_agg(c, v_new -> c) INTO v_key FROM unnest(TG_ARGV) c;
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        PERFORM gsb.record(v_tbl, 'D', v_oldkey, NULL);
+    ELSIF TG_OP = 'UPDATE' AND v_oldkey <> v_key THEN
+        PERFORM gsb.record(v_tbl, 'D', v_oldkey, NULL);
+        PERFORM gsb.record(v_tbl, 'I', v_key, v_new);
+    ELSE
+        PERFORM gsb.record(v_tbl, left(TG_OP, 1), v_key, v_new);
+    END IF;
+    RETURN NULL;
+END $f$;
+
+CREATE OR REPLACE FUNCTION gsb.apply_batch(
+    p_direction text, p_from_xid xid8, p_from_id bigint, p_to_xid xid8, p_to_id bigint,
+    p_changes jsonb, p_max_skew_ms bigint, p_primary text)
+RETURNS jsonb LANGUAGE plpgsql AS $f$
+DECLARE
+    c record; v record; t record; cur record;
+    v_applied jsonb := '{}'; v_conflicts jsonb := '{}';
+    v_skew int := 0; v_max_h bigint := 0; v_lag float8; v_hb float8;
+    v_now_ms bigint := floor(extract(epoch FROM clock_timestamp()) * 1000);
+    v_win boolean; v_clean boolean; v_local jsonb; v_found boolean;
+BEGIN
+    PERFORM set_config('gsb.applying', 'on', true);
+    SELECT xid, id INTO cur FROM gsb.cursors WHERE direction = p_direction FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO gsb.cursors (direction) VALUES (p_direction);
+        SELECT '0'::xid8 AS xid, 0::bigint AS id INTO cur;
+    END IF;
+    IF cur.xid <> p_from_xid OR cur.id <> p_from_id THEN
+        RAISE EXCEPTION 'gsb: cursor % moved to (%, %) while this batch expected (%, %): another replicator applied it',
+            p_direction, cur.xid, cur.id, p_from_xid, p_from_id USING ERRCODE = '40001';
+    END IF;
+    FOR c IN SELECT * FROM jsonb_to_recordset(p_changes) AS x(
+        tbl text, op text, pk jsonb, "row" jsonb, hlc bigint, origin text,
+        prev_hlc bigint, prev_origin text, created_at timestamptz)
+    LOOP
+        v_lag := greatest(coalesce(v_lag, 0), extract(epoch FROM clock_timestamp() - c.created_at));
+        IF (c.hlc >> 16) > v_now_ms + p_max_skew_ms THEN
+            INSERT INTO gsb.conflicts (tbl, pk, reason, loser_origin, loser_hlc, loser_row)
+                VALUES (c.tbl, c.pk, 'clock_skew', c.origin, c.hlc, c."row");
+            v_skew := v_skew + 1;
+            CONTINUE;
+        END IF;
+        v_max_h := greatest(v_max_h, c.hlc);
+        SELECT * INTO t FROM gsb.tables WHERE tbl = c.tbl;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'gsb: table % is not set up for replication on this site', c.tbl;
+        END IF;
+        SELECT hlc, origin, deleted INTO v FROM gsb.row_versions
+            WHERE tbl = c.tbl AND pk = c.pk FOR UPDATE;
+        v_found := FOUND;
+        IF NOT v_found THEN
+            v_clean := true; v_win := true;
+        ELSIF v.hlc = c.hlc AND v.origin = c.origin THEN
+            CONTINUE; -- this very version is already here
+        ELSIF v.hlc = c.prev_hlc AND v.origin = c.prev_origin THEN
+            v_clean := true; v_win := true; -- a successor of what we hold
+        ELSIF v.origin = c.origin THEN
+            v_clean := true; v_win := c.hlc > v.hlc; -- same writer: newer replaces older
+        ELSE
+            v_clean := false;
+            IF v.deleted <> (c.op = 'D') THEN
+                v_win := c.op = 'D'; -- a delete beats a concurrent write: no resurrection
+            ELSE
+                v_win := c.hlc > v.hlc OR (c.hlc = v.hlc AND c.origin = p_primary);
+            END IF;
+        END IF;
+        IF NOT v_clean THEN
+            EXECUTE t.select_sql INTO v_local USING c.pk;
+            IF v_local IS DISTINCT FROM c."row" THEN
+                IF v_win THEN
+                    INSERT INTO gsb.conflicts (tbl, pk, reason, winner_origin, winner_hlc, winner_row,
+                        loser_origin, loser_hlc, loser_row)
+                    VALUES (c.tbl, c.pk, 'concurrent_write', c.origin, c.hlc, c."row", v.origin, v.hlc, v_local);
+                ELSE
+                    INSERT INTO gsb.conflicts (tbl, pk, reason, winner_origin, winner_hlc, winner_row,
+                        loser_origin, loser_hlc, loser_row)
+                    VALUES (c.tbl, c.pk, 'concurrent_write', v.origin, v.hlc, v_local, c.origin, c.hlc, c."row");
+                END IF;
+                v_conflicts := jsonb_set(v_conflicts, ARRAY[c.tbl],
+                    to_jsonb(coalesce((v_conflicts ->> c.tbl)::int, 0) + 1));
+            END IF;
+        END IF;
+        IF v_win THEN
+            IF c.op = 'D' THEN
+                EXECUTE t.delete_sql USING c.pk;
+            ELSE
+                EXECUTE t.upsert_sql USING c."row";
+            END IF;
+            INSERT INTO gsb.row_versions (tbl, pk, hlc, origin, deleted)
+                VALUES (c.tbl, c.pk, c.hlc, c.origin, c.op = 'D')
+                ON CONFLICT (tbl, pk) DO UPDATE
+                SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted;
+            v_applied := jsonb_set(v_applied, ARRAY[c.tbl],
+                to_jsonb(coalesce((v_applied ->> c.tbl)::int, 0) + 1));
+            IF c.tbl = 'gsb.heartbeat' THEN
+                v_hb := extract(epoch FROM clock_timestamp() - (c."row" ->> 'at')::timestamptz);
+            END IF;
+        END IF;
+    END LOOP;
+    UPDATE gsb.site SET hlc_floor = v_max_h WHERE hlc_floor < v_max_h;
+    UPDATE gsb.cursors SET xid = p_to_xid, id = p_to_id, applied_at = now()
+        WHERE direction = p_direction;
+    RETURN jsonb_build_object('applied', v_applied, 'conflicts', v_conflicts,
+        'skew_rejected', v_skew, 'max_lag', v_lag, 'heartbeat_lag', v_hb);
+END $f$;
+"#;
+
+/// Reads the next batch from a source: only changes of finished transactions (xid below the
+/// snapshot's xmin) after the cursor, in (xid, id) order. Returns count, last xid, last id, json.
+pub const FETCH: &str = r#"
+WITH b AS (
+    SELECT id, xid, tbl, op, pk, "row", hlc, origin, prev_hlc, prev_origin, created_at
+    FROM gsb.changes
+    WHERE (xid, id) > ($1::text::xid8, $2::int8)
+      AND xid < pg_snapshot_xmin(pg_current_snapshot())
+      AND tbl = ANY($3::text[])
+    ORDER BY xid, id
+    LIMIT $4::int8
+)
+SELECT count(*)::int8,
+       (SELECT xid::text FROM b ORDER BY xid DESC, id DESC LIMIT 1),
+       (SELECT id FROM b ORDER BY xid DESC, id DESC LIMIT 1),
+       coalesce(jsonb_agg(to_jsonb(b) - 'id' - 'xid' ORDER BY xid, id), '[]')::text
+FROM b
+"#;
+
+/// Applies a batch on the target (see `gsb.apply_batch`).
+pub const APPLY: &str = "SELECT gsb.apply_batch($1::text, $2::text::xid8, $3::int8, $4::text::xid8, $5::int8, $6::text::jsonb, $7::int8, $8::text)::text";
+
+/// Backlog on a source after a cursor: rows and age in seconds of the oldest.
+pub const PENDING: &str = r#"
+SELECT count(*)::int8, extract(epoch FROM now() - min(created_at))::float8
+FROM gsb.changes
+WHERE (xid, id) > ($1::text::xid8, $2::int8) AND tbl = ANY($3::text[])
+"#;
+
+/// Prunes changes the peer has applied.
+pub const PRUNE: &str =
+    "DELETE FROM gsb.changes WHERE (xid, id) <= ($1::text::xid8, $2::int8) AND tbl = ANY($3::text[])";
+
+/// Reads a cursor on the target.
+pub const CURSOR: &str = "SELECT xid::text, id FROM gsb.cursors WHERE direction = $1::text";
+
+/// Writes this site's heartbeat row.
+pub const HEARTBEAT: &str =
+    "INSERT INTO gsb.heartbeat (site, at) VALUES ($1::text, clock_timestamp()) \
+    ON CONFLICT (site) DO UPDATE SET at = excluded.at";

@@ -1,0 +1,266 @@
+//! One replication direction: fetch finished changes from the source, apply them on the target
+//! in one transaction that also advances the cursor; and each site's heartbeat writer.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::db::{connect, Site};
+use crate::metrics::{with_dir, Metrics, SharedStatus};
+use crate::{sql, Config, Error};
+
+/// Longest wait between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often pending rows and lag are refreshed.
+const PENDING_EVERY: Duration = Duration::from_secs(1);
+
+/// A replication direction.
+#[derive(Debug, Clone)]
+pub(crate) struct Direction {
+    /// `primary_to_backup` or `backup_to_primary`.
+    pub name: &'static str,
+    pub source: Site,
+    pub target: Site,
+    /// Qualified tables shipped this way (including `gsb.heartbeat`).
+    pub tables: Vec<String>,
+}
+
+impl Direction {
+    fn dsn<'a>(&self, site: Site, cfg: &'a Config) -> &'a str {
+        match site {
+            Site::Primary => &cfg.primary_dsn,
+            Site::Backup => &cfg.backup_dsn,
+        }
+    }
+}
+
+/// Runs the direction until `shutdown`, reconnecting with backoff after any failure.
+pub(crate) async fn run_direction(
+    d: Direction,
+    cfg: Config,
+    metrics: Metrics,
+    status: SharedStatus,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let started = Instant::now();
+        match session(&d, &cfg, &metrics, &status, &shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                metrics.errors.with_label_values(&[d.name]).inc();
+                tracing::warn!(direction = d.name, error = %e, retry_in = ?backoff, "replication session failed; retrying");
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(200);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn session(
+    d: &Direction,
+    cfg: &Config,
+    metrics: &Metrics,
+    status: &SharedStatus,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let (ss, ts) = (d.source.as_str(), d.target.as_str());
+    let src = connect(d.source, d.dsn(d.source, cfg)).await?;
+    let dst = connect(d.target, d.dsn(d.target, cfg)).await?;
+    src.batch_execute("LISTEN gsb_changes")
+        .await
+        .map_err(|e| Error::db(ss, "LISTEN gsb_changes", e))?;
+    let fetch = src
+        .prepare(sql::FETCH)
+        .await
+        .map_err(|e| Error::db(ss, "preparing fetch", e))?;
+    let pending = src
+        .prepare(sql::PENDING)
+        .await
+        .map_err(|e| Error::db(ss, "preparing pending", e))?;
+    let prune = src
+        .prepare(sql::PRUNE)
+        .await
+        .map_err(|e| Error::db(ss, "preparing prune", e))?;
+    let apply = dst
+        .prepare(sql::APPLY)
+        .await
+        .map_err(|e| Error::db(ts, "preparing apply", e))?;
+    let row = dst
+        .query_opt(sql::CURSOR, &[&d.name])
+        .await
+        .map_err(|e| Error::db(ts, "reading the cursor", e))?;
+    let (mut xid, mut id): (String, i64) = match row {
+        Some(r) => (r.get(0), r.get(1)),
+        None => ("0".into(), 0),
+    };
+    tracing::info!(direction = d.name, cursor_xid = %xid, cursor_id = id, "replicating");
+    let skew_ms = cfg.max_clock_skew.as_millis() as i64;
+    let mut last_pending = Instant::now() - PENDING_EVERY;
+    let mut last_prune = Instant::now();
+    let mut last_hb: Option<(Instant, f64)> = None;
+    loop {
+        let t0 = Instant::now();
+        let r = src
+            .query_one(&fetch, &[&xid, &id, &d.tables, &cfg.batch_size])
+            .await
+            .map_err(|e| Error::db(ss, "fetching changes", e))?;
+        let n: i64 = r.get(0);
+        if n > 0 {
+            let to_xid: String = r.get(1);
+            let to_id: i64 = r.get(2);
+            let json: String = r.get(3);
+            let span = tracing::info_span!(
+                "batch",
+                direction = d.name,
+                rows = n,
+                lag = tracing::field::Empty,
+                conflicts = tracing::field::Empty
+            );
+            let res: String = dst
+                .query_one(
+                    &apply,
+                    &[
+                        &d.name, &xid, &id, &to_xid, &to_id, &json, &skew_ms, &"primary",
+                    ],
+                )
+                .instrument(span.clone())
+                .await
+                .map_err(|e| Error::db(ts, format!("applying {n} changes"), e))?
+                .get(0);
+            xid = to_xid;
+            id = to_id;
+            metrics
+                .batch_seconds
+                .with_label_values(&[d.name])
+                .observe(t0.elapsed().as_secs_f64());
+            let res: serde_json::Value = serde_json::from_str(&res)
+                .map_err(|e| Error::Protocol(format!("apply_batch returned bad JSON: {e}")))?;
+            let mut n_conflicts = 0;
+            if let Some(m) = res["applied"].as_object() {
+                for (t, v) in m {
+                    metrics
+                        .applied
+                        .with_label_values(&[d.name, label(t)])
+                        .inc_by(v.as_u64().unwrap_or(0));
+                }
+            }
+            if let Some(m) = res["conflicts"].as_object() {
+                for (t, v) in m {
+                    let c = v.as_u64().unwrap_or(0);
+                    n_conflicts += c;
+                    metrics.conflicts.with_label_values(&[label(t)]).inc_by(c);
+                }
+            }
+            let skew = res["skew_rejected"].as_u64().unwrap_or(0);
+            if skew > 0 {
+                metrics
+                    .skew_rejected
+                    .with_label_values(&[d.name])
+                    .inc_by(skew);
+                tracing::error!(direction = d.name, rejected = skew, max_clock_skew = ?cfg.max_clock_skew,
+                    "rejected changes stamped beyond the maximum clock skew (see gsb.conflicts reason clock_skew); check NTP on both sites");
+            }
+            if let Some(hb) = res["heartbeat_lag"].as_f64() {
+                last_hb = Some((Instant::now(), hb.max(0.0)));
+            }
+            let lag = res["max_lag"].as_f64();
+            span.record("lag", lag.unwrap_or(0.0));
+            span.record("conflicts", n_conflicts);
+            span.in_scope(|| tracing::debug!("batch applied"));
+            with_dir(status, d.name, |s| s.last_apply = Some(chrono::Utc::now()));
+        }
+        if last_pending.elapsed() >= PENDING_EVERY {
+            last_pending = Instant::now();
+            let p = src
+                .query_one(&pending, &[&xid, &id, &d.tables])
+                .await
+                .map_err(|e| Error::db(ss, "counting pending changes", e))?;
+            let rows: i64 = p.get(0);
+            let age: Option<f64> = p.get(1);
+            let age = age.unwrap_or(0.0).max(0.0);
+            // Lag from the last applied heartbeat, growing while no heartbeat arrives.
+            let lag = match last_hb {
+                Some((at, hb)) if at.elapsed() > cfg.heartbeat_interval * 2 => {
+                    hb + at.elapsed().as_secs_f64()
+                }
+                Some((_, hb)) => hb,
+                None => age,
+            };
+            metrics.pending.with_label_values(&[d.name]).set(rows);
+            metrics
+                .oldest_pending_age
+                .with_label_values(&[d.name])
+                .set(age);
+            metrics.lag.with_label_values(&[d.name]).set(lag);
+            with_dir(status, d.name, |s| {
+                s.pending_rows = Some(rows);
+                s.oldest_pending_age_seconds = Some(age);
+                s.lag_seconds = Some(lag);
+            });
+        }
+        if last_prune.elapsed() >= cfg.prune_interval {
+            last_prune = Instant::now();
+            let k = src
+                .execute(&prune, &[&xid, &id, &d.tables])
+                .await
+                .map_err(|e| Error::db(ss, "pruning applied changes", e))?;
+            tracing::debug!(direction = d.name, pruned = k, "pruned applied changes");
+        }
+        if n >= cfg.batch_size {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            continue;
+        }
+        // The NOTIFY wakes us at once; the poll also catches commits whose xid was held back
+        // by an older open transaction.
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = src.notify.notified() => {}
+            _ = tokio::time::sleep(cfg.poll_interval) => {}
+        }
+    }
+}
+
+/// `public.users` -> `users` for metric labels.
+fn label(t: &str) -> &str {
+    t.strip_prefix("public.").unwrap_or(t)
+}
+
+/// Writes this site's heartbeat row every `heartbeat_interval` until `shutdown`.
+pub(crate) async fn heartbeat(
+    site: Site,
+    dsn: String,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut conn = None;
+    loop {
+        if conn.is_none() {
+            match connect(site, &dsn).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    tracing::debug!(site = site.as_str(), error = %e, "heartbeat: cannot connect")
+                }
+            }
+        }
+        if let Some(c) = &conn {
+            if let Err(e) = c.execute(sql::HEARTBEAT, &[&site.as_str()]).await {
+                tracing::debug!(site = site.as_str(), error = %e, "heartbeat write failed");
+                conn = None;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
