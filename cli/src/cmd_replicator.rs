@@ -3,28 +3,50 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+fn load(config_path: &Path) -> anyhow::Result<gsb_replicator::Config> {
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    gsb_replicator::Config::from_toml_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))
+}
+
 /// Runs the replicator until `shutdown`.
-pub async fn replicator(config_path: &Path, registry: prometheus::Registry, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let _ = (config_path, registry, shutdown);
-    anyhow::bail!("gsb replicator: not built yet")
+pub async fn replicator(
+    config_path: &Path,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let config = load(config_path)?;
+    gsb_replicator::run(config, registry, shutdown).await?;
+    Ok(())
 }
 
 /// Compares both sites; exit 0 only if equal.
 pub async fn verify(config_path: &Path) -> anyhow::Result<ExitCode> {
-    let _ = config_path;
-    anyhow::bail!("gsb verify: not built yet")
+    let config = load(config_path)?;
+    let report = gsb_replicator::verify(&config).await?;
+    println!("{report}");
+    Ok(if report.is_equal() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// Copies the config tables now.
 pub async fn copy_config(config_path: &Path) -> anyhow::Result<()> {
-    let _ = config_path;
-    anyhow::bail!("gsb copy-config: not built yet")
+    let config = load(config_path)?;
+    let report = gsb_replicator::copy_config(&config).await?;
+    print!("{report}");
+    Ok(())
 }
 
 /// Validates the `[replicator]` section.
 pub fn check(config_text: &str) -> Result<(), String> {
-    let _ = config_text;
-    Err("replicator: config check not built yet".into())
+    gsb_replicator::Config::from_toml_str(config_text)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
