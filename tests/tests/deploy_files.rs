@@ -44,6 +44,10 @@ fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+fn is_yaml(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "yml" || e == "yaml")
+}
+
 /// All YAML documents of a file (Kubernetes files hold several, separated by `---`).
 fn yaml_docs(path: &Path) -> Result<Vec<Yaml>> {
     use serde::Deserialize;
@@ -72,7 +76,7 @@ fn ystr<'a>(v: &'a Yaml, dotted: &str) -> Option<&'a str> {
 fn k8s_objects() -> Result<Vec<(PathBuf, Yaml)>> {
     let mut out = Vec::new();
     for path in files_under(&deploy("kubernetes"))? {
-        if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
+        if !is_yaml(&path) || path.file_name().is_some_and(|n| n == "kustomization.yaml") {
             continue;
         }
         for doc in yaml_docs(&path)? {
@@ -91,8 +95,7 @@ fn find_object<'a>(objects: &'a [(PathBuf, Yaml)], kind: &str, name: &str) -> Re
 }
 
 /// Metric names the project exports: every `"gsb_..."` string literal in the product crates'
-/// sources (that is how metrics are registered), plus the gauges `deploy/systemd/gsb-verify.sh`
-/// writes for the node exporter's textfile collector.
+/// sources (that is how metrics are registered).
 fn exported_metrics() -> Result<BTreeSet<String>> {
     let mut names = BTreeSet::new();
     for krate in ["proxy", "replicator", "health", "cli"] {
@@ -112,13 +115,6 @@ fn exported_metrics() -> Result<BTreeSet<String>> {
                         names.insert(name);
                     }
                 }
-            }
-        }
-    }
-    for line in read(&deploy("systemd/gsb-verify.sh"))?.lines() {
-        if let Some(rest) = line.trim().strip_prefix("# TYPE ") {
-            if let Some(name) = rest.split_whitespace().next() {
-                names.insert(name.to_owned());
             }
         }
     }
@@ -177,7 +173,7 @@ fn check_metrics(
 fn every_yaml_file_parses() -> Result<()> {
     let mut count = 0;
     for path in files_under(&root().join("deploy"))? {
-        if path.extension().is_some_and(|e| e == "yml" || e == "yaml") {
+        if is_yaml(&path) {
             let docs = yaml_docs(&path)?;
             ensure!(
                 !docs.is_empty(),
@@ -217,6 +213,7 @@ fn kubernetes_manifests_have_what_operations_need() -> Result<()> {
         .collect();
     let present: BTreeSet<String> = files_under(&deploy("kubernetes"))?
         .iter()
+        .filter(|p| is_yaml(p))
         .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
         .filter(|n| n != "kustomization.yaml")
         .collect();
@@ -549,7 +546,8 @@ fn alerts_are_complete_and_use_only_exported_metrics() -> Result<()> {
             "config copy older than 26h",
             "gsb_config_copy_last_success_timestamp_seconds",
         ),
-        ("verify mismatch", "gsb_verify_exit_code"),
+        ("verify mismatch", "gsb_verify_equal"),
+        ("no active replicator", "gsb_replicator_active"),
     ] {
         ensure!(
             metric_of.contains_key(metric),
@@ -565,6 +563,14 @@ fn alerts_are_complete_and_use_only_exported_metrics() -> Result<()> {
         })
         .map(|(_, r)| ystr(r, "expr").unwrap_or_default().to_owned())
         .unwrap_or_default();
+    // The operator's copy of the rules is the same rules.
+    let objects = k8s_objects()?;
+    let operator_rules = find_object(&objects, "PrometheusRule", "gsb")?;
+    ensure!(
+        yget(operator_rules, "spec.groups") == yget(file, "groups"),
+        "kubernetes/prometheusrule.yaml differs from prometheus/alerts.yml: \
+         sh deploy/kubernetes/gen-prometheusrule.sh > deploy/kubernetes/prometheusrule.yaml"
+    );
     ensure!(
         stale.contains("26 * 3600") || stale.contains("93600"),
         "the config copy alert must fire past 26h: {stale}"
@@ -689,75 +695,52 @@ fn systemd_units_are_hardened() -> Result<()> {
     Ok(())
 }
 
-/// The verify timer's script publishes the exit code the GsbVerifyMismatch alert reads.
-#[test]
-fn verify_script_publishes_the_exit_code() -> Result<()> {
-    for (bin, code) in [("/bin/true", "0"), ("/bin/false", "1")] {
-        let dir = tempfile::tempdir()?;
-        let status = Command::new("sh")
-            .arg(deploy("systemd/gsb-verify.sh"))
-            .env("GSB_BIN", bin)
-            .env("GSB_CONFIG", deploy("gsb.example.toml"))
-            .env("GSB_TEXTFILE_DIR", dir.path())
-            .status()?;
-        ensure!(
-            status.code().map(|c| c.to_string()).as_deref() == Some(code),
-            "the script exits with verify's code"
-        );
-        let metrics = read(&dir.path().join("gsb_verify.prom"))?;
-        ensure!(
-            metrics
-                .lines()
-                .any(|l| l == format!("gsb_verify_exit_code {code}")),
-            "{bin}: wrote\n{metrics}"
-        );
-        ensure!(
-            metrics.contains("\ngsb_verify_last_run_timestamp_seconds "),
-            "no last-run timestamp:\n{metrics}"
-        );
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path())?.collect();
-        ensure!(
-            leftovers.len() == 1,
-            "the temporary file was not renamed away"
-        );
-    }
-    Ok(())
+/// The fields of `struct name` in a source file: its `field: Type` lines.
+fn struct_fields(file: &str, name: &str) -> Result<Vec<String>> {
+    let text = read(&root().join(file))?;
+    let start = text
+        .find(&format!("struct {name} {{"))
+        .with_context(|| format!("{file} has no struct {name}: update this test's map"))?;
+    let body = &text[start..start + text[start..].find("\n}").context("struct end")?];
+    Ok(body
+        .lines()
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.starts_with("//") && !l.starts_with('#'))
+        .filter_map(|l| {
+            let (field, _) = l.trim_start_matches("pub ").split_once(':')?;
+            let field = field.trim();
+            field
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                .then(|| field.to_owned())
+        })
+        .collect())
 }
 
-/// The proxy config keys as `proxy/src/config.rs` declares them: `pub field:` lines of each
-/// struct, mapped to the TOML table they live in.
-fn proxy_config_keys() -> Result<BTreeMap<&'static str, Vec<String>>> {
-    let text = read(&root().join("proxy/src/config.rs"))?;
-    let tables = [
-        ("ListenerConfig", "proxy"),
-        ("TlsConfig", "proxy.tls"),
-        ("AdminConfig", "admin"),
-        ("SiteConfig", "sites.primary"),
-        ("HealthConfig", "health"),
-        ("ComponentConfig", "health.components"),
-        ("FailoverConfig", "failover"),
-        ("MaintenanceConfig", "maintenance"),
+/// Every config key the proxy and the replicator read, per TOML table, from their config structs
+/// (the proxy's typed structs; the replicator's raw `[replicator]` struct).
+fn config_keys() -> Result<Vec<(&'static str, Vec<String>)>> {
+    let structs = [
+        ("proxy/src/config.rs", "ListenerConfig", "proxy"),
+        ("proxy/src/config.rs", "TlsConfig", "proxy.tls"),
+        ("proxy/src/config.rs", "AdminConfig", "admin"),
+        ("proxy/src/config.rs", "SiteConfig", "sites.primary"),
+        ("proxy/src/config.rs", "SiteConfig", "sites.backup"),
+        ("proxy/src/config.rs", "HealthConfig", "health"),
+        (
+            "proxy/src/config.rs",
+            "ComponentConfig",
+            "health.components",
+        ),
+        ("proxy/src/config.rs", "FailoverConfig", "failover"),
+        ("proxy/src/config.rs", "MaintenanceConfig", "maintenance"),
+        ("replicator/src/config.rs", "Raw", "replicator"),
     ];
-    let mut out = BTreeMap::new();
-    for (name, table) in tables {
-        let start = text
-            .find(&format!("pub struct {name} {{"))
-            .with_context(|| {
-                format!("proxy/src/config.rs has no struct {name}: update this test's map")
-            })?;
-        let body = &text[start..start + text[start..].find("\n}").context("struct end")?];
-        let fields = body
-            .lines()
-            .filter_map(|l| {
-                l.trim()
-                    .strip_prefix("pub ")?
-                    .split_once(':')
-                    .map(|(f, _)| f.trim().to_owned())
-            })
-            .collect();
-        out.insert(table, fields);
-    }
-    Ok(out)
+    structs
+        .into_iter()
+        .map(|(file, name, table)| Ok((table, struct_fields(file, name)?)))
+        .collect()
 }
 
 /// The table at a dotted path; arrays of tables are merged (a component sets `path` or `tcp`).
@@ -785,7 +768,11 @@ fn example_config_sets_every_key() -> Result<()> {
     let text = read(&deploy("gsb.example.toml"))?;
     let example: toml::Table = toml::from_str(&text).context("gsb.example.toml is not TOML")?;
     let mut missing = Vec::new();
-    for (table, fields) in proxy_config_keys()? {
+    for (table, fields) in config_keys()? {
+        ensure!(
+            !fields.is_empty(),
+            "no fields found for [{table}]: update config_keys()"
+        );
         let present = keys_at(&example, table);
         missing.extend(
             fields
@@ -793,20 +780,6 @@ fn example_config_sets_every_key() -> Result<()> {
                 .filter(|f| !present.contains(*f))
                 .map(|f| format!("{table}.{f}")),
         );
-    }
-    for key in [
-        "primary_dsn",
-        "backup_dsn",
-        "two_way",
-        "config_tables",
-        "config_copy_at",
-        "config_copy_timezone",
-        "usage_tables",
-        "metrics_listen",
-    ] {
-        if !keys_at(&example, "replicator").contains(key) {
-            missing.push(format!("replicator.{key}"));
-        }
     }
     ensure!(
         missing.is_empty(),
