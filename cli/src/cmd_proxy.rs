@@ -1,16 +1,106 @@
 //! `gsb proxy` and the proxy half of `gsb check-config`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokio_util::sync::CancellationToken;
 
-/// Runs the proxy until `shutdown`.
-pub async fn proxy(config_path: &Path, registry: prometheus::Registry, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let _ = (config_path, registry, shutdown);
-    anyhow::bail!("gsb proxy: not built yet")
+use crate::BadConfig;
+
+/// Runs the proxy until `shutdown` (SIGTERM/SIGINT), then drains and returns.
+pub async fn proxy(
+    config_path: &Path,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let bad = |message: String| BadConfig {
+        path: config_path.display().to_string(),
+        message,
+    };
+    let text = crate::read_config(config_path)?;
+    let mut config = gsb_proxy::Config::from_toml_str(&text).map_err(|e| bad(e.to_string()))?;
+    resolve_paths(&mut config, config_path);
+    tracing::info!(
+        config = %config_path.display(),
+        listen = %config.proxy.listen,
+        admin = %config.admin.listen,
+        primary = %config.sites.primary.url,
+        backup = %config.sites.backup.url,
+        "starting the proxy"
+    );
+    match gsb_proxy::run(config, registry, shutdown).await {
+        Ok(()) => Ok(()),
+        // A certificate or token file that cannot be used is a config problem (exit 64).
+        Err(e @ (gsb_proxy::Error::Tls(_) | gsb_proxy::Error::TokenFile { .. })) => {
+            Err(bad(e.to_string()).into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Relative paths in the file are relative to the file (so a config works from any directory);
+/// `failover.state_file` defaults to `gsb-proxy.state` beside it.
+fn resolve_paths(config: &mut gsb_proxy::Config, config_path: &Path) {
+    let dir = config_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let beside = |p: &PathBuf| {
+        if p.is_relative() {
+            dir.join(p)
+        } else {
+            p.clone()
+        }
+    };
+    let state = config
+        .failover
+        .state_file
+        .get_or_insert_with(|| PathBuf::from("gsb-proxy.state"));
+    *state = beside(state);
+    if let Some(token) = &mut config.admin.token_file {
+        *token = beside(token);
+    }
+    if let Some(tls) = &mut config.proxy.tls {
+        tls.cert = beside(&tls.cert);
+        tls.key = beside(&tls.key);
+    }
 }
 
 /// Validates the proxy's sections of a config file.
 pub fn check(config_text: &str) -> Result<(), String> {
-    gsb_proxy::Config::from_toml_str(config_text).map(|_| ()).map_err(|e| e.to_string())
+    gsb_proxy::Config::from_toml_str(config_text)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_are_resolved_beside_the_config() {
+        let text = r#"
+            [proxy]
+            listen = "127.0.0.1:0"
+            tls = { listen = "127.0.0.1:0", cert = "cert.pem", key = "/etc/gsb/key.pem" }
+            [admin]
+            token_file = "admin.token"
+            [sites.primary]
+            url = "http://127.0.0.1:1"
+            [sites.backup]
+            url = "http://127.0.0.1:2"
+        "#;
+        let mut config = gsb_proxy::Config::from_toml_str(text).expect("valid");
+        resolve_paths(&mut config, Path::new("/srv/gsb/gsb.toml"));
+        assert_eq!(
+            config.failover.state_file.as_deref(),
+            Some(Path::new("/srv/gsb/gsb-proxy.state"))
+        );
+        assert_eq!(
+            config.admin.token_file.as_deref(),
+            Some(Path::new("/srv/gsb/admin.token"))
+        );
+        let tls = config.proxy.tls.expect("tls");
+        assert_eq!(tls.cert, Path::new("/srv/gsb/cert.pem"));
+        assert_eq!(tls.key, Path::new("/etc/gsb/key.pem"));
+    }
 }

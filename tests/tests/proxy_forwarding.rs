@@ -1,0 +1,694 @@
+//! End-to-end tests of the proxy's data path: the real `gsb proxy` binary in front of two test
+//! upstreams, over loopback, listeners on free ports. Waits poll a condition with a deadline.
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use gsb_tests::upstream::{self, Upstream};
+use gsb_tests::{free_port, gsb_bin, wait_until, Proc};
+use tokio_tungstenite::tungstenite::Message;
+
+const READY: Duration = Duration::from_secs(15);
+
+/// A running `gsb proxy` with its config directory.
+struct Gsb {
+    proc: Proc,
+    port: u16,
+    admin: u16,
+    tls_port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// Config pieces a test changes; the rest is small and fast.
+struct Opts {
+    /// Extra lines for `[proxy]`.
+    proxy: String,
+    /// The `[health]` timing lines.
+    health: String,
+    /// Extra lines for `[failover]`.
+    failover: String,
+    /// Write a TLS pair and listen with TLS too.
+    tls: bool,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            proxy: String::new(),
+            health: "interval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 2".into(),
+            failover: String::new(),
+            tls: false,
+        }
+    }
+}
+
+/// Writes a self-signed pair for `localhost` into `dir`; returns the certificate PEM.
+fn write_cert(dir: &std::path::Path) -> String {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
+    let pem = ck.cert.pem();
+    // Key first, then cert: the watcher sees a consistent pair once both are written (a
+    // mismatched intermediate state is refused and retried at the next change).
+    std::fs::write(dir.join("key.pem.tmp"), ck.key_pair.serialize_pem()).expect("key");
+    std::fs::write(dir.join("cert.pem.tmp"), &pem).expect("cert");
+    std::fs::rename(dir.join("key.pem.tmp"), dir.join("key.pem")).expect("rename key");
+    std::fs::rename(dir.join("cert.pem.tmp"), dir.join("cert.pem")).expect("rename cert");
+    pem
+}
+
+impl Gsb {
+    async fn start(primary: &Upstream, backup: &Upstream, opts: Opts) -> Gsb {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (port, admin, tls_port) = (free_port(), free_port(), free_port());
+        let tls = if opts.tls {
+            write_cert(dir.path());
+            format!("tls = {{ listen = \"127.0.0.1:{tls_port}\", cert = \"cert.pem\", key = \"key.pem\" }}")
+        } else {
+            String::new()
+        };
+        let config = format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:{port}"
+header_read_timeout = "1s"
+{tls}
+{proxy}
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[sites.primary]
+url = "{p}"
+public_url = "https://primary.example"
+[sites.backup]
+url = "{b}"
+
+[health]
+{health}
+[[health.components]]
+name = "web"
+path = "/health/web"
+
+[failover]
+failback_after = "1s"
+min_dwell = "1s"
+{failover}
+"#,
+            proxy = opts.proxy,
+            health = opts.health,
+            failover = opts.failover,
+            p = primary.url(),
+            b = backup.url(),
+        );
+        let path: PathBuf = dir.path().join("gsb.toml");
+        std::fs::write(&path, config).expect("write config");
+        let proc = Proc::spawn(
+            "gsb-proxy",
+            Command::new(gsb_bin())
+                .arg("proxy")
+                .arg("--config")
+                .arg(&path)
+                .env("RUST_LOG", "info,gsb_proxy=debug"),
+        );
+        let gsb = Gsb {
+            proc,
+            port,
+            admin,
+            tls_port,
+            dir,
+        };
+        let client = reqwest::Client::new();
+        let url = gsb.url("/detectbackup");
+        wait_until(READY, "the proxy answers detectbackup", || {
+            let (client, url) = (client.clone(), url.clone());
+            async move { matches!(client.get(url).send().await, Ok(r) if r.status() == 200) }
+        })
+        .await;
+        gsb
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    async fn detect(&self) -> String {
+        match reqwest::get(self.url("/detectbackup")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+/// One raw HTTP/1.1 exchange (`Connection: close`): status line + headers, and body.
+fn raw_request(port: u16, request: &str) -> (String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(request.as_bytes()).expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete answer");
+    (head.to_owned(), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_are_rewritten_and_detectbackup_is_answered_by_the_proxy() {
+    let (primary, backup) = (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    );
+    let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+
+    let request =
+        "GET /echo/a?b=1 HTTP/1.1\r\nHost: meet.example\r\nX-Forwarded-For: 192.0.2.7\r\n\
+         Connection: close, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n\
+         Proxy-Authorization: Basic eA==\r\nTE: trailers\r\nX-Kept: yes\r\n\r\n";
+    let port = gsb.port;
+    let (head, body) = tokio::task::spawn_blocking(move || raw_request(port, request))
+        .await
+        .expect("join");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("x-upstream: primary"),
+        "{head}"
+    );
+    let body = body.trim_start_matches(|c: char| c.is_ascii_hexdigit() || c == '\r' || c == '\n');
+    let json_end = body.rfind('}').expect("json body");
+    let v: serde_json::Value = serde_json::from_str(&body[..=json_end]).expect("echo json");
+    let h = &v["headers"];
+    assert_eq!(v["path"], "/echo/a?b=1");
+    assert_eq!(h["host"][0], "meet.example", "Host is kept");
+    assert_eq!(h["x-forwarded-for"][0], "192.0.2.7, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"][0], "http");
+    assert_eq!(h["x-forwarded-host"][0], "meet.example");
+    assert_eq!(h["x-kept"][0], "yes");
+    for gone in ["x-hop", "keep-alive", "proxy-authorization", "te"] {
+        assert!(h.get(gone).is_none(), "{gone} must not reach the site: {h}");
+    }
+
+    for path in [
+        "/detectbackup.php",
+        "/primary/detectbackup.php",
+        "/detectbackup",
+    ] {
+        let r = reqwest::get(gsb.url(path)).await.expect("detectbackup");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["cache-control"], "no-store");
+        assert_eq!(r.headers()["content-type"], "text/plain");
+        assert!(
+            r.headers().get("x-upstream").is_none(),
+            "answered by the proxy, not a site"
+        );
+        assert_eq!(r.text().await.expect("body"), "Primary");
+    }
+    assert_eq!(
+        primary.requests_to("/detectbackup.php") + primary.requests_to("/detectbackup"),
+        0
+    );
+
+    let metrics = gsb.metrics().await;
+    assert!(
+        metrics.contains(r#"gsb_requests_total{code="200",site="primary"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gsb_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_bodies_stream_both_ways_intact() {
+    let (primary, backup) = (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    );
+    let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+    const N: usize = 8 * 1024 * 1024;
+    let data = upstream::pattern(N);
+    let c = client();
+
+    // Upload, streamed in 64 KiB chunks (no Content-Length: chunked through the proxy).
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        data.chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let v: serde_json::Value = c
+        .post(gsb.url("/echo"))
+        .body(body)
+        .send()
+        .await
+        .expect("upload")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["body_bytes"], N as u64);
+    assert_eq!(v["body_fnv"], upstream::fnv1a(&data));
+
+    // Download.
+    let got = c
+        .get(gsb.url(&format!("/bytes?n={N}")))
+        .send()
+        .await
+        .expect("download")
+        .bytes()
+        .await
+        .expect("body");
+    assert_eq!(got.len(), N);
+    assert!(got[..] == data[..], "downloaded bytes differ");
+
+    // Both at once: the site streams the upload back while it arrives.
+    let got = c
+        .post(gsb.url("/mirror"))
+        .body(data.clone())
+        .send()
+        .await
+        .expect("mirror")
+        .bytes()
+        .await
+        .expect("body");
+    assert!(got[..] == data[..], "mirrored bytes differ");
+
+    // A streamed answer arrives chunk by chunk, not buffered until the end.
+    let started = Instant::now();
+    let mut r = c
+        .get(gsb.url("/stream?chunks=3&delay_ms=700"))
+        .send()
+        .await
+        .expect("stream");
+    let first = r.chunk().await.expect("chunk").expect("a first chunk");
+    assert_eq!(&first[..], b"chunk 0\n");
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "first chunk took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_prior_knowledge_is_served() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let (primary, backup) = (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    );
+    let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+    let h2: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let uri: hyper::Uri = gsb.url("/echo/h2").parse().expect("uri");
+    let resp = h2.get(uri).await.expect("h2 request");
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    assert_eq!(resp.headers()["x-upstream"], "primary");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["version"], "HTTP/1.1", "sites are spoken to in HTTP/1.1");
+    assert_eq!(
+        v["headers"]["host"][0],
+        format!("127.0.0.1:{}", gsb.port),
+        ":authority becomes Host"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_is_tunnelled_and_cut_after_the_drain_timeout() {
+    let (primary, backup) = (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    );
+    let opts = Opts {
+        failover: "drain_timeout = \"2s\"".into(),
+        ..Opts::default()
+    };
+    let gsb = Gsb::start(&primary, &backup, opts).await;
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", gsb.port))
+        .await
+        .expect("ws");
+    ws.send(Message::text("hello")).await.expect("send");
+    let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("in time")
+        .expect("msg")
+        .expect("ok");
+    assert_eq!(echo.into_text().expect("text"), "hello");
+
+    // The primary fails its health check: traffic moves; the tunnel on the primary keeps working
+    // during the drain window, then is closed.
+    primary.set_component("web", 503);
+    wait_until(
+        Duration::from_secs(10),
+        "failover to the backup",
+        || async { gsb.detect().await == "Backup" },
+    )
+    .await;
+    let moved = Instant::now();
+    ws.send(Message::text("still there"))
+        .await
+        .expect("send while draining");
+    let echo = tokio::time::timeout(Duration::from_secs(1), ws.next())
+        .await
+        .expect("in time")
+        .expect("msg")
+        .expect("ok");
+    assert_eq!(echo.into_text().expect("text"), "still there");
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        end.is_ok(),
+        "the tunnel must be closed after the drain timeout"
+    );
+    assert!(
+        moved.elapsed() >= Duration::from_millis(1000),
+        "closed too early: {:?}",
+        moved.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_serves_and_picks_up_a_new_certificate() {
+    let (primary, backup) = (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    );
+    let gsb = Gsb::start(
+        &primary,
+        &backup,
+        Opts {
+            tls: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let first_pem = std::fs::read_to_string(gsb.dir.path().join("cert.pem")).expect("cert");
+    let trusting = |pem: &str| {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).expect("pem"))
+            .build()
+            .expect("client")
+    };
+    let url = format!("https://localhost:{}/echo", gsb.tls_port);
+    let r = trusting(&first_pem).get(&url).send().await.expect("https");
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["headers"]["x-forwarded-proto"][0], "https");
+
+    let second_pem = write_cert(gsb.dir.path());
+    let second = trusting(&second_pem);
+    wait_until(
+        Duration::from_secs(10),
+        "the new certificate is served",
+        || {
+            let (c, url) = (second.clone(), url.clone());
+            async move { matches!(c.get(url).send().await, Ok(r) if r.status() == 200) }
+        },
+    )
+    .await;
+    // A fresh client trusting only the old certificate is now refused.
+    assert!(trusting(&first_pem).get(&url).send().await.is_err());
+
+    // A broken pair is refused and the current one kept.
+    std::fs::write(gsb.dir.path().join("cert.pem"), "garbage").expect("write");
+    wait_until(Duration::from_secs(5), "the refusal is logged", || async {
+        gsb.proc.output().contains("new TLS certificate refused")
+    })
+    .await;
+    let r = trusting(&second_pem)
+        .get(&url)
+        .send()
+        .await
+        .expect("still served with the last good pair");
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_is_retried_on_the_backup_when_the_primary_refuses_connections() {
+    let (primary, backup) = (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    );
+    // Slow probes and a high fall count: the health checker does not move traffic during the test,
+    // so the request path meets a dead active site.
+    let opts = Opts {
+        health: "interval = \"30s\"\ntimeout = \"1s\"\nrise = 1\nfall = 5".into(),
+        ..Opts::default()
+    };
+    let gsb = Gsb::start(&primary, &backup, opts).await;
+    primary.stop().await;
+
+    let c = client();
+    let r = c.get(gsb.url("/echo/retry")).send().await.expect("get");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-upstream"], "backup");
+    assert_eq!(
+        gsb.detect().await,
+        "Primary",
+        "the route itself did not move"
+    );
+
+    // A POST with a body that could not connect is retried too: nothing reached the primary.
+    let v: serde_json::Value = c
+        .post(gsb.url("/echo/post"))
+        .body("payload")
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["upstream"], "backup");
+    assert_eq!(v["body_bytes"], 7);
+
+    let metrics = gsb.metrics().await;
+    assert!(
+        metrics.contains(r#"gsb_retries_total{from="primary",to="backup"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"gsb_upstream_errors_total{kind="connect",site="primary"}"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn post_is_not_retried_after_it_reached_the_site_but_get_is() {
+    let (primary, backup) = (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    );
+    let opts = Opts {
+        proxy: "upstream_timeout = \"500ms\"".into(),
+        ..Opts::default()
+    };
+    let gsb = Gsb::start(&primary, &backup, opts).await;
+    let c = client();
+
+    let r = c
+        .post(gsb.url("/slow?ms=3000"))
+        .body("x")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 504);
+    assert_eq!(primary.requests_to("/slow"), 1);
+    assert_eq!(
+        backup.requests_to("/slow"),
+        0,
+        "a POST the primary may have processed is not sent again"
+    );
+
+    let r = c.get(gsb.url("/slow?ms=3000")).send().await.expect("get");
+    assert_eq!(r.status(), 503, "both sites timed out");
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(
+        backup.requests_to("/slow"),
+        1,
+        "an idempotent GET is retried once on the backup"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_are_cut_at_the_header_timeout() {
+    let (primary, backup) = (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    );
+    let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+    let port = gsb.port;
+    let cut_after = |first_bytes: &'static [u8]| {
+        tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let started = Instant::now();
+            s.write_all(first_bytes).expect("write");
+            let mut buf = [0u8; 1024];
+            // Keep trickling bytes: the limit is on the whole head, not between bytes.
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return started.elapsed(),
+                    Ok(_) => {}
+                }
+            }
+        })
+    };
+    let half_head = cut_after(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("join");
+    let nothing = cut_after(b"").await.expect("join");
+    for (what, took) in [("half a request head", half_head), ("no bytes", nothing)] {
+        assert!(
+            took >= Duration::from_millis(800),
+            "{what}: cut too early ({took:?})"
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "{what}: not cut at the 1s header timeout ({took:?})"
+        );
+    }
+    // The proxy still serves others.
+    assert_eq!(
+        reqwest::get(gsb.url("/x")).await.expect("get").status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirect_mode_answers_307_to_the_active_site() {
+    let (primary, backup) = (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    );
+    let gsb = Gsb::start(
+        &primary,
+        &backup,
+        Opts {
+            proxy: "mode = \"redirect\"".into(),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let r = client()
+        .get(gsb.url("/meet/join?id=42"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 307);
+    assert_eq!(
+        r.headers()["location"],
+        "https://primary.example/meet/join?id=42"
+    );
+
+    primary.set_component("web", 503);
+    wait_until(
+        Duration::from_secs(10),
+        "failover to the backup",
+        || async { gsb.detect().await == "Backup" },
+    )
+    .await;
+    let r = client()
+        .get(gsb.url("/meet/join?id=42"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 307);
+    assert_eq!(
+        r.headers()["location"],
+        format!("{}/meet/join?id=42", backup.url()),
+        "no public_url: the url"
+    );
+    assert_eq!(
+        primary.requests() + backup.requests(),
+        0,
+        "redirect mode forwards nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_an_in_flight_request_finish_and_exits_0() {
+    let (primary, backup) = (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    );
+    let mut gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+    let url = gsb.url("/slow?ms=1500");
+    let slow = tokio::spawn(async move { client().get(url).send().await?.text().await });
+    wait_until(
+        Duration::from_secs(5),
+        "the slow request reached the site",
+        || async { primary.requests_to("/slow") == 1 },
+    )
+    .await;
+    let port = gsb.port;
+    let status = tokio::task::spawn_blocking(move || gsb.proc.terminate())
+        .await
+        .expect("join");
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(slow.await.expect("join").expect("answer"), "slow done");
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "not listening after exit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn both_sites_dead_answers_503_with_retry_after() {
+    let (primary, backup) = (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    );
+    let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+    primary.stop().await;
+    backup.stop().await;
+    let c = client();
+    let check = || async {
+        let r = c.get(gsb.url("/echo")).send().await.expect("get");
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().contains_key("retry-after"));
+        let body = r.text().await.expect("body");
+        assert!(body.contains("no site can serve"), "{body}");
+    };
+    // Before the health checker notices (connect fails on both), and after (none available).
+    check().await;
+    wait_until(
+        Duration::from_secs(10),
+        "both sites are seen down",
+        || async {
+            let m = gsb.metrics().await;
+            m.contains(r#"gsb_site_state{site="primary",state="down"} 1"#)
+                && m.contains(r#"gsb_site_state{site="backup",state="down"} 1"#)
+        },
+    )
+    .await;
+    check().await;
+}
