@@ -1,0 +1,566 @@
+//! End-to-end tests of the proxy's control plane: the real `gsb proxy` binary in front of two
+//! test upstreams over loopback (listeners on free ports): health-driven failover and failback,
+//! partial failure, the admin API and CLI, anti-flap, forced state across restarts, bad config.
+//! Every wait polls a condition with a deadline.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gsb_tests::upstream::{self, Upstream};
+use gsb_tests::{free_port, gsb_bin, wait_for, wait_until, Proc};
+use serde_json::Value;
+
+const READY: Duration = Duration::from_secs(15);
+const TOKEN: &str = "s3cret-admin-token";
+
+/// A running `gsb proxy` and its config directory.
+struct Gsb {
+    proc: Proc,
+    port: u16,
+    admin: u16,
+    dir: tempfile::TempDir,
+}
+
+fn write_config(
+    dir: &Path,
+    port: u16,
+    admin: u16,
+    primary: &Upstream,
+    backup: &Upstream,
+    failover: &str,
+) -> PathBuf {
+    std::fs::write(dir.join("admin.token"), format!("{TOKEN}\n")).unwrap();
+    let config = format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:{port}"
+
+[admin]
+listen = "127.0.0.1:{admin}"
+token_file = "admin.token"
+
+[sites.primary]
+url = "{p}"
+[sites.backup]
+url = "{b}"
+
+[health]
+interval = "100ms"
+timeout = "300ms"
+rise = 2
+fall = 2
+[[health.components]]
+name = "web"
+path = "/health/web"
+[[health.components]]
+name = "api"
+path = "/health/api"
+
+[failover]
+{failover}
+"#,
+        p = primary.url(),
+        b = backup.url(),
+    );
+    let path = dir.join("gsb.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+impl Gsb {
+    /// Starts a proxy in a new directory; `failover` holds the `[failover]` lines.
+    async fn start(primary: &Upstream, backup: &Upstream, failover: &str) -> Gsb {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, admin) = (free_port(), free_port());
+        write_config(dir.path(), port, admin, primary, backup, failover);
+        Gsb::launch(dir, port, admin).await
+    }
+
+    async fn launch(dir: tempfile::TempDir, port: u16, admin: u16) -> Gsb {
+        let proc = Proc::spawn(
+            "gsb-proxy",
+            Command::new(gsb_bin())
+                .arg("proxy")
+                .arg("--config")
+                .arg(dir.path().join("gsb.toml")),
+        );
+        let gsb = Gsb {
+            proc,
+            port,
+            admin,
+            dir,
+        };
+        // Ready: the admin API answers and both sites have a verdict.
+        wait_until(READY, "the proxy to probe both sites", || async {
+            gsb.try_status().await.is_some_and(|s| {
+                s["sites"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == 2 && a.iter().all(|x| !x["verdict"].is_null()))
+            })
+        })
+        .await;
+        gsb
+    }
+
+    /// Stops it (SIGTERM) and starts it again with the same directory and ports.
+    async fn restart(mut self) -> Gsb {
+        let st = self.proc.terminate();
+        assert!(st.success(), "SIGTERM exits 0, got {st:?}");
+        Gsb::launch(self.dir, self.port, self.admin).await
+    }
+
+    fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin)
+    }
+
+    async fn try_status(&self) -> Option<Value> {
+        let r = reqwest::get(format!("{}/status", self.admin_url()))
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+
+    async fn status(&self) -> Value {
+        self.try_status().await.expect("GET /status")
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin_url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        reqwest::get(format!("http://127.0.0.1:{}{path}", self.port))
+            .await
+            .unwrap()
+    }
+
+    async fn detect(&self) -> Option<String> {
+        let r = reqwest::get(format!("http://127.0.0.1:{}/detectbackup.php", self.port))
+            .await
+            .ok()?;
+        r.text().await.ok()
+    }
+
+    async fn wait_detect(&self, want: &str, deadline: Duration) {
+        wait_until(deadline, &format!("detectbackup to say {want}"), || async {
+            self.detect().await.as_deref() == Some(want)
+        })
+        .await;
+    }
+
+    /// Runs a `gsb` admin subcommand against this proxy.
+    async fn cli(&self, args: &[&str], with_token: bool) -> std::process::Output {
+        let mut cmd = tokio::process::Command::new(gsb_bin());
+        cmd.args(args)
+            .arg("--admin")
+            .arg(self.admin_url())
+            .env_remove("GSB_ADMIN_TOKEN");
+        if with_token {
+            cmd.arg("--token-file")
+                .arg(self.dir.path().join("admin.token"));
+        }
+        cmd.output().await.unwrap()
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+        let mut req = reqwest::Client::new()
+            .post(format!("{}{path}", self.admin_url()))
+            .body(body.to_string());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+}
+
+/// The value of a metric line `name{labels} value` (labels as Prometheus prints them, sorted).
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
+}
+
+async fn sites() -> (Upstream, Upstream) {
+    (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_failure_moves_traffic_to_the_backup_and_back_after_hold_down() {
+    let (primary, backup) = sites().await;
+    let gsb = Gsb::start(
+        &primary,
+        &backup,
+        "failback_after = \"1s\"\nmin_dwell = \"500ms\"",
+    )
+    .await;
+    assert_eq!(gsb.detect().await.as_deref(), Some("Primary"));
+    assert_eq!(gsb.get("/hello").await.headers()["x-upstream"], "primary");
+
+    let stopped = Instant::now();
+    primary.stop().await;
+    gsb.wait_detect("Backup", Duration::from_secs(5)).await;
+    let detected = stopped.elapsed();
+    assert!(
+        detected < Duration::from_secs(2),
+        "full failure detected and moved in {detected:?}"
+    );
+    let r = gsb.get("/hello").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-upstream"],
+        "backup",
+        "requests get the backup's answers"
+    );
+    let s = gsb.status().await;
+    assert_eq!(s["active"], "backup");
+    assert_eq!(s["sites"][0]["verdict"], "down");
+    assert_eq!(s["timeline"][0]["reason"], "primary_down");
+    let m = gsb.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"gsb_failovers_total{from="primary",reason="primary_down",to="backup"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric(&m, r#"gsb_active_site{site="backup"}"#), Some(1.0));
+
+    primary.restart().await;
+    let back = Instant::now();
+    gsb.wait_detect("Primary", Duration::from_secs(10)).await;
+    assert!(
+        back.elapsed() >= Duration::from_secs(1),
+        "failback waited for the hold-down: {:?}",
+        back.elapsed()
+    );
+    let s = gsb.status().await;
+    assert_eq!(s["timeline"][1]["reason"], "failback");
+    assert_eq!(gsb.get("/hello").await.headers()["x-upstream"], "primary");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_of_two_critical_components_failing_stays_on_primary_and_alerts() {
+    let (primary, backup) = sites().await;
+    let gsb = Gsb::start(&primary, &backup, "min_dwell = \"100ms\"").await;
+    primary.set_component("api", 503);
+    wait_until(
+        Duration::from_secs(5),
+        "primary degraded in /status",
+        || async { gsb.status().await["sites"][0]["verdict"] == "degraded" },
+    )
+    .await;
+    let m = gsb.metrics().await;
+    assert_eq!(
+        metric(&m, r#"gsb_degraded_alert{site="primary"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, r#"gsb_site_state{site="primary",state="degraded"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, r#"gsb_component_up{component="api",site="primary"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&m, r#"gsb_component_up{component="web",site="primary"}"#),
+        Some(1.0)
+    );
+    // Many probe rounds later, traffic has not moved.
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        assert_eq!(gsb.detect().await.as_deref(), Some("Primary"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = gsb.status().await;
+    assert_eq!(s["active"], "primary");
+    assert_eq!(s["sites"][0]["degraded_alert"], true);
+    assert!(
+        s["sites"][0]["evidence"].as_str().unwrap().contains("api"),
+        "{s}"
+    );
+    assert!(s["timeline"].as_array().unwrap().is_empty());
+    let page = reqwest::get(gsb.admin_url())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("Primary serving") && page.contains("DEGRADED"),
+        "status page shows it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manual_failover_and_failback_through_the_cli_need_the_token() {
+    let (primary, backup) = sites().await;
+    let gsb = Gsb::start(&primary, &backup, "").await;
+
+    let out = gsb
+        .cli(&["failover", "--to", "backup", "--reason", "drill"], false)
+        .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401"), "says why: {err}");
+    assert_eq!(gsb.detect().await.as_deref(), Some("Primary"));
+
+    let out = gsb
+        .cli(&["failover", "--to", "backup", "--reason", "drill"], true)
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        gsb.detect().await.as_deref(),
+        Some("Backup"),
+        "the move is effective when the command returns"
+    );
+    let out = gsb.cli(&["status"], false).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("active site: Backup") && text.contains("FORCED"),
+        "{text}"
+    );
+    let s = gsb.status().await;
+    assert_eq!(
+        (s["forced"].as_str(), s["forced_reason"].as_str()),
+        (Some("operator"), Some("drill"))
+    );
+    assert_eq!(metric(&gsb.metrics().await, "gsb_forced_state"), Some(1.0));
+
+    let out = gsb.cli(&["failback"], true).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(gsb.detect().await.as_deref(), Some("Primary"));
+    let s = gsb.status().await;
+    assert_eq!(s["forced"], "none");
+    let reasons: Vec<&str> = s["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["manual", "manual"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_api_rejects_bad_requests() {
+    let (primary, backup) = sites().await;
+    let gsb = Gsb::start(&primary, &backup, "").await;
+    assert_eq!(
+        gsb.post("/failover", None, r#"{"to":"backup"}"#).await.0,
+        401
+    );
+    assert_eq!(
+        gsb.post("/failover", Some("wrong"), r#"{"to":"backup"}"#)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        gsb.post("/auto", Some("s3cret-admin-tokeX"), "").await.0,
+        401
+    );
+    let (code, body) = gsb
+        .post("/failover", Some(TOKEN), r#"{"to":"elsewhere"}"#)
+        .await;
+    assert_eq!(code, 400);
+    assert!(body.contains("`to`"), "names the field: {body}");
+    let (code, body) = gsb.post("/failover", Some(TOKEN), "{not json").await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = gsb
+        .post("/failover", Some(TOKEN), r#"{"to":"backup","reason":5}"#)
+        .await;
+    assert_eq!(code, 400);
+    assert!(body.contains("`reason`"), "{body}");
+    let r = reqwest::get(format!("{}/failover", gsb.admin_url()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let r = reqwest::get(format!("{}/nope", gsb.admin_url()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = reqwest::get(format!("{}/healthz", gsb.admin_url()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        gsb.detect().await.as_deref(),
+        Some("Primary"),
+        "nothing moved"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flapping_primary_moves_at_most_once_per_min_dwell() {
+    let (primary, backup) = sites().await;
+    let dwell = Duration::from_secs(3);
+    let gsb = Gsb::start(
+        &primary,
+        &backup,
+        "failback_after = \"300ms\"\nmin_dwell = \"3s\"",
+    )
+    .await;
+    let flapper = {
+        let primary = primary.clone();
+        tokio::spawn(async move {
+            for i in 0..10 {
+                let code = if i % 2 == 0 { 503 } else { 200 };
+                primary.set_component("web", code);
+                primary.set_component("api", code);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            primary.set_component("web", 200);
+            primary.set_component("api", 200);
+        })
+    };
+    // Record when the active site changes, as seen from outside.
+    let mut changes: Vec<(Instant, String)> = Vec::new();
+    let mut last = "Primary".to_string();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        if let Some(now) = gsb.detect().await {
+            if now != last {
+                changes.push((Instant::now(), now.clone()));
+                last = now;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    flapper.await.unwrap();
+    assert!(
+        !changes.is_empty(),
+        "the flapping primary did cause a failover"
+    );
+    for pair in changes.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        // 150 ms of slack for the observer's polling.
+        assert!(
+            gap + Duration::from_millis(150) >= dwell,
+            "moves {gap:?} apart: {changes:?}"
+        );
+    }
+    let moves = gsb.status().await["timeline"].as_array().unwrap().len();
+    assert!(moves <= 4, "at most one move per 3s in 10s, got {moves}");
+    assert_eq!(moves, changes.len(), "every move is in the timeline");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forced_state_survives_a_proxy_restart() {
+    let (primary, backup) = sites().await;
+    let gsb = Gsb::start(
+        &primary,
+        &backup,
+        "failback_after = \"200ms\"\nmin_dwell = \"100ms\"",
+    )
+    .await;
+    let (code, body) = gsb
+        .post(
+            "/failover",
+            Some(TOKEN),
+            r#"{"to":"backup","reason":"db migration"}"#,
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        gsb.dir.path().join("gsb-proxy.state").is_file(),
+        "state file written beside the config"
+    );
+    let gsb = gsb.restart().await;
+    let s = gsb.status().await;
+    assert_eq!(
+        s["active"], "backup",
+        "a restart never silently moves traffic"
+    );
+    assert_eq!(s["forced"], "operator");
+    assert_eq!(s["sites"][0]["verdict"], "healthy");
+    // Well past failback_after with a healthy primary, the operator's choice still holds.
+    let seen_rounds = wait_for(
+        Duration::from_secs(5),
+        "a second of probe rounds",
+        || async {
+            let m = gsb.metrics().await;
+            metric(&m, "gsb_probe_round_duration_seconds_count").filter(|n| *n >= 10.0)
+        },
+    )
+    .await;
+    assert!(seen_rounds >= 10.0);
+    assert_eq!(gsb.detect().await.as_deref(), Some("Backup"));
+    // Releasing it hands the decision back: the healthy primary gets traffic again.
+    let (code, _) = gsb.post("/auto", Some(TOKEN), "").await;
+    assert_eq!(code, 200);
+    gsb.wait_detect("Primary", Duration::from_secs(5)).await;
+    let gsb = gsb.restart().await;
+    assert_eq!(gsb.status().await["forced"], "none");
+    assert_eq!(gsb.detect().await.as_deref(), Some("Primary"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_config_is_rejected_with_exit_64_naming_the_key() {
+    let (primary, backup) = sites().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        free_port(),
+        free_port(),
+        &primary,
+        &backup,
+        "min_dwell = \"10s\"",
+    );
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("rise = 2", "rise = 0");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(gsb_bin())
+        .arg("proxy")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("health.rise"), "names the key: {err}");
+    let out = Command::new(gsb_bin())
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("health.rise"));
+
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("rise = 0", "rise = 2\nsurprise = 1");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(gsb_bin())
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("surprise"),
+        "unknown keys are named"
+    );
+}
