@@ -848,3 +848,59 @@ fn gsb_check_config_accepts_the_examples() -> Result<()> {
     ensure!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }
+
+/// Runs the real `gsb` with `args` plus `--help`: clap exits 0 only if every flag and subcommand
+/// before it exists, so the command lines in the units and manifests match the CLI.
+fn cli_accepts(place: &str, args: &[String]) -> Result<()> {
+    let out = Command::new(gsb_tests::gsb_bin())
+        .args(args)
+        .arg("--help")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{place}: `gsb {}` is not a valid command line:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn deployed_command_lines_match_the_cli() -> Result<()> {
+    let mut checked = 0;
+    for name in ["gsb-proxy.service", "gsb-replicator.service"] {
+        let u = unit(&deploy(&format!("systemd/{name}")))?;
+        for key in ["ExecStart", "ExecStartPre"] {
+            for line in u.get(key).into_iter().flatten() {
+                let mut words = line.split_whitespace().map(str::to_owned);
+                ensure!(
+                    words.next().as_deref() == Some("/usr/local/bin/gsb"),
+                    "{name}: {key} runs {line}"
+                );
+                cli_accepts(&format!("{name} {key}"), &words.collect::<Vec<_>>())?;
+                checked += 1;
+            }
+        }
+    }
+    for (path, o) in k8s_objects()? {
+        let mut containers = Vec::new();
+        for spec in ["spec.template.spec", "spec.jobTemplate.spec.template.spec"] {
+            if let Some(list) = yget(&o, &format!("{spec}.containers")).and_then(Yaml::as_sequence)
+            {
+                containers.extend(list.iter());
+            }
+        }
+        for c in containers {
+            let args: Vec<String> = yget(c, "args")
+                .and_then(Yaml::as_sequence)
+                .context("a gsb container without args")?
+                .iter()
+                .filter_map(|a| a.as_str().map(str::to_owned))
+                .collect();
+            cli_accepts(&path.display().to_string(), &args)?;
+            checked += 1;
+        }
+    }
+    ensure!(checked >= 6, "only {checked} command lines found");
+    Ok(())
+}
