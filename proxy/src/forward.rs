@@ -133,6 +133,8 @@ pub struct Forwarder {
 
 /// What one attempt on one site needs, besides the body.
 struct Outgoing {
+    /// The route generation's drain token (see `drain.rs`).
+    drain: CancellationToken,
     method: Method,
     pq: Option<PathAndQuery>,
     headers: HeaderMap,
@@ -276,6 +278,7 @@ impl Forwarder {
         };
         let has_body = returned.is_some();
         let mut out = Outgoing {
+            drain,
             method: parts.method,
             pq: parts.uri.path_and_query().cloned(),
             headers,
@@ -349,7 +352,7 @@ impl Forwarder {
         self.passive.report_status(site, resp.status().as_u16());
         Ok((
             site,
-            self.finish_response(resp, site, client_upgrade, upgrade.is_some(), drain),
+            self.finish_response(resp, site, client_upgrade, upgrade.is_some(), out.drain),
         ))
     }
 
@@ -368,7 +371,13 @@ impl Forwarder {
         // Sites are spoken to in HTTP/1.1 whatever the client used.
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
-        match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await {
+        let exchange = tokio::time::timeout(self.upstream_timeout, self.client.request(req));
+        // A request still waiting for its answer when the old site's drain ends is cut too.
+        let result = tokio::select! {
+            r = exchange => r,
+            _ = out.drain.cancelled() => return Err(ProxyError::Drained { site }),
+        };
+        match result {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_connect() => {
                 self.passive.report_connect_failure(site);

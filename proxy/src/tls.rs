@@ -197,6 +197,60 @@ mod tests {
         (cert, key, ck.cert.der().to_vec())
     }
 
+    /// A real handshake over loopback: ALPN picks h2 when offered, TLS 1.2 clients are served.
+    #[tokio::test]
+    async fn handshake_negotiates_alpn_and_accepts_tls12() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key, der) = write_pair(dir.path(), "localhost");
+        let store = CertStore::load(&cert, &key).expect("loads");
+        let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config().expect("config"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            for _ in 0..2 {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                let tls = acceptor.accept(tcp).await.expect("handshake");
+                drop(tls);
+            }
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(der))
+            .expect("root");
+        for (versions, alpn, want) in [
+            (
+                vec![&rustls::version::TLS13],
+                vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+                (b"h2".to_vec(), rustls::ProtocolVersion::TLSv1_3),
+            ),
+            (
+                vec![&rustls::version::TLS12],
+                vec![b"http/1.1".to_vec()],
+                (b"http/1.1".to_vec(), rustls::ProtocolVersion::TLSv1_2),
+            ),
+        ] {
+            let mut config = rustls::ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&versions)
+                .expect("versions")
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            config.alpn_protocols = alpn;
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .expect("client handshake");
+            let (_, conn) = tls.get_ref();
+            assert_eq!(conn.alpn_protocol(), Some(&want.0[..]));
+            assert_eq!(conn.protocol_version(), Some(want.1));
+        }
+        server.await.expect("server");
+    }
+
     #[test]
     fn loads_and_refuses_a_mismatched_pair() {
         let dir = tempfile::tempdir().expect("tempdir");
