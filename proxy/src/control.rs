@@ -318,7 +318,8 @@ pub async fn start(
         .map(|url| ReplicatorPoll {
             url,
             client: Client::builder(TokioExecutor::new()).build(connector),
-            timeout: health.timeout.max(Duration::from_secs(1)),
+            // Same bound as a probe: a hung replicator must not slow down failure detection.
+            timeout: health.timeout,
             directions: serde_json::Value::Null,
             error: None,
         });

@@ -564,3 +564,82 @@ async fn bad_config_is_rejected_with_exit_64_naming_the_key() {
         "unknown keys are named"
     );
 }
+
+/// A stand-in for the replicator's `GET /status`: answers the shape the proxy reads, with
+/// `backup_to_primary.pending_rows` taken from `pending` at each request.
+async fn fake_replicator(
+    pending: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/status", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let pending = pending.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let n = pending.load(std::sync::atomic::Ordering::SeqCst);
+                let body = serde_json::json!({"directions": {
+                    "backup_to_primary": {"pending_rows": n, "oldest_pending_age_seconds": 1.5},
+                    "primary_to_backup": {"pending_rows": 0, "oldest_pending_age_seconds": 0.0}}})
+                .to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failback_waits_for_the_replication_backlog() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let (primary, backup) = sites().await;
+    let pending = Arc::new(AtomicU64::new(0));
+    let (url, task) = fake_replicator(pending.clone()).await;
+    let failover = format!(
+        "failback_after = \"300ms\"\nmin_dwell = \"100ms\"\nreplicator_status = \"{url}\"\nfailback_max_wait = \"1h\""
+    );
+    let gsb = Gsb::start(&primary, &backup, &failover).await;
+    primary.stop().await;
+    gsb.wait_detect("Backup", Duration::from_secs(5)).await;
+    // Users wrote on the backup; those rows have not reached the primary yet.
+    pending.store(7, Ordering::SeqCst);
+    primary.restart().await;
+    wait_until(
+        Duration::from_secs(5),
+        "failback blocked by the backlog",
+        || async {
+            let s = gsb.status().await;
+            s["replication"]["failback_blocked"] == true
+                && s["replication"]["backup_to_primary_pending"] == 7
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(&gsb.metrics().await, "gsb_failback_blocked"),
+        Some(1.0)
+    );
+    assert_eq!(
+        gsb.detect().await.as_deref(),
+        Some("Backup"),
+        "no failback with rows pending"
+    );
+    pending.store(0, Ordering::SeqCst);
+    gsb.wait_detect("Primary", Duration::from_secs(5)).await;
+    let s = gsb.status().await;
+    assert_eq!(s["timeline"][1]["reason"], "failback");
+    assert_eq!(s["replication"]["failback_blocked"], false);
+    task.abort();
+}
