@@ -165,6 +165,9 @@ impl Db {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
             .await?;
+        // "already exists, skipping" notices on every start would only be log noise.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
+            .await?;
         tx.batch_execute(SCHEMA).await?;
         tx.commit().await?;
         Ok(())

@@ -54,7 +54,9 @@ impl Fields {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
-        if is_form {
+        // `curl -d '{...}'` labels JSON as a form; a real form never starts with `{`.
+        let looks_json = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        if is_form && !looks_json {
             let text =
                 std::str::from_utf8(body).map_err(|_| ApiError::bad("form body is not UTF-8"))?;
             let map = parse_pairs(text)

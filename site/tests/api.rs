@@ -440,3 +440,19 @@ async fn bad_input_is_rejected_naming_the_field() {
     let users: Vec<Value> = site.get("/api/users").await.json().await.unwrap();
     assert_eq!(users.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_sent_with_curls_default_form_content_type_is_read_as_json() {
+    let pg = start_pg().await;
+    let site = Site::start(&pg, "site", Role::Primary, false).await;
+    let r = site
+        .http
+        .post(site.at("/api/users"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"email":"curl@example.com","name":"Curl"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.json::<Value>().await.unwrap()["name"], "Curl");
+}
