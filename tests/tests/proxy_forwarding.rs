@@ -692,3 +692,31 @@ async fn both_sites_dead_answers_503_with_retry_after() {
     .await;
     check().await;
 }
+
+/// Throughput and latency through the proxy vs. straight to the site, with `wrk` (ignored: a
+/// measurement, not a check). Run:
+/// `cargo test -p gsb-tests --test proxy_forwarding -- --ignored --nocapture measure_with_wrk`
+/// (set `GSB_BIN=target/release/gsb` for release figures).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn measure_with_wrk() {
+    let (primary, backup) = (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    );
+    let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+    for (what, url) in [
+        ("direct", format!("{}/x", primary.url())),
+        ("proxied", gsb.url("/x")),
+    ] {
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("wrk")
+                .args(["-t2", "-c32", "-d5s", "--latency", &url])
+                .output()
+        })
+        .await
+        .expect("join")
+        .expect("wrk is installed");
+        println!("---- {what} ----\n{}", String::from_utf8_lossy(&out.stdout));
+    }
+}
