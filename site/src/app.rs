@@ -10,7 +10,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Serialize;
 use tokio::sync::Notify;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 use uuid::Uuid;
 
 use crate::db::{ActionOutcome, Db};
@@ -150,7 +150,10 @@ impl App {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let result = match tokio::time::timeout(REQUEST_TIMEOUT, self.route(req)).await {
+        // Every log line a handler writes carries the request it belongs to.
+        let span = info_span!("request", %method, path);
+        let routed = tokio::time::timeout(REQUEST_TIMEOUT, self.route(req)).instrument(span);
+        let result = match routed.await {
             Ok(r) => r,
             Err(_) => Err(ApiError::Unavailable(format!(
                 "request took longer than {REQUEST_TIMEOUT:?}"

@@ -108,32 +108,88 @@ pub async fn serve(
 /// up) and again if a request finds a table gone. Retries with capped exponential backoff.
 async fn schema_keeper(app: Arc<App>, shutdown: CancellationToken) {
     loop {
-        let mut delay = RETRY_MIN;
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
         let mut attempts = 0u32;
         loop {
+            attempts += 1;
             match app.db.install_schema().await {
                 Ok(()) => {
                     app.schema.set_ready();
-                    info!(attempts = attempts + 1, "database schema ready");
+                    info!(attempts, "database schema ready");
                     break;
                 }
-                Err(e) => {
-                    attempts += 1;
-                    // The first failures are expected while the database starts; say so quietly.
-                    if attempts % 10 == 1 {
-                        warn!(error = %e, attempts, "cannot install the schema yet; retrying");
-                    }
+                // The first failures are expected while the database starts; say so sparingly.
+                Err(e) if attempts % 10 == 1 => {
+                    warn!(error = %e, attempts, "cannot install the schema yet; retrying");
                 }
+                Err(_) => {}
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(delay) => {}
+                () = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            delay = (delay * 2).min(RETRY_MAX);
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = app.schema.missing() => {}
         }
+    }
+}
+
+/// Capped exponential backoff: `min`, `2*min`, ... up to `max`, then `max` for ever.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff { next: min, max }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let got: Vec<u128> = (0..5).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(got, [100, 200, 400, 500, 500]);
+    }
+
+    /// With the clock paused, a site whose database never appears retries on the backoff
+    /// schedule and stops retrying the moment shutdown is asked for.
+    #[tokio::test(start_paused = true)]
+    async fn schema_keeper_stops_on_shutdown_while_the_database_is_missing() {
+        let opts = SiteOptions {
+            role: crate::Role::Primary,
+            // Port 1 on loopback refuses at once: every attempt fails fast.
+            dsn: "host=127.0.0.1 port=1 user=nobody dbname=none".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            allow_faults: false,
+        };
+        let app = Arc::new(App::new(&opts).unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(schema_keeper(app.clone(), shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(
+            !task.is_finished(),
+            "keeps retrying while the database is missing"
+        );
+        assert!(!app.schema.is_ready());
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("stops promptly on shutdown")
+            .unwrap();
     }
 }

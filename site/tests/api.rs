@@ -456,3 +456,43 @@ async fn json_sent_with_curls_default_form_content_type_is_read_as_json() {
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(r.json::<Value>().await.unwrap()["name"], "Curl");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_ends_write_exactly_one_usage_row() {
+    let pg = start_pg().await;
+    let site = Site::start(&pg, "site", Role::Primary, false).await;
+    let host = site.create_user("h@example.com", "H").await;
+    let m = site.create_meeting(&host, "Race").await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    let r = site
+        .post(&format!("/api/meetings/{id}/start"), json!({}))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let url = site.at(&format!("/api/meetings/{id}/end"));
+    let attempts: Vec<_> = (0..8)
+        .map(|_| {
+            let http = site.http.clone();
+            let url = url.clone();
+            tokio::spawn(async move {
+                http.post(url)
+                    .json(&json!({}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for a in attempts {
+        match a.await.unwrap() {
+            StatusCode::OK => ok += 1,
+            StatusCode::CONFLICT => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(ok, 1, "exactly one end succeeds");
+    let report: Value = site.get("/api/usage/report").await.json().await.unwrap();
+    assert_eq!(report["meetings_ended"], 1);
+}
