@@ -146,3 +146,64 @@ async fn fault_switch_is_404_without_the_flag_and_breaks_exactly_one_component()
     }
     site.create_meeting(&host, "Works again").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_refuses_new_connections_and_lets_running_requests_finish() {
+    let pg = start_pg().await;
+    let site = Site::start(&pg, "site", Role::Primary, false).await;
+    let host = site.create_user("h@example.com", "H").await;
+    let m = site.create_meeting(&host, "Drain").await;
+    let id = uuid::Uuid::parse_str(m["id"].as_str().unwrap()).unwrap();
+
+    // Hold the meeting's row lock so a `start` request stays in flight inside the site.
+    let locker = pg.client("site").await;
+    locker.batch_execute("BEGIN").await.unwrap();
+    locker
+        .execute("SELECT 1 FROM meetings WHERE id = $1 FOR UPDATE", &[&id])
+        .await
+        .unwrap();
+    let in_flight = tokio::spawn({
+        let http = site.http.clone();
+        let url = site.at(&format!("/api/meetings/{id}/start"));
+        async move {
+            http.post(url)
+                .json(&json!({}))
+                .send()
+                .await
+                .map(|r| r.status())
+        }
+    });
+    let watcher = pg.client("site").await;
+    gsb_tests::wait_until(
+        DEADLINE,
+        "the start request waits on the row lock",
+        || async {
+            let n: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n == 1
+        },
+    )
+    .await;
+
+    site.cancel();
+    let addr = site.url.trim_start_matches("http://").to_owned();
+    gsb_tests::wait_until(DEADLINE, "the listener is closed", || async {
+        tokio::net::TcpStream::connect(&addr).await.is_err()
+    })
+    .await;
+    assert!(!site.is_finished(), "serve waits for the running request");
+
+    locker.batch_execute("COMMIT").await.unwrap();
+    let status = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request got an answer");
+    assert_eq!(status, StatusCode::OK);
+    site.stop().await.expect("clean stop after the drain");
+}

@@ -145,6 +145,19 @@ impl Site {
         r.json().await.unwrap()
     }
 
+    /// Asks the site to shut down without waiting for it.
+    pub fn cancel(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// True once `serve` has returned.
+    pub fn is_finished(&self) -> bool {
+        match &self.task {
+            Some(t) => t.is_finished(),
+            None => true,
+        }
+    }
+
     /// Cancels the site and waits for `serve` to return.
     pub async fn stop(mut self) -> Result<(), gsb_site::Error> {
         self.shutdown.cancel();
