@@ -46,7 +46,15 @@ async fn writes_on_the_backup_are_on_the_primary_after_failback() {
 
     // What the user wrote on the backup is on the primary the moment traffic is back.
     let r = stack.get(&format!("{url}/api/users/{bob_id}")).await;
-    assert_eq!(r.status, 200, "Bob after failback: {}", r.body);
+    if r.status != 200 {
+        // What the failback gate saw, for whoever reads the failure.
+        let gate = stack.proxy_status().await["replication"].clone();
+        let repl = stack.replicator_status().await;
+        panic!(
+            "Bob is not on the primary after failback ({}: {}); proxy replication gate: {gate:#}; replicator /status: {repl:#?}",
+            r.status, r.body
+        );
+    }
     assert_eq!(r.site, "primary");
     assert_eq!(r.json()["name"], "Bob");
     let r = stack.get(&format!("{url}/api/meetings/{m_id}")).await;

@@ -66,11 +66,14 @@ async fn no_idempotent_request_fails_during_the_failover() {
                             (s, body) => Err(format!("200 from {s:?} with body {body:?}")),
                         }
                     }
-                    Ok(resp) => Err(format!(
-                        "{} from {:?}",
-                        resp.status(),
-                        resp.headers().get("x-gsb-site")
-                    )),
+                    Ok(resp) => {
+                        let (code, site) =
+                            (resp.status(), resp.headers().get("x-gsb-site").cloned());
+                        Err(format!(
+                            "{code} from {site:?}: {:?}",
+                            resp.text().await.unwrap_or_default()
+                        ))
+                    }
                     Err(e) => Err(format!("no answer: {e}")),
                 };
                 match outcome {

@@ -86,7 +86,7 @@ impl Demo {
 
 fn line_after<'a>(output: &'a str, label: &str) -> Option<&'a str> {
     let line = output.lines().find(|l| l.contains(label))?;
-    let rest = line.split_once(label)?.1;
+    let rest = line.split_once(label)?.1.trim_start();
     Some(rest.split("   ").next().unwrap_or(rest).trim())
 }
 
@@ -210,6 +210,28 @@ async fn the_readme_walkthrough_works_as_written() {
     assert!(
         ok && out.contains("\"topic\":\"standup\"") && out.contains("\"status\":\"scheduled\""),
         "step 2 (schedule a meeting) did not schedule it: stdout {out:?} stderr {err:?}"
+    );
+
+    // A reader takes a few seconds between steps; by then the meeting is on the backup.
+    let backup_meetings = format!(
+        "{}/api/meetings",
+        demo.stack()["backup"]["url"].as_str().unwrap()
+    );
+    let t0 = std::time::Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "the standup replicated to the backup",
+        || async {
+            match demo.http.get(&backup_meetings).send().await {
+                Ok(r) => r.text().await.unwrap_or_default().contains("standup"),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "the meeting reached the backup {:?} after step 2",
+        t0.elapsed()
     );
 
     // 3. Kill the primary with the printed command (its site and its database).
