@@ -134,6 +134,12 @@ impl Db {
         if pg.get_application_name().is_none() {
             pg.application_name("gsb-site");
         }
+        // The default search_path is `"$user", public`: when the role is named like a schema
+        // (the replicator's `gsb` schema and the role `gsb` of `gsb up`), unqualified CREATE and
+        // SELECT would land in that schema instead of the site's tables in `public`.
+        if pg.get_options().is_none() {
+            pg.options("-c search_path=public");
+        }
         // `Verified` runs an empty query on checkout, so a connection whose server died is
         // replaced instead of failing the request that drew it.
         let manager = Manager::from_config(

@@ -83,6 +83,38 @@ async fn reinstalls_tables_dropped_under_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeps_its_tables_in_public_when_a_schema_is_named_like_its_role() {
+    // `gsb up` connects as role `gsb`, and the replicator creates schema `gsb`: a restarted site
+    // must still find (and, if missing, recreate) its tables in `public`, not in `gsb`.
+    let pg = start_pg().await;
+    let dsn = tokio::task::block_in_place(|| pg.create_db("site"));
+    let db = pg.client("site").await;
+    db.batch_execute("CREATE SCHEMA gsb").await.unwrap();
+    let site = Site::spawn(dsn, Role::Primary, false).await;
+    site.wait_health("api", 200).await;
+    site.create_user("ada@example.com", "Ada").await;
+    let rows = db
+        .query(
+            "SELECT table_schema FROM information_schema.tables WHERE table_name = 'users'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let schemas: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        schemas,
+        vec!["public".to_string()],
+        "users table created outside public"
+    );
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM public.users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the user was written outside public.users");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_switch_is_404_without_the_flag_and_breaks_exactly_one_component() {
     let pg = start_pg().await;
     let plain = Site::start(&pg, "plain", Role::Primary, false).await;
