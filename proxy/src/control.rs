@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn, Instrument};
 
 use crate::config::{parse_status_range, Config};
+use crate::gate::Backlog;
 use crate::maintenance::Schedule;
 use crate::metrics::ProxyMetrics;
 use crate::passive::PassiveHealth;
@@ -131,8 +132,13 @@ pub struct SiteView {
 pub struct ReplicationView {
     /// The replicator status URL.
     pub url: String,
-    /// Rows waiting to go backup -> primary (`null`: unknown).
+    /// The replicator answering is the active one (`null`: no answer).
+    pub replicator_active: Option<bool>,
+    /// Rows waiting to go backup -> primary, as an active replicator counted them (`null`:
+    /// unknown or not trusted).
     pub backup_to_primary_pending: Option<u64>,
+    /// What the gate concluded, in words (drained, N pending, or why it is unknown).
+    pub gate: String,
     /// Every direction the replicator reported, as it reported it.
     pub directions: serde_json::Value,
     /// Failback is waiting for the backlog.
@@ -227,35 +233,39 @@ struct ReplicatorPoll {
     client: Client<HttpConnector, Empty<Bytes>>,
     timeout: Duration,
     directions: serde_json::Value,
+    /// The last answer's `active` (`None`: no answer or no such field).
+    active: Option<bool>,
+    /// Why the last answer is not trusted.
     error: Option<String>,
 }
 
 impl ReplicatorPoll {
-    /// Rows pending backup -> primary, or `None` when the replicator cannot be asked.
-    async fn poll(&mut self) -> Option<u64> {
-        match tokio::time::timeout(self.timeout, self.fetch()).await {
+    /// Asks the replicator; anything but an active replicator's count is `Unknown` (see
+    /// [`crate::gate`]).
+    async fn poll(&mut self) -> Backlog {
+        let backlog = match tokio::time::timeout(self.timeout, self.fetch()).await {
             Ok(Ok(v)) => {
-                let pending = v
-                    .pointer("/directions/backup_to_primary/pending_rows")
-                    .and_then(|p| p.as_u64());
                 self.directions = v.get("directions").cloned().unwrap_or_default();
-                self.error = match pending {
-                    Some(_) => None,
-                    None => {
-                        Some("no directions.backup_to_primary.pending_rows in the answer".into())
-                    }
-                };
-                pending
+                self.active = v.get("active").and_then(|a| a.as_bool());
+                crate::gate::parse_status(&v)
             }
             Ok(Err(e)) => {
-                self.error = Some(e);
-                None
+                self.active = None;
+                Backlog::Unknown(format!("the replicator did not answer: {e}"))
             }
             Err(_) => {
-                self.error = Some(format!("no answer within {:?}", self.timeout));
-                None
+                self.active = None;
+                Backlog::Unknown(format!(
+                    "the replicator did not answer within {:?}",
+                    self.timeout
+                ))
             }
-        }
+        };
+        self.error = match &backlog {
+            Backlog::Pending(_) => None,
+            Backlog::Unknown(why) => Some(why.clone()),
+        };
+        backlog
     }
 
     async fn fetch(&self) -> Result<serde_json::Value, String> {
@@ -321,6 +331,7 @@ pub async fn start(
             // Same bound as a probe: a hung replicator must not slow down failure detection.
             timeout: health.timeout,
             directions: serde_json::Value::Null,
+            active: None,
             error: None,
         });
     let control = Control {
@@ -625,8 +636,13 @@ impl Control {
                 }
                 Action::FailbackBlocked { blocked, detail } => {
                     if blocked {
-                        warn!(%detail, max_wait = ?self.policy.failback_max_wait,
-                            "failback waiting for replication backup->primary to drain");
+                        let waited = self
+                            .state
+                            .failback_wait_since
+                            .map(|t| now.saturating_duration_since(t))
+                            .unwrap_or_default();
+                        warn!(%detail, waited = ?waited, max_wait = ?self.policy.failback_max_wait,
+                            "failback BLOCKED until replication backup->primary is confirmed drained: {detail}");
                     } else {
                         info!(%detail, "failback no longer waiting for replication");
                     }
@@ -739,7 +755,9 @@ impl Control {
             sites: vec![site_view(Site::Primary), site_view(Site::Backup)],
             replication: self.replicator.as_ref().map(|r| ReplicationView {
                 url: r.url.clone(),
-                backup_to_primary_pending: self.state.backlog,
+                replicator_active: r.active,
+                backup_to_primary_pending: self.state.backlog.pending(),
+                gate: self.state.backlog.to_string(),
                 directions: r.directions.clone(),
                 failback_blocked: self.state.failback_blocked(),
                 error: r.error.clone(),

@@ -4,14 +4,15 @@
 //! health checker, detectbackup, the admin API and the proxy's metrics.
 #![forbid(unsafe_code)]
 
-pub mod body;
 pub mod admin;
+pub mod body;
 pub mod config;
 pub mod control;
 pub mod detect;
 pub mod drain;
 pub mod error;
 pub mod forward;
+pub mod gate;
 pub mod maintenance;
 pub mod metrics;
 pub mod passive;
@@ -19,11 +20,11 @@ pub mod retry;
 pub mod route;
 pub mod routing;
 pub mod runner;
-pub mod status_page;
 pub mod server;
+pub mod status_page;
 pub mod tls;
 
 pub use config::{Config, ConfigError};
-pub use route::{RouteSnapshot, Router, Site};
 pub use error::Error;
+pub use route::{RouteSnapshot, Router, Site};
 pub use runner::run;

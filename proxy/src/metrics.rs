@@ -48,18 +48,36 @@ pub struct ProxyMetrics {
 impl ProxyMetrics {
     /// Creates and registers every metric on `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+        fn gauge_vec(
+            r: &Registry,
+            name: &str,
+            help: &str,
+            labels: &[&str],
+        ) -> prometheus::Result<IntGaugeVec> {
             let m = IntGaugeVec::new(Opts::new(name, help), labels)?;
             r.register(Box::new(m.clone()))?;
             Ok(m)
         }
-        fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+        fn counter_vec(
+            r: &Registry,
+            name: &str,
+            help: &str,
+            labels: &[&str],
+        ) -> prometheus::Result<IntCounterVec> {
             let m = IntCounterVec::new(Opts::new(name, help), labels)?;
             r.register(Box::new(m.clone()))?;
             Ok(m)
         }
-        fn hist_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
-            let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()), labels)?;
+        fn hist_vec(
+            r: &Registry,
+            name: &str,
+            help: &str,
+            labels: &[&str],
+        ) -> prometheus::Result<HistogramVec> {
+            let m = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
+                labels,
+            )?;
             r.register(Box::new(m.clone()))?;
             Ok(m)
         }
@@ -69,24 +87,89 @@ impl ProxyMetrics {
             Ok(m)
         }
         let probe_round = Histogram::with_opts(
-            HistogramOpts::new("gsb_probe_round_duration_seconds", "Duration of one probe round of both sites.")
-                .buckets(BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "gsb_probe_round_duration_seconds",
+                "Duration of one probe round of both sites.",
+            )
+            .buckets(BUCKETS.to_vec()),
         )?;
         registry.register(Box::new(probe_round.clone()))?;
         let m = ProxyMetrics {
-            active_site: gauge_vec(registry, "gsb_active_site", "1 for the site serving traffic.", &["site"])?,
-            site_state: gauge_vec(registry, "gsb_site_state", "1 for each site's current verdict.", &["site", "state"])?,
-            component_up: gauge_vec(registry, "gsb_component_up", "1 when a site component is up.", &["site", "component"])?,
-            probe_duration: hist_vec(registry, "gsb_probe_duration_seconds", "Duration of one component probe.", &["site", "component"])?,
-            failovers: counter_vec(registry, "gsb_failovers_total", "Moves of the active site.", &["from", "to", "reason"])?,
-            requests: counter_vec(registry, "gsb_requests_total", "Responses sent to clients.", &["site", "code"])?,
-            request_duration: hist_vec(registry, "gsb_request_duration_seconds", "Time from request to response headers.", &["site"])?,
-            upstream_errors: counter_vec(registry, "gsb_upstream_errors_total", "Failed exchanges with a site.", &["site", "kind"])?,
-            retries: counter_vec(registry, "gsb_retries_total", "Requests retried on the other site.", &["from", "to"])?,
-            degraded_alert: gauge_vec(registry, "gsb_degraded_alert", "1 while a site is degraded (partial failure).", &["site"])?,
-            forced: gauge(registry, "gsb_forced_state", "1 while an operator's forced route holds.")?,
-            client_connections: gauge(registry, "gsb_client_connections", "Client connections open.")?,
-            failback_blocked: gauge(registry, "gsb_failback_blocked", "1 while failback waits for replication to drain.")?,
+            active_site: gauge_vec(
+                registry,
+                "gsb_active_site",
+                "1 for the site serving traffic.",
+                &["site"],
+            )?,
+            site_state: gauge_vec(
+                registry,
+                "gsb_site_state",
+                "1 for each site's current verdict.",
+                &["site", "state"],
+            )?,
+            component_up: gauge_vec(
+                registry,
+                "gsb_component_up",
+                "1 when a site component is up.",
+                &["site", "component"],
+            )?,
+            probe_duration: hist_vec(
+                registry,
+                "gsb_probe_duration_seconds",
+                "Duration of one component probe.",
+                &["site", "component"],
+            )?,
+            failovers: counter_vec(
+                registry,
+                "gsb_failovers_total",
+                "Moves of the active site.",
+                &["from", "to", "reason"],
+            )?,
+            requests: counter_vec(
+                registry,
+                "gsb_requests_total",
+                "Responses sent to clients.",
+                &["site", "code"],
+            )?,
+            request_duration: hist_vec(
+                registry,
+                "gsb_request_duration_seconds",
+                "Time from request to response headers.",
+                &["site"],
+            )?,
+            upstream_errors: counter_vec(
+                registry,
+                "gsb_upstream_errors_total",
+                "Failed exchanges with a site.",
+                &["site", "kind"],
+            )?,
+            retries: counter_vec(
+                registry,
+                "gsb_retries_total",
+                "Requests retried on the other site.",
+                &["from", "to"],
+            )?,
+            degraded_alert: gauge_vec(
+                registry,
+                "gsb_degraded_alert",
+                "1 while a site is degraded (partial failure).",
+                &["site"],
+            )?,
+            forced: gauge(
+                registry,
+                "gsb_forced_state",
+                "1 while an operator's forced route holds.",
+            )?,
+            client_connections: gauge(
+                registry,
+                "gsb_client_connections",
+                "Client connections open.",
+            )?,
+            failback_blocked: gauge(
+                registry,
+                "gsb_failback_blocked",
+                "1 while failback waits for replication to drain.",
+            )?,
             probe_round,
         };
         for site in Site::ALL {

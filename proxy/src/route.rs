@@ -74,7 +74,12 @@ pub struct RouteSnapshot {
 impl RouteSnapshot {
     /// The state before the first probe round: primary active, both presumed usable.
     pub fn initial(active: Site) -> Self {
-        RouteSnapshot { active, usable: [true, true], none_available: false, generation: 0 }
+        RouteSnapshot {
+            active,
+            usable: [true, true],
+            none_available: false,
+            generation: 0,
+        }
     }
 }
 
@@ -89,7 +94,10 @@ impl Router {
     /// A router publishing `initial`.
     pub fn new(initial: RouteSnapshot) -> Arc<Router> {
         let (changed, _) = watch::channel(initial.generation);
-        Arc::new(Router { snapshot: ArcSwap::from_pointee(initial), changed })
+        Arc::new(Router {
+            snapshot: ArcSwap::from_pointee(initial),
+            changed,
+        })
     }
 
     /// The current snapshot (no lock, no await).

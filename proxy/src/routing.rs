@@ -15,6 +15,7 @@ use gsb_health::Verdict;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{FailbackMode, FailoverConfig};
+use crate::gate::Backlog;
 use crate::route::Site;
 
 /// The failover settings the machine needs.
@@ -153,8 +154,8 @@ pub enum Event {
     Admin(AdminCommand),
     /// Whether a maintenance window is running.
     Maintenance(bool),
-    /// Rows waiting to go backup -> primary (`None`: the replicator could not be asked).
-    Backlog(Option<u64>),
+    /// The failback gate's latest reading of the backup -> primary backlog.
+    Backlog(Backlog),
     /// Time passed (re-evaluates hold-downs and waits).
     Tick,
 }
@@ -212,8 +213,9 @@ pub struct RoutingState {
     pub maintenance: bool,
     /// Traffic is on the backup because of a maintenance window (returns at its end).
     pub maintenance_hold: bool,
-    /// Latest backup->primary backlog.
-    pub backlog: Option<u64>,
+    /// Latest backup->primary backlog as the gate reads it (only an active replicator's
+    /// count is trusted).
+    pub backlog: Backlog,
     /// Since when failback has been waiting for the backlog.
     pub failback_wait_since: Option<Instant>,
 }
@@ -240,7 +242,7 @@ impl RoutingState {
             primary_healthy_since: None,
             maintenance: false,
             maintenance_hold: false,
-            backlog: None,
+            backlog: Backlog::not_asked(),
             failback_wait_since: None,
         }
     }
@@ -305,6 +307,7 @@ pub fn step(
 ) -> (RoutingState, Vec<Action>) {
     let mut actions = Vec::new();
     let was_blocked = s.failback_blocked();
+    let old_backlog = s.backlog.clone();
     match event {
         Event::Verdicts(v) => {
             let was_none = s.none_available();
@@ -358,18 +361,15 @@ pub fn step(
             s.failback_wait_since = None;
             if s.active != Site::Primary {
                 let mut detail = format!("operator: {reason}");
-                if policy.replication_gate && s.backlog != Some(0) {
-                    detail.push_str(&format!(
-                        " (replication backlog {:?} rows, not waited for)",
-                        s.backlog
-                    ));
+                if policy.replication_gate && !s.backlog.is_drained() {
+                    detail.push_str(&format!(" ({}; not waited for)", s.backlog));
                 }
                 s.move_to(Site::Primary, Reason::Manual, detail, now, &mut actions);
             }
         }
         Event::Admin(AdminCommand::Auto) => s.set_forced(Forced::None, &mut actions),
         Event::Maintenance(on) => s.maintenance = *on,
-        Event::Backlog(b) => s.backlog = *b,
+        Event::Backlog(b) => s.backlog = b.clone(),
         Event::Tick => {}
     }
     if !matches!(s.forced, Forced::Operator { .. }) {
@@ -377,14 +377,13 @@ pub fn step(
     } else {
         s.failback_wait_since = None;
     }
-    if was_blocked != s.failback_blocked() {
-        let detail = match s.backlog {
-            Some(n) => format!("{n} rows pending backup->primary"),
-            None => "replicator status unknown".into(),
-        };
+    // Said once when failback starts or stops waiting, and again when the reason for waiting
+    // changes (a count turning into "the replicator is a standby"), not at every new count.
+    let cause_changed = s.failback_blocked() && !old_backlog.same_cause(&s.backlog);
+    if was_blocked != s.failback_blocked() || cause_changed {
         actions.push(Action::FailbackBlocked {
             blocked: s.failback_blocked(),
-            detail,
+            detail: s.backlog.to_string(),
         });
     }
     (s, actions)
@@ -475,7 +474,7 @@ fn gated_failback(
     } else {
         "primary healthy"
     };
-    if !policy.replication_gate || s.backlog == Some(0) {
+    if !policy.replication_gate || s.backlog.is_drained() {
         let detail = if policy.replication_gate {
             format!("{what}, replication drained")
         } else {
@@ -489,7 +488,7 @@ fn gated_failback(
     let since = *s.failback_wait_since.get_or_insert(now);
     if now.saturating_duration_since(since) >= policy.failback_max_wait {
         let detail = format!(
-            "{what}; replication NOT drained ({:?} rows pending) after waiting {:?}: going anyway",
+            "{what}; replication NOT confirmed drained ({}) after waiting {:?}: going anyway",
             s.backlog, policy.failback_max_wait
         );
         s.failback_wait_since = None;
@@ -755,14 +754,14 @@ mod tests {
         });
         m.verdicts(Down, Healthy);
         m.at(1.0).verdicts(Healthy, Healthy);
-        m.send(Event::Backlog(Some(42)));
+        m.send(Event::Backlog(Backlog::Pending(42)));
         let a = m.at(40.0).send(Event::Tick);
         assert!(
             matches!(a[..], [Action::FailbackBlocked { blocked: true, .. }]),
             "{a:?}"
         );
         assert_eq!(m.state.active, Site::Backup);
-        let a = m.at(41.0).send(Event::Backlog(Some(0)));
+        let a = m.at(41.0).send(Event::Backlog(Backlog::Pending(0)));
         assert_eq!(m.state.active, Site::Primary);
         assert!(a
             .iter()
@@ -778,13 +777,71 @@ mod tests {
         });
         m.verdicts(Down, Healthy);
         m.at(1.0).verdicts(Healthy, Healthy);
-        m.send(Event::Backlog(None));
+        m.send(Event::Backlog(Backlog::Unknown("no answer".into())));
         m.at(31.0).send(Event::Tick);
         m.at(630.0).send(Event::Tick);
         assert_eq!(m.state.active, Site::Backup);
         m.at(631.0).send(Event::Tick);
         assert_eq!(m.state.active, Site::Primary);
         assert_eq!(m.moves.last().unwrap().2, Reason::FailbackMaxWait);
+    }
+
+    #[test]
+    fn a_standby_replicator_keeps_failback_blocked_and_says_why() {
+        let mut m = Sim::new(Policy {
+            replication_gate: true,
+            ..policy()
+        });
+        m.verdicts(Down, Healthy);
+        m.at(1.0).verdicts(Healthy, Healthy);
+        // The active replicator had 5 rows to go, then the answer comes from a standby.
+        m.send(Event::Backlog(Backlog::Pending(5)));
+        let a = m.at(31.0).send(Event::Tick);
+        assert!(
+            matches!(&a[..], [Action::FailbackBlocked { blocked: true, detail }] if detail.contains("5 rows")),
+            "{a:?}"
+        );
+        let standby = crate::gate::parse_status(&serde_json::json!({"active": false,
+            "directions": {"backup_to_primary": {"pending_rows": 0}}}));
+        let a = m.at(32.0).send(Event::Backlog(standby.clone()));
+        assert!(
+            matches!(&a[..], [Action::FailbackBlocked { blocked: true, detail }] if detail.contains("standby")),
+            "a new reason to wait is said once: {a:?}"
+        );
+        assert_eq!(
+            m.state.active,
+            Site::Backup,
+            "a standby's zero is not trusted"
+        );
+        assert!(
+            m.at(33.0).send(Event::Backlog(standby)).is_empty(),
+            "not repeated"
+        );
+        m.at(630.0).send(Event::Tick);
+        assert_eq!(m.state.active, Site::Backup);
+        m.at(631.0).send(Event::Tick);
+        assert_eq!(
+            m.state.active,
+            Site::Primary,
+            "failback_max_wait still bounds the wait"
+        );
+        assert_eq!(m.moves.last().unwrap().2, Reason::FailbackMaxWait);
+    }
+
+    #[test]
+    fn a_count_changing_while_blocked_is_not_repeated() {
+        let mut m = Sim::new(Policy {
+            replication_gate: true,
+            ..policy()
+        });
+        m.verdicts(Down, Healthy);
+        m.at(1.0).verdicts(Healthy, Healthy);
+        m.send(Event::Backlog(Backlog::Pending(9)));
+        m.at(31.0).send(Event::Tick);
+        assert!(m
+            .at(32.0)
+            .send(Event::Backlog(Backlog::Pending(8)))
+            .is_empty());
     }
 
     #[test]

@@ -566,9 +566,11 @@ async fn bad_config_is_rejected_with_exit_64_naming_the_key() {
 }
 
 /// A stand-in for the replicator's `GET /status`: answers the shape the proxy reads, with
-/// `backup_to_primary.pending_rows` taken from `pending` at each request.
+/// `backup_to_primary.pending_rows` taken from `pending` at each request, and `active` from
+/// `active` (a standby answers `false`).
 async fn fake_replicator(
     pending: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    active: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> (String, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -576,6 +578,7 @@ async fn fake_replicator(
     let task = tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
             let pending = pending.clone();
+            let active = active.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 1024];
@@ -586,7 +589,8 @@ async fn fake_replicator(
                     }
                 }
                 let n = pending.load(std::sync::atomic::Ordering::SeqCst);
-                let body = serde_json::json!({"directions": {
+                let active = active.load(std::sync::atomic::Ordering::SeqCst);
+                let body = serde_json::json!({"active": active, "directions": {
                     "backup_to_primary": {"pending_rows": n, "oldest_pending_age_seconds": 1.5},
                     "primary_to_backup": {"pending_rows": 0, "oldest_pending_age_seconds": 0.0}}})
                 .to_string();
@@ -603,11 +607,12 @@ async fn fake_replicator(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failback_waits_for_the_replication_backlog() {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     let (primary, backup) = sites().await;
     let pending = Arc::new(AtomicU64::new(0));
-    let (url, task) = fake_replicator(pending.clone()).await;
+    let active = Arc::new(AtomicBool::new(true));
+    let (url, task) = fake_replicator(pending.clone(), active.clone()).await;
     let failover = format!(
         "failback_after = \"300ms\"\nmin_dwell = \"100ms\"\nreplicator_status = \"{url}\"\nfailback_max_wait = \"1h\""
     );
@@ -636,7 +641,38 @@ async fn failback_waits_for_the_replication_backlog() {
         Some("Backup"),
         "no failback with rows pending"
     );
+    // A standby answers now (the active replicator died): its zero is not a drained backlog.
+    active.store(false, Ordering::SeqCst);
     pending.store(0, Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(5),
+        "the gate to distrust the standby",
+        || async {
+            let s = gsb.status().await;
+            s["replication"]["failback_blocked"] == true
+                && s["replication"]["replicator_active"] == false
+                && s["replication"]["gate"]
+                    .as_str()
+                    .is_some_and(|g| g.contains("standby"))
+        },
+    )
+    .await;
+    let page = reqwest::get(gsb.admin_url())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("standby"),
+        "the status page says why failback waits"
+    );
+    assert_eq!(gsb.detect().await.as_deref(), Some("Backup"));
+    assert!(
+        gsb.proc.output().contains("standby"),
+        "the log says why failback waits"
+    );
+    active.store(true, Ordering::SeqCst);
     gsb.wait_detect("Primary", Duration::from_secs(5)).await;
     let s = gsb.status().await;
     assert_eq!(s["timeline"][1]["reason"], "failback");
