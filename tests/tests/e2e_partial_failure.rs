@@ -158,4 +158,11 @@ async fn partial_failure_alerts_and_an_operator_moves_traffic() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.site, "primary");
+
+    // `gsb auto` hands the decision back to the health checker: nothing is forced any more.
+    let out = stack.gsb(&["auto"]).await;
+    assert!(out.status.success(), "gsb auto failed");
+    let status = stack.proxy_status().await;
+    assert_eq!(status["forced"], "none", "{status:#}");
+    assert_eq!(status["active"], "primary", "{status:#}");
 }

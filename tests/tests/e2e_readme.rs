@@ -193,6 +193,18 @@ async fn the_readme_walkthrough_works_as_written() {
     );
     assert_eq!(bring_back, format!("kill -HUP {}", up.pid()));
 
+    // The config `gsb up` wrote is one an SRE could start from: it passes `gsb check-config`.
+    let (ok, out, err) = demo
+        .sh(&format!(
+            "gsb check-config --config {}/gsb.toml",
+            demo.dir.display()
+        ))
+        .await;
+    assert!(
+        ok,
+        "check-config rejects the config gsb up wrote: {out} {err}"
+    );
+
     // 1. Open the site; ask where you are served.
     let home = demo
         .http
