@@ -249,6 +249,7 @@ async fn the_readme_walkthrough_works_as_written() {
     // 3. Kill the primary with the printed command (its site and its database).
     let (ok, _, err) = demo.sh(&disaster).await;
     assert!(ok, "step 3: {err}");
+    let killed_at = std::time::Instant::now();
 
     // 4. The same URL serves the backup, and the meeting is still listed.
     wait_until(
@@ -257,6 +258,10 @@ async fn the_readme_walkthrough_works_as_written() {
         || async { demo.detect().await == "Backup" },
     )
     .await;
+    eprintln!(
+        "README step 4: served by the backup {:?} after the kill (gsb up: interval 500ms, fall 3)",
+        killed_at.elapsed()
+    );
     let (ok, out, _) = demo.sh(STEP4_LIST).await;
     assert!(
         ok && out.contains("standup"),
@@ -270,6 +275,7 @@ async fn the_readme_walkthrough_works_as_written() {
     // 6. Bring the primary back; the status page answers; failback; Bob on the primary.
     let (ok, _, err) = demo.sh(&bring_back).await;
     assert!(ok, "step 6: {err}");
+    let hup_at = std::time::Instant::now();
     let page = demo
         .http
         .get(format!("http://{}/", demo.admin))
@@ -283,6 +289,10 @@ async fn the_readme_walkthrough_works_as_written() {
         || async { demo.detect().await == "Primary" },
     )
     .await;
+    eprintln!(
+        "README step 6: failback {:?} after the SIGHUP (gsb up: failback_after 10s)",
+        hup_at.elapsed()
+    );
     let users = demo
         .http
         .get(format!("http://{}/api/users", demo.listen))
