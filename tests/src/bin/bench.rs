@@ -1,0 +1,177 @@
+//! `bench`: gsb side by side with HAProxy, nginx and pglogical on this machine, in one run.
+//!
+//! ```text
+//! cargo build --release -p gsb
+//! cargo run --release -p gsb-tests --bin bench -- [proxy|failover|replication|config|all] [--scale X]
+//! ```
+//! Contenders are found on PATH (Debian: `wrk haproxy nginx-light postgresql-15-pglogical`);
+//! `--install` runs `apt-get update && apt-get install` for the missing ones first. `--scale`
+//! multiplies every duration and count (0.1 for a smoke run). The report (Markdown: setups, one
+//! table of figures and gsb/peer ratios, notes) goes to stdout; progress goes to stderr.
+#![forbid(unsafe_code)]
+
+#[path = "bench/load.rs"]
+mod load;
+#[path = "bench/procstat.rs"]
+mod procstat;
+#[path = "bench/proxies.rs"]
+mod proxies;
+#[path = "bench/proxybench.rs"]
+mod proxybench;
+#[path = "bench/replbench.rs"]
+mod replbench;
+#[path = "bench/report.rs"]
+mod report;
+#[path = "bench/upstream.rs"]
+mod upstream;
+
+use std::process::Command;
+
+use anyhow::bail;
+
+/// Multiplies the suite's durations and counts (smoke runs use a small factor).
+#[derive(Debug, Clone, Copy)]
+pub struct Scale(f64);
+
+impl Scale {
+    /// A duration in whole seconds, at least 1.
+    pub fn secs(&self, full: u64) -> u64 {
+        ((full as f64 * self.0).round() as u64).max(1)
+    }
+
+    /// A count, at least 1.
+    pub fn count(&self, full: u64) -> u64 {
+        ((full as f64 * self.0).round() as u64).max(1)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("upstream") {
+        return upstream::serve(args.get(1).map(String::as_str).unwrap_or("upstream"));
+    }
+    // gsb_tests::gsb_bin() looks beside a test's deps/ dir; this binary sits beside gsb itself.
+    if std::env::var_os("GSB_BIN").is_none() {
+        if let Some(dir) = std::env::current_exe()?.parent() {
+            if dir.join("gsb").is_file() {
+                std::env::set_var("GSB_BIN", dir.join("gsb"));
+            }
+        }
+    }
+    let mut what = "all".to_owned();
+    let mut scale = Scale(1.0);
+    let mut install = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--scale" => {
+                scale = Scale(it.next().and_then(|s| s.parse().ok()).unwrap_or(1.0));
+            }
+            "--install" => install = true,
+            "proxy" | "failover" | "replication" | "config" | "all" => what = a.clone(),
+            other => bail!("unknown argument {other:?}: bench [proxy|failover|replication|config|all] [--scale X] [--install]"),
+        }
+    }
+    if install {
+        install_missing()?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut report = report::Report::default();
+        machine(&mut report);
+        let all = what == "all";
+        if all || what == "proxy" {
+            eprintln!("== proxy data path");
+            if let Err(e) = proxybench::data_path(&scale, &mut report).await {
+                report.note(&format!("proxy benchmark aborted: {e:#}"));
+            }
+        }
+        if all || what == "failover" {
+            eprintln!("== failover");
+            if let Err(e) = proxybench::failover(&scale, &mut report).await {
+                report.note(&format!("failover benchmark aborted: {e:#}"));
+            }
+        }
+        if all || what == "replication" {
+            eprintln!("== replication");
+            if let Err(e) = replbench::replication(&scale, &mut report).await {
+                report.note(&format!("replication benchmark aborted: {e:#}"));
+            }
+        }
+        if all || what == "config" {
+            eprintln!("== config copy");
+            if let Err(e) = replbench::config_copy(&scale, &mut report).await {
+                report.note(&format!("config copy benchmark aborted: {e:#}"));
+            }
+        }
+        println!("{}", report.render());
+        Ok(())
+    })
+}
+
+/// Notes the machine, the tool versions and the gsb binary in the report.
+fn machine(report: &mut report::Report) {
+    let sh = |c: &str| {
+        Command::new("sh")
+            .args(["-c", c])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .replace('\n', "; ")
+            })
+            .unwrap_or_default()
+    };
+    report.note(&format!(
+        "machine: {} CPUs ({}), {} ; {} ; {} ; {}",
+        sh("nproc"),
+        sh("lscpu | sed -n 's/^Model name: *//p'"),
+        sh("free -h | awk '/Mem:/ {print $2\" RAM\"}'"),
+        sh("haproxy -v | head -1"),
+        sh("nginx -v 2>&1"),
+        sh("wrk -v 2>&1 | head -1"),
+    ));
+    report.note(&format!("gsb binary: {}", gsb_tests::gsb_bin().display()));
+}
+
+/// Installs the Debian packages of missing contenders; Bucardo is attempted but optional.
+fn install_missing() -> anyhow::Result<()> {
+    let need: Vec<&str> = [
+        ("wrk", "wrk"),
+        ("haproxy", "haproxy"),
+        ("nginx", "nginx-light"),
+    ]
+    .into_iter()
+    .filter(|(bin, _)| {
+        !Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+    .map(|(_, pkg)| pkg)
+    .chain(
+        (!std::path::Path::new("/usr/lib/postgresql/15/lib/pglogical.so").exists())
+            .then_some("postgresql-15-pglogical"),
+    )
+    .collect();
+    if need.is_empty() {
+        return Ok(());
+    }
+    let ok = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q {}",
+                need.join(" ")
+            ),
+        ])
+        .status()?
+        .success();
+    if !ok {
+        bail!("apt-get install {} failed", need.join(" "));
+    }
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! Starting the reverse proxies under test (gsb, HAProxy, nginx) in front of two upstreams with
+//! equivalent settings: one worker, keep-alive to the upstream, no caching, no access log.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+
+use gsb_tests::{free_port, gsb_bin, Proc};
+
+use crate::upstream::UpstreamProc;
+
+/// Health-probe settings (the same for gsb and HAProxy when compared "with the same settings").
+#[derive(Debug, Clone, Copy)]
+pub struct Probe {
+    /// Time between probes.
+    pub interval_ms: u64,
+    /// Probe timeout.
+    pub timeout_ms: u64,
+    /// Failures that take a server down.
+    pub fall: u32,
+    /// Successes that bring it up.
+    pub rise: u32,
+}
+
+/// gsb's defaults (DESIGN.md `[health]`).
+pub const GSB_DEFAULT: Probe = Probe {
+    interval_ms: 500,
+    timeout_ms: 400,
+    fall: 3,
+    rise: 2,
+};
+/// The documented fast profile (BENCHMARKS.md): probe every 100 ms, 2 failures.
+pub const FAST: Probe = Probe {
+    interval_ms: 100,
+    timeout_ms: 100,
+    fall: 2,
+    rise: 2,
+};
+
+/// Which proxy (or none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The upstream reached directly.
+    Direct,
+    /// `gsb proxy`.
+    Gsb,
+    /// HAProxy 2.6.
+    Haproxy,
+    /// nginx 1.22.
+    Nginx,
+}
+
+impl Kind {
+    /// Column name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Gsb => "gsb",
+            Kind::Haproxy => "haproxy",
+            Kind::Nginx => "nginx",
+        }
+    }
+}
+
+/// A running contender.
+pub struct Running {
+    /// The proxy process (None for direct); killed on drop.
+    pub proc: Option<Proc>,
+    /// Base URL clients use.
+    pub url: String,
+    /// `host:port` clients connect to.
+    pub addr: String,
+    /// Holds config files.
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    /// Pid whose process tree is measured (None for direct).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+}
+
+/// Starts `kind` in front of `primary` (active) and `backup`; `probe` None = the proxy's defaults.
+pub async fn start(
+    kind: Kind,
+    primary: &UpstreamProc,
+    backup: &UpstreamProc,
+    probe: Option<Probe>,
+) -> anyhow::Result<Running> {
+    let dir = tempfile::tempdir()?;
+    let port = if kind == Kind::Direct {
+        primary.port
+    } else {
+        free_port()
+    };
+    let proc = match kind {
+        Kind::Direct => None,
+        Kind::Gsb => Some(start_gsb(dir.path(), port, primary, backup, probe)?),
+        Kind::Haproxy => Some(start_haproxy(dir.path(), port, primary, backup, probe)?),
+        Kind::Nginx => Some(start_nginx(dir.path(), port, primary)?),
+    };
+    let r = Running {
+        proc,
+        url: format!("http://127.0.0.1:{port}"),
+        addr: format!("127.0.0.1:{port}"),
+        _dir: dir,
+    };
+    wait_ready(&r, kind).await?;
+    Ok(r)
+}
+
+async fn wait_ready(r: &Running, kind: Kind) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = client
+            .get(format!("{}/small", r.url))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .map(|resp| {
+                resp.status().is_success()
+                    && resp
+                        .headers()
+                        .get("x-upstream")
+                        .is_some_and(|v| v == "primary")
+            })
+            .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            let tail = r.proc.as_ref().map(|p| p.tail(30)).unwrap_or_default();
+            bail!(
+                "{} not serving the primary within 30 s: {tail}",
+                kind.name()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn start_gsb(
+    dir: &Path,
+    port: u16,
+    primary: &UpstreamProc,
+    backup: &UpstreamProc,
+    probe: Option<Probe>,
+) -> anyhow::Result<Proc> {
+    let health = match probe {
+        Some(p) => format!(
+            "[health]\ninterval = \"{}ms\"\ntimeout = \"{}ms\"\nrise = {}\nfall = {}\n",
+            p.interval_ms, p.timeout_ms, p.rise, p.fall
+        ),
+        None => String::new(),
+    };
+    let cfg = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+         [sites.primary]\nurl = \"{p}\"\n[sites.backup]\nurl = \"{b}\"\n\n{health}\n\
+         [failover]\nstate_file = \"{state}\"\n",
+        admin = free_port(),
+        p = primary.url(),
+        b = backup.url(),
+        state = dir.join("gsb-proxy.state").display(),
+    );
+    let path = dir.join("gsb.toml");
+    std::fs::write(&path, cfg)?;
+    Ok(Proc::spawn(
+        "gsb-proxy",
+        Command::new(gsb_bin())
+            .args(["proxy", "--config"])
+            .arg(&path)
+            // One runtime worker: the same budget as nginx's worker_processes 1 / HAProxy nbthread 1.
+            .env("TOKIO_WORKER_THREADS", "1")
+            .env("RUST_LOG", "warn"),
+    ))
+}
+
+fn start_haproxy(
+    dir: &Path,
+    port: u16,
+    primary: &UpstreamProc,
+    backup: &UpstreamProc,
+    probe: Option<Probe>,
+) -> anyhow::Result<Proc> {
+    let (check, tcheck) = match probe {
+        Some(p) => (
+            format!(
+                "check inter {i}ms fastinter {i}ms downinter {i}ms fall {} rise {}",
+                p.fall,
+                p.rise,
+                i = p.interval_ms
+            ),
+            format!("    timeout check {}ms\n", p.timeout_ms),
+        ),
+        // HAProxy's defaults: inter 2s, fall 3, rise 2.
+        None => ("check".to_owned(), String::new()),
+    };
+    let cfg = format!(
+        "global\n    nbthread 1\n    maxconn 9990\n\n\
+         defaults\n    mode http\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n\
+         \n    timeout http-keep-alive 60s\n{tcheck}\n\
+         frontend fe\n    bind 127.0.0.1:{port}\n    default_backend be\n\n\
+         backend be\n    option httpchk GET /health/web\n    http-reuse always\n\
+         \n    server primary 127.0.0.1:{pp} {check}\n    server backup 127.0.0.1:{bp} {check} backup\n",
+        pp = primary.port,
+        bp = backup.port,
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, cfg)?;
+    Ok(Proc::spawn(
+        "haproxy",
+        Command::new("haproxy").arg("-db").arg("-f").arg(&path),
+    ))
+}
+
+fn start_nginx(dir: &Path, port: u16, primary: &UpstreamProc) -> anyhow::Result<Proc> {
+    let d = dir.display();
+    let cfg = format!(
+        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         worker_rlimit_nofile 20000;\nevents {{ worker_connections 12000; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           keepalive_timeout 60s;\n  keepalive_requests 1000000;\n\
+           upstream up {{ server 127.0.0.1:{pp}; keepalive 128; }}\n\
+           server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://up;\n\
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+               proxy_buffering off;\n      proxy_request_buffering off;\n    }}\n  }}\n}}\n",
+        pp = primary.port,
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, cfg)?;
+    Ok(Proc::spawn(
+        "nginx",
+        Command::new("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&path),
+    ))
+}

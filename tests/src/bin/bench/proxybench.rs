@@ -1,0 +1,298 @@
+//! Benchmark 1 (proxy data path) and 2 (failover).
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::load::{self, open_loop};
+use crate::proxies::{self, Kind, Probe, FAST, GSB_DEFAULT};
+use crate::report::Report;
+use crate::{procstat, upstream, Scale};
+
+/// Runs the data-path benchmark for direct, gsb, HAProxy and nginx.
+pub async fn data_path(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
+    let primary = upstream::spawn("primary")?;
+    let backup = upstream::spawn("backup")?;
+    let secs = scale.secs(5) as u32;
+    let fixed = Duration::from_secs(scale.secs(5));
+    let conns = 64;
+    // 9,500, not 10,000: the hard fd limit here is 20,000 and HAProxy reserves two fds per
+    // connection (maxconn 9,990 is its ceiling), so every contender gets the same count.
+    let idle_n = scale.count(9_500) as usize;
+    report.setup(
+        "proxy",
+        &format!(
+            "loopback upstream (hyper, 1 thread, separate process); each proxy 1 worker \
+             (gsb TOKIO_WORKER_THREADS=1, haproxy nbthread 1, nginx worker_processes 1), \
+             keep-alive to upstream, no cache, no access log. Saturation: wrk -t1 -c{conns} \
+             -d{secs}s. Fixed rate: open-loop client, {fixed:?} at 2000 req/s (100 B) and \
+             100 req/s (1 MiB), latency from the intended send time. CPU = user+sys of the \
+             proxy's process tree over the wrk run. Idle: {idle_n} keep-alive client \
+             connections after one request each, RSS delta."
+        ),
+    );
+    for kind in [Kind::Direct, Kind::Gsb, Kind::Haproxy, Kind::Nginx] {
+        let r = match proxies::start(kind, &primary, &backup, None).await {
+            Ok(r) => r,
+            Err(e) => {
+                report.note(&format!("proxy: {} could not start: {e:#}", kind.name()));
+                continue;
+            }
+        };
+        let k = kind.name();
+        for (body, rate) in [("small", 2000.0), ("large", 100.0)] {
+            let label = if body == "small" { "100 B" } else { "1 MiB" };
+            let url = format!("{}/{body}", r.url);
+            let cpu0 = r.pid().map(procstat::cpu_seconds);
+            let w = tokio::task::spawn_blocking({
+                let url = url.clone();
+                move || load::wrk(&url, conns, secs)
+            })
+            .await??;
+            let cpu1 = r.pid().map(procstat::cpu_seconds);
+            report.put(
+                "proxy",
+                &format!("{label} saturation throughput"),
+                "req/s",
+                false,
+                k,
+                w.rps,
+            );
+            report.put(
+                "proxy",
+                &format!("{label} saturation p50"),
+                "ms",
+                true,
+                k,
+                w.p50_us / 1e3,
+            );
+            report.put(
+                "proxy",
+                &format!("{label} saturation p99"),
+                "ms",
+                true,
+                k,
+                w.p99_us / 1e3,
+            );
+            report.put(
+                "proxy",
+                &format!("{label} saturation p99.9"),
+                "ms",
+                true,
+                k,
+                w.p999_us / 1e3,
+            );
+            report.put(
+                "proxy",
+                &format!("{label} saturation errors"),
+                "count",
+                true,
+                k,
+                w.errors as f64,
+            );
+            if let (Some(a), Some(b)) = (cpu0, cpu1) {
+                if w.requests > 0 {
+                    let per = (b - a) / w.requests as f64 * 100_000.0;
+                    report.put(
+                        "proxy",
+                        &format!("{label} CPU per 100k req"),
+                        "s",
+                        true,
+                        k,
+                        per,
+                    );
+                }
+            }
+            let (recs, _) = open_loop(&url, false, rate, fixed, Duration::from_secs(5)).await;
+            let (p50, p99, p999, failed) = load::percentiles(&recs);
+            let fr = format!("{label} @{rate} req/s");
+            report.put("proxy", &format!("{fr} p50"), "ms", true, k, p50 / 1e3);
+            report.put("proxy", &format!("{fr} p99"), "ms", true, k, p99 / 1e3);
+            report.put("proxy", &format!("{fr} p99.9"), "ms", true, k, p999 / 1e3);
+            report.put(
+                "proxy",
+                &format!("{fr} failed"),
+                "count",
+                true,
+                k,
+                failed as f64,
+            );
+        }
+        if let Some(pid) = r.pid() {
+            report.put(
+                "proxy",
+                "peak RSS after load",
+                "MiB",
+                true,
+                k,
+                mib(procstat::peak_rss(pid)),
+            );
+            let before = procstat::rss(pid);
+            match load::idle_connections(&r.addr, "/small", idle_n).await {
+                Ok(conns) => {
+                    // Let lazily freed buffers settle before reading RSS.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let after = procstat::rss(pid);
+                    let delta = after.saturating_sub(before);
+                    report.put(
+                        "proxy",
+                        &format!("{idle_n} idle conns: RSS growth"),
+                        "MiB",
+                        true,
+                        k,
+                        mib(delta),
+                    );
+                    report.put(
+                        "proxy",
+                        &format!("{idle_n} idle conns: RSS total"),
+                        "MiB",
+                        true,
+                        k,
+                        mib(after),
+                    );
+                    drop(conns);
+                }
+                Err(e) => report.note(&format!(
+                    "proxy: {k}: {idle_n} idle connections failed: {e:#}"
+                )),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// How the primary fails.
+#[derive(Clone, Copy)]
+enum Failure {
+    /// SIGKILL: connects are refused at once.
+    Kill,
+    /// SIGSTOP: the kernel still completes TCP handshakes (backlog), nothing answers: a hang.
+    Stop,
+}
+
+/// Runs the failover benchmark: gsb (defaults, fast) and HAProxy (defaults, gsb's settings, fast).
+pub async fn failover(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
+    let get_rate = 200.0;
+    let post_rate = 100.0;
+    report.setup(
+        "failover",
+        &format!(
+            "primary+backup upstream processes; steady load {get_rate} GET/s + {post_rate} POST/s \
+             open-loop (client timeout 3 s); the primary is SIGKILLed (connects refused) or \
+             SIGSTOPped (connects complete in the kernel backlog but nothing answers: stands in \
+             for a black hole, no netns used) 1 s into the load. Detection = failure -> first \
+             2xx answer from the backup. gsb default probe = interval 500ms timeout 400ms fall 3; \
+             fast = interval {}ms timeout {}ms fall {}; HAProxy default = `check` (inter 2s fall 3).",
+            FAST.interval_ms, FAST.timeout_ms, FAST.fall
+        ),
+    );
+    let cases: [(Kind, &str, Option<Probe>, u64); 5] = [
+        (Kind::Gsb, "default", None, 8),
+        (Kind::Gsb, "fast", Some(FAST), 6),
+        (Kind::Haproxy, "default", None, 12),
+        (Kind::Haproxy, "default", Some(GSB_DEFAULT), 8),
+        (Kind::Haproxy, "fast", Some(FAST), 6),
+    ];
+    for (kind, profile, probe, secs) in cases {
+        for failure in [Failure::Kill, Failure::Stop] {
+            let fname = match failure {
+                Failure::Kill => "kill",
+                Failure::Stop => "hang",
+            };
+            // HAProxy "default" with gsb's probe settings is reported under gsb's default column.
+            let col = match (kind, probe) {
+                (Kind::Haproxy, None) => "haproxy-defaults".to_owned(),
+                _ => kind.name().to_owned(),
+            };
+            let secs = scale.secs(secs).max(4);
+            match failover_case(kind, probe, failure, secs).await {
+                Ok((detect, settled, get_failed, post_failed)) => {
+                    let m = format!("{profile} profile, {fname}");
+                    match detect {
+                        Some(d) => report.put(
+                            "failover",
+                            &format!("{m}: to first backup answer"),
+                            "s",
+                            true,
+                            &col,
+                            d,
+                        ),
+                        None => report.note(&format!(
+                            "failover: {col} {m}: no backup answer within {secs} s"
+                        )),
+                    }
+                    if let Some(t) = settled {
+                        let what = format!("{m}: to last failed GET (due time)");
+                        report.put("failover", &what, "s", true, &col, t);
+                    }
+                    report.put(
+                        "failover",
+                        &format!("{m}: failed GETs"),
+                        "count",
+                        true,
+                        &col,
+                        get_failed as f64,
+                    );
+                    report.put(
+                        "failover",
+                        &format!("{m}: failed POSTs"),
+                        "count",
+                        true,
+                        &col,
+                        post_failed as f64,
+                    );
+                }
+                Err(e) => report.note(&format!("failover: {col} {profile} {fname}: {e:#}")),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn failover_case(
+    kind: Kind,
+    probe: Option<Probe>,
+    failure: Failure,
+    secs: u64,
+) -> anyhow::Result<(Option<f64>, Option<f64>, u64, u64)> {
+    let primary = upstream::spawn("primary")?;
+    let backup = upstream::spawn("backup")?;
+    let r = proxies::start(kind, &primary, &backup, probe).await?;
+    let url = format!("{}/small", r.url);
+    let dur = Duration::from_secs(secs);
+    let timeout = Duration::from_secs(3);
+    let (gu, pu) = (url.clone(), url.clone());
+    let get = tokio::spawn(async move { open_loop(&gu, false, 200.0, dur, timeout).await });
+    let post = tokio::spawn(async move { open_loop(&pu, true, 100.0, dur, timeout).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = Pid::from_raw(primary.proc.pid() as i32);
+    let failed_at = Instant::now();
+    match failure {
+        Failure::Kill => kill(pid, Signal::SIGKILL)?,
+        Failure::Stop => kill(pid, Signal::SIGSTOP)?,
+    }
+    let (grec, gstart) = get.await?;
+    let (prec, _) = post.await?;
+    let fail_off = failed_at.saturating_duration_since(gstart);
+    let detect = grec
+        .iter()
+        .filter(|r| r.ok() && r.upstream.as_deref() == Some("backup"))
+        .map(|r| r.done)
+        .min()
+        .map(|d| d.saturating_sub(fail_off).as_secs_f64());
+    // When the move is over for clients: the last failing GET's due time after the failure.
+    let settled = grec
+        .iter()
+        .filter(|r| !r.ok())
+        .map(|r| r.due.saturating_sub(fail_off).as_secs_f64())
+        .reduce(f64::max);
+    let gf = grec.iter().filter(|r| !r.ok()).count() as u64;
+    let pf = prec.iter().filter(|r| !r.ok()).count() as u64;
+    drop(r);
+    Ok((detect, settled, gf, pf))
+}
