@@ -94,6 +94,7 @@ impl Supervised {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
+            .env(crate::PARENT_PID_ENV, std::process::id().to_string())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", self.name))?;
@@ -164,6 +165,9 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
 
+    for name in ["postgres-primary", "postgres-backup"] {
+        stop_leftover_server(&dir.join(name)).await;
+    }
     eprintln!(
         "gsb up: starting two PostgreSQL servers in {} ...",
         dir.display()
@@ -360,6 +364,33 @@ async fn start_clusters(dir: &Path) -> anyhow::Result<[Cluster; 2]> {
     };
     let (p, b) = tokio::join!(make("postgres-primary"), make("postgres-backup"));
     Ok([p??, b??])
+}
+
+/// A `gsb up` killed with SIGKILL could not stop its PostgreSQL servers; the next start with the
+/// same `--dir` stops such a leftover (fast shutdown) instead of failing on its lock file.
+async fn stop_leftover_server(data_dir: &Path) {
+    let Ok(text) = std::fs::read_to_string(data_dir.join("postmaster.pid")) else {
+        return;
+    };
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let ours = String::from_utf8_lossy(&cmdline).contains(&*data_dir.to_string_lossy());
+    if !ours {
+        return;
+    }
+    tracing::warn!(pid, dir = %data_dir.display(), "stopping a PostgreSQL server left over by an earlier `gsb up`");
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+    let deadline = Instant::now() + STOP_GRACE * 3;
+    while nix::sys::signal::kill(pid, None).is_ok() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// SIGHUP: starts the databases first, then every child that is not running.

@@ -201,6 +201,37 @@ fn spawn_signal_handler(token: CancellationToken) {
     });
 }
 
+/// Set by `gsb up` on its children: they stop when that supervisor is gone, even if it was
+/// killed with SIGKILL and could not stop them itself.
+pub const PARENT_PID_ENV: &str = "GSB_SUPERVISOR_PID";
+
+/// Cancels `token` when the process named by `GSB_SUPERVISOR_PID` is no longer our parent.
+fn spawn_parent_watch(token: CancellationToken) {
+    let Some(parent) = std::env::var(PARENT_PID_ENV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            if nix::unistd::getppid().as_raw() != parent {
+                tracing::warn!(
+                    supervisor = parent,
+                    "the supervising `gsb up` is gone; shutting down"
+                );
+                token.cancel();
+                return;
+            }
+        }
+    });
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -230,6 +261,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
+    spawn_parent_watch(shutdown.clone());
     match command {
         Command::Proxy { config } => {
             spawn_signal_handler(shutdown.clone());
