@@ -1,12 +1,13 @@
 //! `gsb proxy` and the proxy half of `gsb check-config`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::BadConfig;
 
-/// Runs the proxy until `shutdown` (SIGTERM/SIGINT), then drains and returns.
+/// Runs the proxy until `shutdown` (SIGTERM/SIGINT), then drains and returns; SIGHUP reloads
+/// the config file.
 pub async fn proxy(
     config_path: &Path,
     registry: prometheus::Registry,
@@ -27,7 +28,42 @@ pub async fn proxy(
         backup = %config.sites.backup.url,
         "starting the proxy"
     );
-    match gsb_proxy::run(config, registry, shutdown).await {
+    // SIGHUP re-reads the config. The handler is installed before the proxy starts, so a HUP
+    // never hits the default action (terminate) once the proxy is up.
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    let forward_hangups = {
+        let shutdown = shutdown.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    got = hangups.recv() => match got {
+                        // A reload already queued covers this one too.
+                        Some(()) => { let _ = reload_tx.try_send(()); }
+                        None => break,
+                    },
+                }
+            }
+        }
+    };
+    let run = gsb_proxy::run_with_reload(
+        config,
+        config_path.to_path_buf(),
+        registry,
+        shutdown.clone(),
+        reload_rx,
+    );
+    let (result, ()) = tokio::join!(
+        async {
+            let r = run.await;
+            // The proxy may stop on its own (an error): stop forwarding signals too.
+            shutdown.cancel();
+            r
+        },
+        forward_hangups
+    );
+    match result {
         Ok(()) => Ok(()),
         // A certificate or token file that cannot be used is a config problem (exit 64).
         Err(e @ (gsb_proxy::Error::Tls(_) | gsb_proxy::Error::TokenFile { .. })) => {
@@ -37,32 +73,9 @@ pub async fn proxy(
     }
 }
 
-/// Relative paths in the file are relative to the file (so a config works from any directory);
-/// `failover.state_file` defaults to `gsb-proxy.state` beside it.
+/// Relative paths in the file are relative to the file (see `Config::resolve_paths`).
 fn resolve_paths(config: &mut gsb_proxy::Config, config_path: &Path) {
-    let dir = config_path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let beside = |p: &PathBuf| {
-        if p.is_relative() {
-            dir.join(p)
-        } else {
-            p.clone()
-        }
-    };
-    let state = config
-        .failover
-        .state_file
-        .get_or_insert_with(|| PathBuf::from("gsb-proxy.state"));
-    *state = beside(state);
-    if let Some(token) = &mut config.admin.token_file {
-        *token = beside(token);
-    }
-    if let Some(tls) = &mut config.proxy.tls {
-        tls.cert = beside(&tls.cert);
-        tls.key = beside(&tls.key);
-    }
+    config.resolve_paths(config_path);
 }
 
 /// Validates the proxy's sections of a config file.

@@ -130,6 +130,24 @@ impl SiteHealth {
         }
     }
 
+    /// Takes new probe specs and thresholds (a config reload): a component whose spec is
+    /// unchanged keeps its state and counters, so a reload does not forget what is known (and
+    /// cannot move traffic by itself); new or changed components start unprobed.
+    pub fn reconfigure(&mut self, old: &[ProbeSpec], new: &[ProbeSpec], rise: u32, fall: u32) {
+        let mut next = SiteHealth::new(new, rise, fall);
+        for (i, spec) in new.iter().enumerate() {
+            if let Some(j) = old.iter().position(|o| o == spec) {
+                if let (Some(c), Some(k)) = (self.components.get(j), self.counters.get(j)) {
+                    next.components[i] = c.clone();
+                    next.counters[i] = k.clone();
+                }
+            }
+        }
+        next.unreachable_rounds = self.unreachable_rounds;
+        next.reachable = self.reachable;
+        *self = next;
+    }
+
     /// Records one probe round (`outcomes[i]` is component `i`); returns the components that
     /// changed state in this round.
     pub fn observe(
@@ -234,6 +252,30 @@ mod tests {
             connected,
             duration: Duration::from_millis(1),
             detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn reconfigure_keeps_unchanged_components() {
+        let (web, api, db) = (spec("web", true), spec("api", true), spec("db", false));
+        let old = vec![web.clone(), api.clone()];
+        let mut h = SiteHealth::new(&old, 2, 2);
+        let now = Instant::now();
+        h.observe(&[outcome(true, true), outcome(false, true)], now);
+        assert_eq!(h.verdict(), Some(Verdict::Degraded));
+        // `api` dropped, `db` added, thresholds raised: `web` keeps its state.
+        let new = vec![db.clone(), web.clone()];
+        h.reconfigure(&old, &new, 5, 5);
+        let r = h.report();
+        assert_eq!(r.components[0].up, None, "new component starts unprobed");
+        assert_eq!(r.components[1].name, "web");
+        assert_eq!(r.components[1].up, Some(true), "unchanged component kept");
+        assert_eq!(h.verdict(), Some(Verdict::Healthy));
+        // The new fall threshold applies: four failures do not take `web` down, five do.
+        for i in 1..=5 {
+            h.observe(&[outcome(true, true), outcome(false, true)], now);
+            let want = if i < 5 { Some(true) } else { Some(false) };
+            assert_eq!(h.report().components[1].up, want, "failure {i}");
         }
     }
 

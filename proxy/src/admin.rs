@@ -2,8 +2,10 @@
 //! bearer-token protected `POST /failover`, `/failback`, `/auto`.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -35,11 +37,11 @@ pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     control: ControlHandle,
     registry: prometheus::Registry,
-    token: Option<String>,
+    token: AdminToken,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
-    info!(addr = %local, auth = token.is_some(), "admin listener ready");
+    info!(addr = %local, auth = token.load().is_some(), "admin listener ready");
     let admin = Admin {
         control,
         registry,
@@ -92,11 +94,14 @@ pub async fn serve_admin(
     Ok(())
 }
 
+/// The bearer token, swapped by a config reload (token rotation without a restart).
+pub type AdminToken = Arc<ArcSwapOption<String>>;
+
 #[derive(Clone)]
 struct Admin {
     control: ControlHandle,
     registry: prometheus::Registry,
-    token: Option<String>,
+    token: AdminToken,
 }
 
 fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> AdminResponse {
@@ -174,7 +179,8 @@ impl Admin {
 
     /// Whether the request carries the configured token (compared in constant time).
     fn authorize(&self, req: &Request<Incoming>) -> Result<(), Box<AdminResponse>> {
-        let Some(token) = &self.token else {
+        let token = self.token.load();
+        let Some(token) = token.as_deref() else {
             return Err(Box::new(json_error(
                 StatusCode::FORBIDDEN,
                 "no admin token configured: set admin.token_file to enable failover/failback/auto",

@@ -17,6 +17,62 @@ use crate::error::BoxError;
 #[derive(Debug)]
 pub struct ProxyBody {
     kind: Kind,
+    /// The request log line, written when the body is dropped (sent, or the client left);
+    /// `None` unless `proxy.request_log` is on.
+    log: Option<Box<AccessLog>>,
+}
+
+/// One request log line (`proxy.request_log`), emitted as a `gsb::access` tracing event when
+/// the response body is done, so `bytes` and `duration_ms` cover the whole transfer.
+#[derive(Debug)]
+pub struct AccessLog {
+    /// The client's address.
+    pub client: std::net::SocketAddr,
+    /// Request method.
+    pub method: http::Method,
+    /// Path and query as the client sent them.
+    pub path: String,
+    /// HTTP version of the client's request.
+    pub version: http::Version,
+    /// Status sent to the client.
+    pub status: u16,
+    /// The site that answered (the active one for local answers).
+    pub site: crate::route::Site,
+    /// The request was retried on the other site.
+    pub retried: bool,
+    /// When the request arrived.
+    pub started: tokio::time::Instant,
+    /// Body bytes sent to the client.
+    pub bytes: u64,
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        // Fields for machines (`--log-format json`); the message is a common-log-like line for
+        // people reading the human format.
+        tracing::info!(
+            target: "gsb::access",
+            client = %self.client.ip(),
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            bytes = self.bytes,
+            duration_ms,
+            site = self.site.as_str(),
+            retried = self.retried,
+            "{} \"{} {} {:?}\" {} {} {:.1}ms site={} retried={}",
+            self.client.ip(),
+            self.method,
+            self.path,
+            self.version,
+            self.status,
+            self.bytes,
+            duration_ms,
+            self.site.as_str(),
+            self.retried,
+        );
+    }
 }
 
 #[derive(Debug)]
@@ -37,6 +93,7 @@ impl ProxyBody {
         let bytes = bytes.into();
         ProxyBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+            log: None,
         }
     }
 
@@ -44,6 +101,7 @@ impl ProxyBody {
     pub fn empty() -> ProxyBody {
         ProxyBody {
             kind: Kind::Full(None),
+            log: None,
         }
     }
 
@@ -55,7 +113,14 @@ impl ProxyBody {
             .map(|t| Box::pin(t.cancelled_owned()));
         ProxyBody {
             kind: Kind::Upstream { body, cut },
+            log: None,
         }
+    }
+
+    /// Attaches the request log line, written when this body is dropped.
+    pub fn with_access_log(mut self, log: Box<AccessLog>) -> ProxyBody {
+        self.log = Some(log);
+        self
     }
 }
 
@@ -67,7 +132,8 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.get_mut().kind {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream { body, cut } => {
                 if let Some(c) = cut {
@@ -81,7 +147,13 @@ impl Body for ProxyBody {
                 }
                 Pin::new(body).poll_frame(cx).map_err(BoxError::from)
             }
+        };
+        if let (Some(log), Poll::Ready(Some(Ok(frame)))) = (&mut this.log, &polled) {
+            if let Some(data) = frame.data_ref() {
+                log.bytes += data.len() as u64;
+            }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

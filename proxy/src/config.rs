@@ -41,7 +41,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 }
 
 /// The whole file, as the proxy reads it.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `[proxy]`: the public listeners.
@@ -78,7 +78,7 @@ pub enum Mode {
 }
 
 /// `[proxy]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenerConfig {
     /// Plain HTTP listener. Default `0.0.0.0:8080`.
@@ -122,7 +122,7 @@ impl Default for ListenerConfig {
 }
 
 /// `[proxy.tls]` (or `tls = { ... }`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// HTTPS listener address.
@@ -134,7 +134,7 @@ pub struct TlsConfig {
 }
 
 /// `[admin]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Admin listener; loopback by default so the API is not exposed by accident.
@@ -153,7 +153,7 @@ impl Default for AdminConfig {
 }
 
 /// `[sites]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SitesConfig {
     /// `[sites.primary]`.
@@ -163,7 +163,7 @@ pub struct SitesConfig {
 }
 
 /// One site.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteConfig {
     /// Base URL the proxy forwards to and probes, e.g. `http://10.0.0.5:8001`.
@@ -174,7 +174,7 @@ pub struct SiteConfig {
 }
 
 /// `[health]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// Time between probe rounds. Default 500ms.
@@ -211,7 +211,7 @@ impl Default for HealthConfig {
 }
 
 /// `[[health.components]]`: an HTTP probe (`path`) or a TCP probe (`tcp`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ComponentConfig {
     /// Component name, used in metrics and the status page.
@@ -249,7 +249,7 @@ pub enum FailbackMode {
 }
 
 /// `[failover]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FailoverConfig {
     /// Fail over automatically when the primary is down. Default true.
@@ -291,7 +291,7 @@ impl Default for FailoverConfig {
 }
 
 /// `[[maintenance]]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MaintenanceConfig {
     /// Days the window starts on: `mon`..`sun`; empty or missing = every day.
@@ -326,6 +326,34 @@ impl Config {
             source,
         })?;
         Config::from_toml_str(&text)
+    }
+
+    /// Makes relative paths relative to the config file's directory (so a config works from any
+    /// working directory); `failover.state_file` defaults to `gsb-proxy.state` beside it.
+    pub fn resolve_paths(&mut self, config_path: &std::path::Path) {
+        let dir = config_path
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        let beside = |p: &PathBuf| {
+            if p.is_relative() {
+                dir.join(p)
+            } else {
+                p.clone()
+            }
+        };
+        let state = self
+            .failover
+            .state_file
+            .get_or_insert_with(|| PathBuf::from("gsb-proxy.state"));
+        *state = beside(state);
+        if let Some(token) = &mut self.admin.token_file {
+            *token = beside(token);
+        }
+        if let Some(tls) = &mut self.proxy.tls {
+            tls.cert = beside(&tls.cert);
+            tls.key = beside(&tls.key);
+        }
     }
 
     /// Checks what serde cannot: ranges, URLs, time zones, consistency.

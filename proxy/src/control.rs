@@ -178,14 +178,39 @@ pub struct Status {
     pub generation: u64,
     /// `auto` or `manual`.
     pub failback_mode: &'static str,
+    /// The last config reload (SIGHUP), `null` when none since start.
+    pub config_reload: Option<ReloadView>,
 }
 
 type Reply = oneshot::Sender<Arc<Status>>;
 
+/// What the control task is asked to do.
+#[derive(Debug)]
+enum Msg {
+    /// An operator's command.
+    Admin(AdminCommand, Reply),
+    /// A config reload: the new settings (`None` when the new file was refused) and the outcome
+    /// shown in the status.
+    Reload(Option<Box<ControlConfig>>, ReloadView, Reply),
+}
+
+/// The outcome of the last config reload, as the status shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReloadView {
+    /// When the reload was asked for (SIGHUP).
+    pub at: DateTime<Utc>,
+    /// The new config was applied.
+    pub ok: bool,
+    /// What changed, or why the new config was refused (naming the key).
+    pub message: String,
+    /// Changed settings that only a restart applies (listener addresses...).
+    pub needs_restart: Vec<String>,
+}
+
 /// Admin commands and the status view; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ControlHandle {
-    commands: mpsc::Sender<(AdminCommand, Reply)>,
+    commands: mpsc::Sender<Msg>,
     status: Arc<ArcSwap<Status>>,
 }
 
@@ -194,7 +219,23 @@ impl ControlHandle {
     pub async fn command(&self, cmd: AdminCommand) -> Result<Arc<Status>, ControlError> {
         let (tx, rx) = oneshot::channel();
         self.commands
-            .send((cmd, tx))
+            .send(Msg::Admin(cmd, tx))
+            .await
+            .map_err(|_| ControlError::Stopped)?;
+        rx.await.map_err(|_| ControlError::Stopped)
+    }
+
+    /// Hands a reload's outcome to the control task: `new` settings are applied (probes,
+    /// thresholds, sites, failover policy, maintenance, replicator gate) keeping what is known
+    /// about unchanged components; `view` is shown in the status either way.
+    pub async fn reload(
+        &self,
+        new: Option<ControlConfig>,
+        view: ReloadView,
+    ) -> Result<Arc<Status>, ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Msg::Reload(new.map(Box::new), view, tx))
             .await
             .map_err(|_| ControlError::Stopped)?;
         rx.await.map_err(|_| ControlError::Stopped)
@@ -203,6 +244,63 @@ impl ControlHandle {
     /// The latest status view (no await, no lock).
     pub fn status(&self) -> Arc<Status> {
         self.status.load_full()
+    }
+}
+
+/// The control task's settings from one config, validated (built) before anything is swapped.
+#[derive(Debug)]
+pub struct ControlConfig {
+    policy: Policy,
+    specs: Vec<ProbeSpec>,
+    rise: u32,
+    fall: u32,
+    timeout: Duration,
+    interval: Duration,
+    urls: [String; 2],
+    schedule: Schedule,
+    replicator_status: Option<String>,
+    state_file: Option<PathBuf>,
+    failback_mode: &'static str,
+}
+
+impl ControlConfig {
+    /// Builds the probes, windows and policy of `config`; an error names the key.
+    pub fn from_config(config: &Config) -> Result<ControlConfig, ControlError> {
+        let h = &config.health;
+        Ok(ControlConfig {
+            policy: Policy::from_config(&config.failover),
+            specs: probe_specs(config)?,
+            rise: h.rise,
+            fall: h.fall,
+            timeout: h.timeout,
+            interval: h.interval,
+            urls: [
+                config.sites.primary.url.clone(),
+                config.sites.backup.url.clone(),
+            ],
+            schedule: Schedule::from_config(&config.maintenance)?,
+            replicator_status: config.failover.replicator_status.clone(),
+            state_file: config.failover.state_file.clone(),
+            failback_mode: match config.failover.failback {
+                crate::config::FailbackMode::Auto => "auto",
+                crate::config::FailbackMode::Manual => "manual",
+            },
+        })
+    }
+}
+
+/// The client that polls the replicator, bounded like a probe.
+fn replicator_poll(url: String, timeout: Duration) -> ReplicatorPoll {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(timeout));
+    ReplicatorPoll {
+        url,
+        client: Client::builder(TokioExecutor::new()).build(connector),
+        // Same bound as a probe: a hung replicator must not slow down failure detection.
+        timeout,
+        directions: serde_json::Value::Null,
+        active: None,
+        error: None,
     }
 }
 
@@ -225,6 +323,8 @@ struct Control {
     status: Arc<ArcSwap<Status>>,
     interval: Duration,
     failback_mode: &'static str,
+    /// The last config reload (status).
+    last_reload: Option<ReloadView>,
 }
 
 /// Polls the replicator's `/status`.
@@ -295,16 +395,14 @@ pub async fn start(
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<ControlHandle, ControlError> {
-    let state_file = config.failover.state_file.clone();
-    let forced = match &state_file {
+    let cc = ControlConfig::from_config(config)?;
+    let forced = match &cc.state_file {
         Some(path) => load_state(path)?,
         None => Forced::None,
     };
     if forced != Forced::None {
         warn!(forced = forced.as_str(), site = ?forced.site(), "forced state restored from the state file");
     }
-    let specs = probe_specs(config)?;
-    let health = config.health.clone();
     let state = RoutingState::new(forced);
     let current = router.load();
     let generation = if current.active == state.active {
@@ -318,49 +416,31 @@ pub async fn start(
         none_available: false,
         generation,
     });
-
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(health.timeout));
-    let replicator = config
-        .failover
-        .replicator_status
-        .clone()
-        .map(|url| ReplicatorPoll {
-            url,
-            client: Client::builder(TokioExecutor::new()).build(connector),
-            // Same bound as a probe: a hung replicator must not slow down failure detection.
-            timeout: health.timeout,
-            directions: serde_json::Value::Null,
-            active: None,
-            error: None,
-        });
     let control = Control {
-        policy: Policy::from_config(&config.failover),
         health: [
-            SiteHealth::new(&specs, health.rise, health.fall),
-            SiteHealth::new(&specs, health.rise, health.fall),
+            SiteHealth::new(&cc.specs, cc.rise, cc.fall),
+            SiteHealth::new(&cc.specs, cc.rise, cc.fall),
         ],
         state,
-        specs,
-        urls: [
-            config.sites.primary.url.clone(),
-            config.sites.backup.url.clone(),
-        ],
-        prober: Prober::new(health.timeout),
+        replicator: cc
+            .replicator_status
+            .clone()
+            .map(|url| replicator_poll(url, cc.timeout)),
+        prober: Prober::new(cc.timeout),
         router,
         passive,
         metrics,
-        schedule: Schedule::from_config(&config.maintenance)?,
-        state_file,
         timeline: VecDeque::new(),
         active_since: Utc::now(),
-        replicator,
         status: Arc::new(ArcSwap::from_pointee(placeholder_status())),
-        interval: health.interval,
-        failback_mode: match config.failover.failback {
-            crate::config::FailbackMode::Auto => "auto",
-            crate::config::FailbackMode::Manual => "manual",
-        },
+        policy: cc.policy,
+        specs: cc.specs,
+        urls: cc.urls,
+        schedule: cc.schedule,
+        state_file: cc.state_file,
+        interval: cc.interval,
+        failback_mode: cc.failback_mode,
+        last_reload: None,
     };
     control.update_metrics();
     control.refresh_status(Instant::now());
@@ -393,6 +473,7 @@ fn placeholder_status() -> Status {
         timeline: vec![],
         generation: 0,
         failback_mode: "auto",
+        config_reload: None,
     }
 }
 
@@ -482,11 +563,7 @@ fn wall(now: Instant, then: Instant) -> DateTime<Utc> {
 }
 
 impl Control {
-    async fn run(
-        mut self,
-        mut commands: mpsc::Receiver<(AdminCommand, Reply)>,
-        shutdown: CancellationToken,
-    ) {
+    async fn run(mut self, mut commands: mpsc::Receiver<Msg>, shutdown: CancellationToken) {
         info!(
             primary = %self.urls[0],
             backup = %self.urls[1],
@@ -514,14 +591,62 @@ impl Control {
                     last_round = tokio::time::Instant::now();
                     next_round = last_round + self.interval;
                 }
-                Some((cmd, reply)) = commands.recv() => {
-                    info!(command = ?cmd, "admin command");
-                    self.apply(Event::Admin(cmd), Instant::now());
-                    let _ = reply.send(self.status.load_full());
-                }
+                Some(msg) = commands.recv() => match msg {
+                    Msg::Admin(cmd, reply) => {
+                        info!(command = ?cmd, "admin command");
+                        self.apply(Event::Admin(cmd), Instant::now());
+                        let _ = reply.send(self.status.load_full());
+                    }
+                    Msg::Reload(new, view, reply) => {
+                        if let Some(new) = new {
+                            self.reconfigure(*new);
+                        }
+                        self.last_reload = Some(view);
+                        // Re-evaluates the rules under the new policy (and refreshes the status).
+                        self.apply(Event::Tick, Instant::now());
+                        let _ = reply.send(self.status.load_full());
+                    }
+                },
             }
         }
         info!("health checker stopped");
+    }
+
+    /// Applies reloaded settings. Components whose probe did not change keep their state, so a
+    /// reload alone never changes a verdict; a site whose URL changed starts unprobed (it is
+    /// another server).
+    fn reconfigure(&mut self, new: ControlConfig) {
+        for site in Site::ALL {
+            let i = site.index();
+            if self.urls[i] != new.urls[i] {
+                info!(site = %site, old = %self.urls[i], new = %new.urls[i], "reload: site URL changed; its health starts over");
+                self.health[i] = SiteHealth::new(&new.specs, new.rise, new.fall);
+            } else {
+                self.health[i].reconfigure(&self.specs, &new.specs, new.rise, new.fall);
+            }
+        }
+        if new.timeout != self.prober.timeout() {
+            self.prober = Prober::new(new.timeout);
+        }
+        let replicator_changed = self.replicator.as_ref().map(|r| &r.url)
+            != new.replicator_status.as_ref()
+            || self
+                .replicator
+                .as_ref()
+                .is_some_and(|r| r.timeout != new.timeout);
+        if replicator_changed {
+            self.replicator = new
+                .replicator_status
+                .clone()
+                .map(|url| replicator_poll(url, new.timeout));
+        }
+        self.policy = new.policy;
+        self.specs = new.specs;
+        self.urls = new.urls;
+        self.schedule = new.schedule;
+        self.state_file = new.state_file;
+        self.interval = new.interval;
+        self.failback_mode = new.failback_mode;
     }
 
     /// One probe round of both sites (concurrently, each bounded by the probe timeout), plus
@@ -581,8 +706,9 @@ impl Control {
                 self.apply(Event::Backlog(backlog), now);
             }
         }
-        if !self.schedule.is_empty() {
-            let on = self.schedule.is_active(Utc::now());
+        // (Also when a reload removed every window while one was running: it ends.)
+        {
+            let on = !self.schedule.is_empty() && self.schedule.is_active(Utc::now());
             if on != self.state.maintenance {
                 info!(
                     active = on,
@@ -765,6 +891,7 @@ impl Control {
             timeline: self.timeline.iter().cloned().collect(),
             generation: self.router.load().generation,
             failback_mode: self.failback_mode,
+            config_reload: self.last_reload.clone(),
         };
         self.status.store(Arc::new(status));
     }

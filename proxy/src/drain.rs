@@ -6,6 +6,7 @@
 //! retried on the new active site also holds the old token; it is cut with the rest, which is
 //! rare and bounded by the same timeout.)
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,12 +20,16 @@ use crate::route::Router;
 #[derive(Debug)]
 pub struct Drain {
     current: ArcSwap<CancellationToken>,
+    /// `failover.drain_timeout` in milliseconds; a config reload may change it (applies to the
+    /// next move).
+    timeout_ms: AtomicU64,
 }
 
 impl Default for Drain {
     fn default() -> Self {
         Drain {
             current: ArcSwap::from_pointee(CancellationToken::new()),
+            timeout_ms: AtomicU64::new(2 * 3600 * 1000),
         }
     }
 }
@@ -33,6 +38,16 @@ impl Drain {
     /// The token work starting now holds; cancelled `drain_timeout` after the next move.
     pub fn token(&self) -> CancellationToken {
         CancellationToken::clone(&self.current.load())
+    }
+
+    /// Sets the drain timeout of the next moves.
+    pub fn set_timeout(&self, timeout: Duration) {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
     }
 
     /// Follows `router` until `shutdown`: at every move, starts the drain timer of the old
@@ -44,6 +59,7 @@ impl Drain {
         tracker: TaskTracker,
         shutdown: tokio_util::sync::CancellationToken,
     ) {
+        self.set_timeout(drain_timeout);
         let mut changes = router.subscribe();
         loop {
             tokio::select! {
@@ -52,6 +68,7 @@ impl Drain {
             }
             let generation = *changes.borrow_and_update();
             let old = self.current.swap(Arc::new(CancellationToken::new()));
+            let drain_timeout = self.timeout();
             tracing::info!(
                 generation,
                 ?drain_timeout,

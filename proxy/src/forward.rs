@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -21,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::body::{ProxyBody, ReqBody, ReturnableBody};
+use crate::body::{AccessLog, ProxyBody, ReqBody, ReturnableBody};
 use crate::config::{Config, Mode};
 use crate::detect;
 use crate::drain::Drain;
@@ -121,14 +123,45 @@ pub struct Forwarder {
     durations: [Histogram; 2],
     budget: RetryBudget,
     drain: Arc<Drain>,
-    targets: [Target; 2],
-    mode: Mode,
-    upstream_timeout: Duration,
-    request_log: bool,
+    /// What a config reload may change; read once per request (no lock).
+    settings: ArcSwap<Settings>,
     /// Upgraded tunnels are tracked here so shutdown waits for them (bounded).
     tracker: TaskTracker,
     /// Cancelled when the shutdown grace period ends: tunnels still open are closed.
     hard_stop: CancellationToken,
+}
+
+/// The forwarder's reloadable settings (SIGHUP swaps them whole).
+#[derive(Debug)]
+pub struct Settings {
+    targets: [Target; 2],
+    mode: Mode,
+    upstream_timeout: Duration,
+    request_log: bool,
+}
+
+impl Settings {
+    /// The settings of `config`; fails on a site URL the forwarder cannot use.
+    pub fn from_config(config: &Config) -> Result<Settings, Error> {
+        let (p, s) = (&config.proxy, &config.sites);
+        Ok(Settings {
+            targets: [
+                Target::parse(
+                    "sites.primary",
+                    &s.primary.url,
+                    s.primary.public_url.as_deref(),
+                )?,
+                Target::parse(
+                    "sites.backup",
+                    &s.backup.url,
+                    s.backup.public_url.as_deref(),
+                )?,
+            ],
+            mode: p.mode,
+            upstream_timeout: p.upstream_timeout,
+            request_log: p.request_log,
+        })
+    }
 }
 
 /// What one attempt on one site needs, besides the body.
@@ -161,19 +194,7 @@ impl Forwarder {
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(256)
             .build(connector);
-        let s = &config.sites;
-        let targets = [
-            Target::parse(
-                "sites.primary",
-                &s.primary.url,
-                s.primary.public_url.as_deref(),
-            )?,
-            Target::parse(
-                "sites.backup",
-                &s.backup.url,
-                s.backup.public_url.as_deref(),
-            )?,
-        ];
+        let settings = ArcSwap::from_pointee(Settings::from_config(config)?);
         let durations =
             Site::ALL.map(|site| metrics.request_duration.with_label_values(&[site.as_str()]));
         Ok(Forwarder {
@@ -184,28 +205,54 @@ impl Forwarder {
             durations,
             budget: RetryBudget::new(p.retry_budget),
             drain,
-            targets,
-            mode: p.mode,
-            upstream_timeout: p.upstream_timeout,
-            request_log: p.request_log,
+            settings,
             tracker,
             hard_stop,
         })
+    }
+
+    /// Swaps in reloaded settings: requests starting from now use them; requests already
+    /// running keep the ones they started with.
+    pub fn reconfigure(&self, settings: Settings) {
+        self.settings.store(Arc::new(settings));
     }
 
     /// Answers one client request.
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
         let started = tokio::time::Instant::now();
         let route = self.router.load();
+        let settings = self.settings.load_full();
+        // Taken before the request is consumed, only when the request log is on.
+        let log = settings.request_log.then(|| AccessLog {
+            client: conn.peer,
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.to_string()),
+            version: req.version(),
+            status: 0,
+            site: route.active,
+            retried: false,
+            started,
+            bytes: 0,
+        });
+        let with_log = |resp: Response<ProxyBody>, site: Site| match log {
+            Some(mut log) => {
+                log.status = resp.status().as_u16();
+                log.site = site;
+                log.retried = site != route.active;
+                resp.map(|b| b.with_access_log(Box::new(log)))
+            }
+            None => resp,
+        };
         if detect::is_detect_path(req.uri().path()) {
-            return detect::answer(req.method(), route.active);
+            return with_log(detect::answer(req.method(), route.active), route.active);
         }
-        if self.mode == Mode::Redirect {
-            return self.redirect(&req, route.active);
+        if settings.mode == Mode::Redirect {
+            return with_log(self.redirect(&req, route.active, &settings), route.active);
         }
-        let method = req.method().clone();
-        let log_path = self.request_log.then(|| req.uri().path().to_owned());
-        let (site, resp) = match self.forward(req, conn, &route).await {
+        let (site, resp) = match self.forward(req, conn, &route, &settings).await {
             Ok(ok) => ok,
             Err(e) => {
                 let site = e.site().unwrap_or(route.active);
@@ -219,24 +266,17 @@ impl Forwarder {
             .requests
             .with_label_values(&[site.as_str(), status.as_str()])
             .inc();
-        if let Some(path) = log_path {
-            tracing::info!(
-                target: "gsb::access",
-                peer = %conn.peer.ip(),
-                method = %method,
-                path,
-                status = status.as_u16(),
-                site = site.as_str(),
-                ms = started.elapsed().as_millis() as u64,
-                "request"
-            );
-        }
-        resp
+        with_log(resp, site)
     }
 
-    fn redirect(&self, req: &Request<Incoming>, active: Site) -> Response<ProxyBody> {
+    fn redirect(
+        &self,
+        req: &Request<Incoming>,
+        active: Site,
+        settings: &Settings,
+    ) -> Response<ProxyBody> {
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let location = format!("{}{pq}", self.targets[active.index()].redirect_base);
+        let location = format!("{}{pq}", settings.targets[active.index()].redirect_base);
         let mut resp = Response::new(ProxyBody::empty());
         *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
         match HeaderValue::try_from(location) {
@@ -259,6 +299,7 @@ impl Forwarder {
         mut req: Request<Incoming>,
         conn: ConnInfo,
         route: &crate::route::RouteSnapshot,
+        settings: &Settings,
     ) -> Result<(Site, Response<ProxyBody>), ProxyError> {
         self.budget.deposit();
         let drain = self.drain.token();
@@ -295,6 +336,7 @@ impl Forwarder {
         };
         let result = self
             .attempt(
+                settings,
                 first,
                 &out,
                 first_headers,
@@ -332,7 +374,7 @@ impl Forwarder {
                             .with_label_values(&[first.as_str(), other.as_str()])
                             .inc();
                         let headers = std::mem::take(&mut out.headers);
-                        match self.attempt(other, &out, headers, b).await {
+                        match self.attempt(settings, other, &out, headers, b).await {
                             Ok(resp) => (other, resp),
                             Err(err2) => {
                                 self.count_error(&err2);
@@ -359,19 +401,20 @@ impl Forwarder {
     /// One exchange with `site`, up to the response headers.
     async fn attempt(
         &self,
+        settings: &Settings,
         site: Site,
         out: &Outgoing,
         headers: HeaderMap,
         body: ReqBody,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let uri = self.targets[site.index()].uri(out.pq.as_ref())?;
+        let uri = settings.targets[site.index()].uri(out.pq.as_ref())?;
         let mut req = Request::new(body);
         *req.method_mut() = out.method.clone();
         *req.uri_mut() = uri;
         // Sites are spoken to in HTTP/1.1 whatever the client used.
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
-        let exchange = tokio::time::timeout(self.upstream_timeout, self.client.request(req));
+        let exchange = tokio::time::timeout(settings.upstream_timeout, self.client.request(req));
         // A request still waiting for its answer when the old site's drain ends is cut too.
         let result = tokio::select! {
             r = exchange => r,
@@ -392,7 +435,7 @@ impl Forwarder {
             }),
             Err(_) => Err(ProxyError::Timeout {
                 site,
-                timeout: self.upstream_timeout,
+                timeout: settings.upstream_timeout,
             }),
         }
     }

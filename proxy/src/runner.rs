@@ -1,19 +1,25 @@
 //! `run`: the whole proxy process — listeners bound first, then the control task, the admin
 //! listener and the public listeners on one task tracker, until shutdown, then a bounded drain.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::mpsc;
 
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::AdminToken;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::error::Error;
 use crate::forward::Forwarder;
 use crate::metrics::ProxyMetrics;
 use crate::passive::PassiveHealth;
+use crate::reload::Reloader;
 use crate::route::{RouteSnapshot, Router, Site};
 use crate::server::{self, ServerCtx};
 use crate::tls::{CertStore, RELOAD_POLL};
@@ -32,8 +38,31 @@ pub async fn run(
     registry: prometheus::Registry,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    run_inner(config, None, registry, shutdown).await
+}
+
+/// [`run`], plus a config reload at every message on `reloads` (the binary sends one per
+/// SIGHUP): `config_path` is read again, relative paths resolved beside it, and the new config
+/// applied without dropping connections, or refused with one log line naming the key while the
+/// running config stays. See [`crate::reload`].
+pub async fn run_with_reload(
+    config: Config,
+    config_path: PathBuf,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+    reloads: mpsc::Receiver<()>,
+) -> Result<(), Error> {
+    run_inner(config, Some((config_path, reloads)), registry, shutdown).await
+}
+
+async fn run_inner(
+    config: Config,
+    reload: Option<(PathBuf, mpsc::Receiver<()>)>,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let metrics = ProxyMetrics::register(&registry)?;
-    let token = read_token(&config)?;
+    let token: AdminToken = Arc::new(ArcSwapOption::new(read_token(&config)?.map(Arc::new)));
     let certs = match &config.proxy.tls {
         Some(t) => Some(CertStore::load(&t.cert, &t.key)?),
         None => None,
@@ -72,6 +101,19 @@ pub async fn run(
     )
     .await
     .map_err(|e| Error::Control(Box::new(e)))?;
+    if let Some((path, reloads)) = reload {
+        let reloader = Reloader {
+            path,
+            started: config.clone(),
+            applied: config.clone(),
+            forwarder: forwarder.clone(),
+            control: control.clone(),
+            certs: certs.clone(),
+            token: token.clone(),
+            drain: drain.clone(),
+        };
+        tracker.spawn(reloader.run(reloads, shutdown.clone()));
+    }
     {
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
@@ -131,7 +173,7 @@ pub async fn run(
 }
 
 /// Reads `admin.token_file` (trimmed); `None` when not configured.
-fn read_token(config: &Config) -> Result<Option<String>, Error> {
+pub(crate) fn read_token(config: &Config) -> Result<Option<String>, Error> {
     let Some(path) = &config.admin.token_file else {
         return Ok(None);
     };

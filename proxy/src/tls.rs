@@ -98,8 +98,8 @@ pub fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
 #[derive(Debug)]
 pub struct CertStore {
     current: ArcSwap<CertifiedKey>,
-    cert: PathBuf,
-    key: PathBuf,
+    /// `(cert, key)` file paths; a config reload may point them elsewhere.
+    paths: ArcSwap<(PathBuf, PathBuf)>,
 }
 
 impl ResolvesServerCert for CertStore {
@@ -114,8 +114,7 @@ impl CertStore {
         let pair = load_pair(cert, key)?;
         Ok(Arc::new(CertStore {
             current: ArcSwap::from_pointee(pair),
-            cert: cert.to_path_buf(),
-            key: key.to_path_buf(),
+            paths: ArcSwap::from_pointee((cert.to_path_buf(), key.to_path_buf())),
         }))
     }
 
@@ -123,10 +122,13 @@ impl CertStore {
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|source| TlsError::Rustls {
-                cert: self.cert.clone(),
-                key: self.key.clone(),
-                source,
+            .map_err(|source| {
+                let paths = self.paths.load();
+                TlsError::Rustls {
+                    cert: paths.0.clone(),
+                    key: paths.1.clone(),
+                    source,
+                }
             })?
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
@@ -136,9 +138,24 @@ impl CertStore {
 
     /// Re-reads the files; on success the new pair serves the next handshakes.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let pair = load_pair(&self.cert, &self.key)?;
+        let paths = self.paths.load_full();
+        let pair = load_pair(&paths.0, &paths.1)?;
         self.current.store(Arc::new(pair));
         Ok(())
+    }
+
+    /// Serves `pair` (already loaded from `cert` and `key`) from now on and watches those files
+    /// instead (a config reload that moved the files).
+    pub fn replace(&self, cert: &Path, key: &Path, pair: CertifiedKey) {
+        self.paths
+            .store(Arc::new((cert.to_path_buf(), key.to_path_buf())));
+        self.current.store(Arc::new(pair));
+    }
+
+    /// The certificate and key files watched now.
+    pub fn paths(&self) -> (PathBuf, PathBuf) {
+        let p = self.paths.load();
+        (p.0.clone(), p.1.clone())
     }
 
     /// The DER of the certificate served now (for tests and logs).
@@ -167,7 +184,9 @@ impl CertStore {
             // files change again, not logged every second.
             seen = now;
             match self.reload() {
-                Ok(()) => tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded"),
+                Ok(()) => {
+                    tracing::info!(cert = %self.paths.load().0.display(), "TLS certificate reloaded")
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "new TLS certificate refused; still serving the previous one")
                 }
@@ -181,7 +200,8 @@ impl CertStore {
                 .ok()
                 .and_then(|m| Some((m.modified().ok()?, m.len())))
         };
-        [stamp(&self.cert), stamp(&self.key)]
+        let paths = self.paths.load();
+        [stamp(&paths.0), stamp(&paths.1)]
     }
 }
 

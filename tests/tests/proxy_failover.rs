@@ -679,3 +679,121 @@ async fn failback_waits_for_the_replication_backlog() {
     assert_eq!(s["replication"]["failback_blocked"], false);
     task.abort();
 }
+
+/// Sends SIGHUP to the proxy (config reload).
+fn hangup(gsb: &Gsb) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(gsb.proc.pid()).expect("pid fits"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP sent");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_config_and_refuses_a_bad_one() {
+    let (primary, backup) = sites().await;
+    let other = upstream::start("backup2").await;
+    let gsb = Gsb::start(&primary, &backup, "failback_after = \"1h\"").await;
+    // A long request in flight on the primary must survive the reload.
+    let slow = {
+        let url = format!("http://127.0.0.1:{}/slow?ms=1500", gsb.port);
+        tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status().as_u16()) })
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "the slow request to reach the primary",
+        || async { primary.requests_to("/slow") == 1 },
+    )
+    .await;
+
+    // New backup URL, slower health timing, and a new listener address (needs a restart).
+    let path = write_config(
+        gsb.dir.path(),
+        free_port(),
+        gsb.admin,
+        &primary,
+        &other,
+        "failback_after = \"1h\"",
+    );
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("interval = \"100ms\"", "interval = \"200ms\"");
+    std::fs::write(&path, text).unwrap();
+    hangup(&gsb);
+    wait_until(
+        Duration::from_secs(5),
+        "the reload to be applied",
+        || async {
+            let s = gsb.status().await;
+            s["config_reload"]["ok"] == true && s["sites"][1]["url"] == other.url().as_str()
+        },
+    )
+    .await;
+    let s = gsb.status().await;
+    assert_eq!(
+        s["config_reload"]["needs_restart"],
+        serde_json::json!(["proxy.listen"])
+    );
+    let message = s["config_reload"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("sites.backup") && message.contains("health"),
+        "{message}"
+    );
+    assert_eq!(s["active"], "primary", "a reload moves no traffic");
+    assert_eq!(s["timeline"], serde_json::json!([]));
+    // The old listener still serves (not rebound); the in-flight request finished.
+    assert_eq!(gsb.get("/hello").await.headers()["x-upstream"], "primary");
+    assert_eq!(
+        slow.await.unwrap().ok(),
+        Some(200),
+        "in-flight request kept"
+    );
+    // The new backup takes traffic when the proxy fails over.
+    wait_until(
+        Duration::from_secs(5),
+        "the new backup to be probed healthy",
+        || async { gsb.status().await["sites"][1]["verdict"] == "healthy" },
+    )
+    .await;
+    let out = gsb.cli(&["failover", "--to", "backup"], true).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(gsb.get("/hello").await.headers()["x-upstream"], "backup2");
+    assert_eq!(
+        backup.requests_to("/hello"),
+        0,
+        "the old backup is not used"
+    );
+
+    // A bad file is refused, named, and the running config kept.
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, good.replace("rise = 2", "rise = 0")).unwrap();
+    hangup(&gsb);
+    wait_until(
+        Duration::from_secs(5),
+        "the bad reload to be refused",
+        || async { gsb.status().await["config_reload"]["ok"] == false },
+    )
+    .await;
+    let s = gsb.status().await;
+    assert!(
+        s["config_reload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("health.rise"),
+        "{s:#}"
+    );
+    assert_eq!(
+        s["sites"][1]["url"],
+        other.url().as_str(),
+        "old config kept"
+    );
+    assert_eq!(gsb.get("/hello").await.headers()["x-upstream"], "backup2");
+    let log = gsb.proc.output();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("config reload REFUSED"))
+        .collect();
+    assert_eq!(refused.len(), 1, "one clear log line: {log}");
+    assert!(refused[0].contains("health.rise"), "{}", refused[0]);
+}
