@@ -734,9 +734,12 @@ impl Control {
                     detail,
                 } => {
                     self.active_since = Utc::now();
-                    let evidence = self.health[from.index()].report().evidence(now);
-                    warn!(from = %from, to = %to, reason = reason.as_str(), %detail, from_evidence = %evidence,
-                        "traffic moved to the {to} site");
+                    // Evidence of both sites: which components are down and for how long.
+                    let primary = self.health[0].report().evidence(now);
+                    let backup = self.health[1].report().evidence(now);
+                    warn!(from = %from, to = %to, reason = reason.as_str(), %detail,
+                        primary_evidence = %primary, backup_evidence = %backup,
+                        "traffic moved from the {from} to the {to} site ({}): {detail}; primary: {primary}; backup: {backup}", reason.as_str());
                     self.metrics
                         .failovers
                         .with_label_values(&[from.as_str(), to.as_str(), reason.as_str()])

@@ -34,6 +34,8 @@ struct Opts {
     failover: String,
     /// Write a TLS pair and listen with TLS too.
     tls: bool,
+    /// Run with `--log-format json`.
+    log_json: bool,
 }
 
 impl Default for Opts {
@@ -43,6 +45,7 @@ impl Default for Opts {
             health: "interval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 2".into(),
             failover: String::new(),
             tls: false,
+            log_json: false,
         }
     }
 }
@@ -106,14 +109,15 @@ min_dwell = "1s"
         );
         let path: PathBuf = dir.path().join("gsb.toml");
         std::fs::write(&path, config).expect("write config");
-        let proc = Proc::spawn(
-            "gsb-proxy",
-            Command::new(gsb_bin())
-                .arg("proxy")
-                .arg("--config")
-                .arg(&path)
-                .env("RUST_LOG", "info,gsb_proxy=debug"),
-        );
+        let mut cmd = Command::new(gsb_bin());
+        cmd.arg("proxy")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info,gsb_proxy=debug");
+        if opts.log_json {
+            cmd.arg("--log-format").arg("json");
+        }
+        let proc = Proc::spawn("gsb-proxy", &mut cmd);
         let gsb = Gsb {
             proc,
             port,
@@ -192,6 +196,10 @@ async fn headers_are_rewritten_and_detectbackup_is_answered_by_the_proxy() {
     assert!(
         head.to_ascii_lowercase().contains("x-upstream: primary"),
         "{head}"
+    );
+    assert!(
+        !gsb.proc.output().contains("gsb::access"),
+        "the request log is off by default"
     );
     let body = body.trim_start_matches(|c: char| c.is_ascii_hexdigit() || c == '\r' || c == '\n');
     let json_end = body.rfind('}').expect("json body");
@@ -461,6 +469,8 @@ async fn get_is_retried_on_the_backup_when_the_primary_refuses_connections() {
     // so the request path meets a dead active site.
     let opts = Opts {
         health: "interval = \"30s\"\ntimeout = \"1s\"\nrise = 1\nfall = 5".into(),
+        proxy: "request_log = true".into(),
+        log_json: true,
         ..Opts::default()
     };
     let gsb = Gsb::start(&primary, &backup, opts).await;
@@ -497,6 +507,32 @@ async fn get_is_retried_on_the_backup_when_the_primary_refuses_connections() {
     assert!(
         metrics.contains(r#"gsb_upstream_errors_total{kind="connect",site="primary"}"#),
         "{metrics}"
+    );
+
+    // request_log = true with --log-format json: one machine-readable line per request.
+    let access = |path: &'static str| {
+        let log = gsb.proc.output();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "gsb::access" && v["path"] == path)
+            .collect::<Vec<_>>()
+    };
+    wait_until(Duration::from_secs(5), "the request log line", || async {
+        access("/echo/post").len() == 1
+    })
+    .await;
+    let line = &access("/echo/post")[0];
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["site"], "backup");
+    assert_eq!(line["retried"], true);
+    assert!(line["bytes"].as_u64().is_some_and(|b| b > 0), "{line}");
+    assert!(line["duration_ms"].as_f64().is_some(), "{line}");
+    assert_eq!(access("/echo/retry").len(), 1, "one line per request");
+    assert!(
+        !access("/detectbackup").is_empty(),
+        "local answers are logged too"
     );
 }
 
