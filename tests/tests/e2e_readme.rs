@@ -2,11 +2,14 @@
 //! quoted verbatim from README.md (the test checks that) and run with `sh`, only the default
 //! addresses, the demo directory and `cargo run -p gsb --` replaced by this test's values.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use gsb_tests::{free_port, gsb_bin, wait_for, wait_until, Proc};
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
 use serde_json::Value;
 
 const STEP1: &str = "curl http://127.0.0.1:8080/detectbackup.php";
@@ -84,14 +87,53 @@ impl Demo {
     }
 }
 
+/// When the test fails midway, `gsb up` is SIGKILLed (by `Proc`) and cannot stop its children:
+/// kill its process group and every pid it listed, so a failing run leaves nothing behind.
+struct Cleanup {
+    pgid: Pid,
+    stack_json: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // Only on failure: after a clean Ctrl-C these pids are gone and may belong to others.
+        if !std::thread::panicking() {
+            return;
+        }
+        let _ = signal::killpg(self.pgid, Signal::SIGKILL);
+        let Ok(text) = std::fs::read(&self.stack_json) else {
+            return;
+        };
+        let stack: Value = serde_json::from_slice(&text).unwrap_or_default();
+        let pids = ["primary", "backup"]
+            .iter()
+            .flat_map(|s| ["pid", "postgres_pid"].map(|k| stack[s][k].as_i64()))
+            .chain(["replicator_pid", "proxy_pid"].map(|k| stack[k].as_i64()));
+        for pid in pids.flatten() {
+            let _ = signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
 fn line_after<'a>(output: &'a str, label: &str) -> Option<&'a str> {
     let line = output.lines().find(|l| l.contains(label))?;
     let rest = line.split_once(label)?.1.trim_start();
     Some(rest.split("   ").next().unwrap_or(rest).trim())
 }
 
+/// Whether `pid` has exited and waits to be reaped (state `Z` in `/proc/<pid>/stat`).
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|state| state == "Z")
+        })
+        .unwrap_or(false)
+}
+
 fn pid_alive(pid: u64) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+    signal::kill(Pid::from_raw(pid as i32), None).is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,6 +185,8 @@ async fn the_readme_walkthrough_works_as_written() {
     let mut up = Proc::spawn(
         "gsb-up",
         Command::new(gsb_bin())
+            // Its own process group, like a shell job: Ctrl-C below goes to the whole group.
+            .process_group(0)
             .arg("up")
             .arg("--dir")
             .arg(&demo.dir)
@@ -154,6 +198,10 @@ async fn the_readme_walkthrough_works_as_written() {
                 "--allow-faults",
             ]),
     );
+    let _cleanup = Cleanup {
+        pgid: Pid::from_raw(up.pid() as i32),
+        stack_json: demo.dir.join("stack.json"),
+    };
     let up_ref = &mut up;
     wait_for(Duration::from_secs(120), "gsb up to print its URLs", || {
         let running = up_ref.is_running();
@@ -376,7 +424,16 @@ async fn the_readme_walkthrough_works_as_written() {
 
     // Ctrl-C stops everything and leaves no process behind.
     let stack = demo.stack();
-    let st = up.interrupt();
+    signal::killpg(Pid::from_raw(up.pid() as i32), Signal::SIGINT).expect("Ctrl-C");
+    // Wait for the exit without reaping (a zombie keeps its pid), then reap it with its status.
+    let pid = up.pid();
+    wait_until(
+        Duration::from_secs(30),
+        "gsb up to exit after Ctrl-C",
+        || async move { is_zombie(pid) },
+    )
+    .await;
+    let st = up.terminate();
     assert!(
         st.success(),
         "gsb up exited with {st} after Ctrl-C:\n{}",
