@@ -71,12 +71,81 @@ fn site_section(out: &mut String, v: &SiteView, active: bool) {
     out.push_str("</table></section>");
 }
 
+/// Sends the actions with the pasted token, and refreshes the page every 5 s unless the operator
+/// is typing (a refresh would wipe the token field).
+const SCRIPT: &str = "<script>\
+async function act(path, body) {\
+  const token = document.getElementById('token').value.trim();\
+  const out = document.getElementById('result');\
+  if (!token) { out.textContent = ' paste the admin token first'; return; }\
+  const reason = document.getElementById('reason').value.trim();\
+  if (reason) body.reason = reason;\
+  out.textContent = ' sending...';\
+  try {\
+    const r = await fetch(path, {method: 'POST', headers: {'Authorization': 'Bearer ' + token,\
+      'Content-Type': 'application/json'}, body: JSON.stringify(body)});\
+    const j = await r.json().catch(() => ({}));\
+    out.textContent = r.ok ? ' done: ' + j.active_title + ' serving' : ' refused (' + r.status + '): ' + (j.error || '');\
+    if (r.ok) { document.getElementById('token').value = ''; setTimeout(() => location.reload(), 500); }\
+  } catch (e) { out.textContent = ' failed: ' + e; }\
+}\
+setInterval(() => {\
+  const typing = document.activeElement && document.activeElement.tagName === 'INPUT';\
+  if (!typing && !document.getElementById('token').value) location.reload();\
+}, 5000);\
+</script>";
+
+/// The replication gate and each direction's backlog and lag, from the replicator's status.
+fn replication_section(out: &mut String, r: &crate::control::ReplicationView) {
+    let _ = write!(
+        out,
+        "<h2>Replication</h2><p class=\"{cls}\" id=\"gate\">Failback gate: {gate}{blocked}</p>\
+         <p class=\"url\">replicator {url}: {active}</p>",
+        cls = if r.failback_blocked { "alert" } else { "note" },
+        gate = esc(&r.gate),
+        blocked = if r.failback_blocked {
+            " &mdash; <b>failback waits</b> until it is confirmed drained (or failback_max_wait)"
+        } else {
+            ""
+        },
+        url = esc(&r.url),
+        active = match r.replicator_active {
+            Some(true) => "active",
+            Some(false) => "STANDBY (its counts are not trusted)",
+            None => "no answer",
+        },
+    );
+    let Some(dirs) = r.directions.as_object().filter(|d| !d.is_empty()) else {
+        return;
+    };
+    out.push_str(
+        "<table><tr><th>direction</th><th>pending rows</th><th>oldest pending</th><th>lag</th><th>last apply</th></tr>",
+    );
+    let num = |v: &serde_json::Value, suffix: &str| match v {
+        serde_json::Value::Number(n) => format!("{n}{suffix}"),
+        serde_json::Value::String(s) => esc(s),
+        _ => "&ndash;".into(),
+    };
+    for (name, d) in dirs {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&name.replace("_to_", " \u{2192} ")),
+            num(&d["pending_rows"], ""),
+            num(&d["oldest_pending_age_seconds"], " s"),
+            num(&d["lag_seconds"], " s"),
+            num(&d["last_apply"], ""),
+        );
+    }
+    out.push_str("</table>");
+}
+
 /// Renders the page for `status`.
 pub fn render(status: &Status) -> String {
     let mut out = String::with_capacity(8 * 1024);
     out.push_str(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta http-equiv=\"refresh\" content=\"5\"><meta name=\"viewport\" content=\"width=device-width\">\
+         <meta name=\"viewport\" content=\"width=device-width\">\
          <title>gsb: ",
     );
     out.push_str(status.active_title);
@@ -92,6 +161,8 @@ pub fn render(status: &Status) -> String {
          table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:.2em .6em;text-align:left}\
          tr.down td{color:#b00020;font-weight:bold}.url{color:#555;margin:0}\
          pre{background:#222;color:#eee;padding:.8em;border-radius:6px;overflow-x:auto}\
+         .note{color:#333}button.act{font-size:1em;padding:.4em .9em;margin:.4em .3em 0 0;cursor:pointer}\
+         button.backup{background:#b35900;color:#fff;border:0;border-radius:4px}button.primary{background:#1a7f37;color:#fff;border:0;border-radius:4px}\
          </style></head><body>",
     );
     let banner_class = if status.none_available {
@@ -135,13 +206,29 @@ pub fn render(status: &Status) -> String {
         site_section(&mut out, v, v.site == status.active);
     }
     if let Some(r) = &status.replication {
-        let _ = write!(
+        replication_section(&mut out, r);
+    }
+    if let Some(c) = &status.config_reload {
+        let _ =
+            write!(
             out,
-            "<h2>Replication (failback gate)</h2><p>backup &rarr; primary pending rows: <b>{}</b>{}{}</p><pre>{}</pre>",
-            r.backup_to_primary_pending.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into()),
-            if r.failback_blocked { " &mdash; <b>failback waiting for it to drain</b>" } else { "" },
-            r.error.as_deref().map(|e| format!(" &mdash; replicator: {}", esc(e))).unwrap_or_default(),
-            esc(&serde_json::to_string_pretty(&r.directions).unwrap_or_default()),
+            "<p class=\"{cls}\" id=\"reload\">Last config reload {at} ({ago}): {what}{restart}</p>",
+            cls = if c.ok && c.needs_restart.is_empty() { "note" } else { "alert" },
+            at = time(&c.at),
+            ago = ago(&c.at),
+            what = if c.ok {
+                esc(&c.message)
+            } else {
+                format!("REFUSED, previous config still running: {}", esc(&c.message))
+            },
+            restart = if c.needs_restart.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " &mdash; needs a restart to apply: {}",
+                    esc(&c.needs_restart.join(", "))
+                )
+            },
         );
     }
     out.push_str("<h2>Timeline</h2>");
@@ -165,13 +252,25 @@ pub fn render(status: &Status) -> String {
         }
         out.push_str("</table>");
     }
+    // The token is typed by the operator and sent from the browser; it is never in the page.
+    out.push_str(
+        "<h2>Actions</h2><form id=\"actions\" onsubmit=\"return false\">\
+         <label>Admin token <input id=\"token\" type=\"password\" autocomplete=\"off\" placeholder=\"paste the admin token\"></label> \
+         <label>Reason <input id=\"reason\" type=\"text\" placeholder=\"what is broken / fixed\"></label><br>\
+         <button type=\"button\" class=\"act backup\" onclick=\"act('/failover',{to:'backup'})\">Fail over to Backup</button> \
+         <button type=\"button\" class=\"act primary\" onclick=\"act('/failback',{})\">Fail back to Primary</button> \
+         <button type=\"button\" class=\"act\" onclick=\"act('/auto',{})\">Auto (release forced state)</button>\
+         <span id=\"result\"></span></form>",
+    );
     let _ = write!(
         out,
         "<h2>Commands</h2><p>Token from <code>--token-file</code> or <code>GSB_ADMIN_TOKEN</code>; add <code>--admin URL</code> if not on the default.</p>\
          <pre>gsb status\ngsb failover --to backup --reason \"what is broken\"\ngsb failback --reason \"primary fixed\"\ngsb auto</pre>\
-         <p>Failback mode: {}. Route generation {}. <a href=\"/status\">JSON</a> &middot; <a href=\"/metrics\">metrics</a></p></body></html>",
+         <p>Failback mode: {}. Route generation {}. <a href=\"/status\">JSON</a> &middot; <a href=\"/metrics\">metrics</a></p>",
         status.failback_mode, status.generation
     );
+    out.push_str(SCRIPT);
+    out.push_str("</body></html>");
     out
 }
 

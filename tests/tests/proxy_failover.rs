@@ -797,3 +797,120 @@ async fn sighup_reloads_the_config_and_refuses_a_bad_one() {
     assert_eq!(refused.len(), 1, "one clear log line: {log}");
     assert!(refused[0].contains("health.rise"), "{}", refused[0]);
 }
+
+/// Headless Chromium, or `None` when `GSB_SKIP_BROWSER=1` lets the test skip without one.
+fn chromium() -> Option<PathBuf> {
+    let found = ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find_map(|name| {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join(name))
+                    .find(|p| p.is_file())
+            })
+        });
+    match found {
+        Some(p) => Some(p),
+        None if std::env::var("GSB_SKIP_BROWSER").as_deref() == Ok("1") => {
+            eprintln!("SKIPPED: no chromium on PATH and GSB_SKIP_BROWSER=1");
+            None
+        }
+        None => panic!(
+            "the status page test needs headless Chromium: `apt-get install -y chromium` \
+             (or set GSB_SKIP_BROWSER=1 to skip it knowingly)"
+        ),
+    }
+}
+
+/// Runs headless Chromium on `url` with `args` (`--dump-dom`, `--screenshot=...`); returns stdout.
+async fn browse(browser: &Path, url: &str, args: &[String]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(browser);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .args(args)
+    .arg(url)
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("chromium finished within 60s")
+        .expect("chromium ran");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Where test artifacts (screenshots) are kept: `target/test-artifacts/`.
+fn artifacts_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target.join("test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_page_renders_in_a_real_browser_and_follows_a_failover() {
+    let Some(browser) = chromium() else { return };
+    let (primary, backup) = sites().await;
+    let gsb = Gsb::start(&primary, &backup, "").await;
+    let page = gsb.admin_url() + "/";
+
+    let dom = browse(&browser, &page, &["--dump-dom".into()]).await;
+    assert!(dom.contains("Primary serving"), "{dom}");
+    assert!(
+        dom.contains("id=\"token\""),
+        "a token field for the buttons"
+    );
+    assert!(
+        !dom.contains(TOKEN),
+        "the token is never embedded in the page"
+    );
+    assert!(
+        dom.contains("gsb failover --to backup"),
+        "copyable commands"
+    );
+
+    let out = gsb
+        .cli(
+            &["failover", "--to", "backup", "--reason", "browser test"],
+            true,
+        )
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dom = browse(&browser, &page, &["--dump-dom".into()]).await;
+    assert!(dom.contains("Backup serving"), "{dom}");
+    assert!(dom.contains("browser test"), "the reason is shown");
+
+    let shot = artifacts_dir().join("status-page-backup.png");
+    let _ = std::fs::remove_file(&shot);
+    browse(
+        &browser,
+        &page,
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1280,900".into(),
+        ],
+    )
+    .await;
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    println!("status page screenshot: {}", shot.display());
+}
