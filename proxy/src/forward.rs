@@ -328,7 +328,10 @@ impl Forwarder {
         let first = route.active;
         let other = first.other();
         // Headers are cloned for a second attempt only when one could happen.
-        let may_retry = route.usable[other.index()] && self.budget.available();
+        // A connect failure is retried whatever the budget: the first site did no work, so
+        // the retry moves the request instead of adding load (this keeps a failover's first
+        // moments, before the route moves, free of 502s). Other retries need the budget.
+        let may_retry = route.usable[other.index()];
         let first_headers = if may_retry {
             out.headers.clone()
         } else {
@@ -362,7 +365,7 @@ impl Forwarder {
                 };
                 let retry_body = retry_body.filter(|_| safe && may_retry);
                 match retry_body {
-                    Some(b) if self.budget.try_withdraw() => {
+                    Some(b) if err.retry() == RetryType::Always || self.budget.try_withdraw() => {
                         tracing::info!(
                             from = first.as_str(),
                             to = other.as_str(),
