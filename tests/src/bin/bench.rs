@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
                 scale = Scale(it.next().and_then(|s| s.parse().ok()).unwrap_or(1.0));
             }
             "--install" => install = true,
-            "proxy" | "failover" | "replication" | "config" | "all" => what = a.clone(),
+            "proxy" | "failover" | "replication" | "pglogical" | "config" | "all" => what = a.clone(),
             other => bail!("unknown argument {other:?}: bench [proxy|failover|replication|config|all] [--scale X] [--install]"),
         }
     }
@@ -99,6 +99,11 @@ fn main() -> anyhow::Result<()> {
             eprintln!("== replication");
             if let Err(e) = replbench::replication(&scale, &mut report).await {
                 report.note(&format!("replication benchmark aborted: {e:#}"));
+            }
+        }
+        if what == "pglogical" {
+            if let Err(e) = replbench::pglogical_only(&scale, &mut report).await {
+                report.note(&format!("pglogical benchmark aborted: {e:#}"));
             }
         }
         if all || what == "config" {

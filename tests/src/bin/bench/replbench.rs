@@ -307,6 +307,12 @@ async fn lag_run(
     Ok(out)
 }
 
+/// Only the pglogical half of the replication benchmark.
+pub async fn pglogical_only(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
+    let dur = Duration::from_secs(scale.secs(5));
+    pglogical(scale, dur, scale.count(500_000), report).await
+}
+
 /// pglogical one way, primary (provider) -> backup (subscriber), users table only.
 async fn pglogical_setup(pair: &Pair) -> anyhow::Result<()> {
     let p = connect(&pair.primary.dsn("site")).await;
@@ -341,7 +347,16 @@ async fn pglogical_setup(pair: &Pair) -> anyhow::Result<()> {
             return Ok(());
         }
         if Instant::now() > end {
-            bail!("pglogical subscription status {st:?} after 60 s");
+            let log = |c: &Cluster| {
+                let t = std::fs::read_to_string(c.log_path()).unwrap_or_default();
+                let lines: Vec<&str> = t.lines().collect();
+                lines[lines.len().saturating_sub(8)..].join("\n")
+            };
+            bail!(
+                "pglogical subscription status {st:?} after 60 s; subscriber log:\n{}\nprovider log:\n{}",
+                log(&pair.backup),
+                log(&pair.primary)
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -577,6 +592,8 @@ async fn pglogical(
         s("max_replication_slots", "10"),
         s("max_wal_senders", "10"),
         s("track_commit_timestamp", "on"),
+        // This Debian build only loads trusted output plugins; pglogical brings its own.
+        s("output_plugin_libraries", "pgoutput, test_decoding, pglogical_output"),
     ])
     .await?;
     pglogical_setup(&pair).await?;
