@@ -24,7 +24,7 @@ pub const ROLES: [&str; 2] = ["primary", "backup"];
 pub const START_DEADLINE: Duration = Duration::from_secs(60);
 /// How long the proxy may take to move traffic after a full failure (interval 100ms, fall 2:
 /// ~0.3 s expected; the slack is for a loaded CI machine).
-pub const FAILOVER_DEADLINE: Duration = Duration::from_secs(10);
+pub const FAILOVER_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a row may take to reach the other site (target: well under a second).
 pub const REPLICATION_DEADLINE: Duration = Duration::from_secs(15);
 /// How long failback may take once the primary is back (failback_after 1s, min_dwell 1s).
