@@ -7,13 +7,16 @@ mod e2e_support;
 use std::time::{Duration, Instant};
 
 use e2e_support::{
-    Stack, StackOptions, FAILBACK_DEADLINE, FAILOVER_DEADLINE, PRIMARY, REPLICATION_DEADLINE,
+    Stack, StackOptions, BACKUP, FAILBACK_DEADLINE, FAILOVER_DEADLINE, PRIMARY,
+    REPLICATION_DEADLINE,
 };
-use gsb_tests::wait_until;
+use gsb_tests::{wait_for, wait_until};
 
 /// How long the test watches the proxy hold the backup with a healthy primary: well past
 /// `failback_after` (1s) and `min_dwell` (1s).
 const HOLD: Duration = Duration::from_secs(4);
+/// Users written straight into the backup's database during the outage.
+const BULK: i64 = 30_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_waits_for_the_replicator_to_drain() {
@@ -33,6 +36,16 @@ async fn failback_waits_for_the_replicator_to_drain() {
     stack
         .meeting_action(&url, &m_id, "start", None, "backup")
         .await;
+
+    // Many more users signed up on the backup meanwhile (written straight into its database:
+    // a backlog big enough that draining it takes a while after the replicator returns).
+    let backup_db = gsb_tests::pg::connect(&stack.dsns[BACKUP]).await;
+    backup_db
+        .batch_execute(&format!(
+            "INSERT INTO users (id, email, name) SELECT gen_random_uuid(), 'bulk' || g || '@example.com', 'Bulk ' || g FROM generate_series(1, {BULK}) g"
+        ))
+        .await
+        .expect("bulk users on the backup");
 
     stack.restart_primary().await;
     let primary_user = format!("{}/api/users/{carol_id}", stack.site_urls[PRIMARY]);
@@ -58,7 +71,39 @@ async fn failback_waits_for_the_replicator_to_drain() {
     );
 
     stack.start_replicator().await;
+    // While the replicator drains the backlog, the proxy says failback is blocked on it, with the
+    // rows it waits for, and traffic stays on the backup.
+    let saw_backlog = wait_for(
+        FAILBACK_DEADLINE,
+        "the proxy to report the backlog",
+        || async {
+            let status = stack.proxy_status().await;
+            let gate = &status["replication"];
+            if gate["failback_blocked"] == true
+                && gate["backup_to_primary_pending"].as_u64() > Some(0)
+            {
+                let still = stack.detect().await;
+                assert_eq!(
+                    still.as_deref(),
+                    Some("Backup"),
+                    "failback while {gate} rows are pending"
+                );
+                return Some(true);
+            }
+            (status["active"] == "primary").then_some(false)
+        },
+    )
+    .await;
+    assert!(
+        saw_backlog,
+        "failback happened before the proxy ever saw the backlog: make BULK larger"
+    );
+    let drain_started = Instant::now();
     stack.wait_served_by("Primary", FAILBACK_DEADLINE).await;
+    eprintln!(
+        "backlog of {BULK} users drained and traffic back on the primary {:?} after the proxy first saw the backlog",
+        drain_started.elapsed()
+    );
     // The moment traffic is back, Carol and her running meeting are on the primary.
     let r = stack.get(&format!("{url}/api/users/{carol_id}")).await;
     assert_eq!((r.status, r.site.as_str()), (200, "primary"), "{}", r.body);
@@ -77,5 +122,12 @@ async fn failback_waits_for_the_replicator_to_drain() {
         },
     )
     .await;
+    let primary_db = gsb_tests::pg::connect(&stack.dsns[PRIMARY]).await;
+    let n: i64 = primary_db
+        .query_one("SELECT count(*) FROM users WHERE email LIKE 'bulk%'", &[])
+        .await
+        .expect("counting users on the primary")
+        .get(0);
+    assert_eq!(n, BULK, "bulk users on the primary after failback");
     stack.wait_verify_equal(REPLICATION_DEADLINE).await;
 }
