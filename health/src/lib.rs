@@ -8,6 +8,7 @@
 
 pub mod counter;
 pub mod probe;
+pub mod tls;
 pub mod verdict;
 
 pub use counter::{ComponentCounter, Transition};

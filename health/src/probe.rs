@@ -1,11 +1,12 @@
-//! Probes: the I/O half of health checking. One HTTP or TCP check of one component, bounded by
-//! a timeout, reporting what it saw; no decision is taken here.
+//! Probes: the I/O half of health checking. One HTTP(S) or TCP check of one component, bounded
+//! by a timeout, reporting what it saw; no decision is taken here.
 
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -16,7 +17,7 @@ const MAX_BODY: usize = 64 * 1024;
 /// How one component is checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProbeKind {
-    /// `GET <site url><path>`; healthy when the status is in `expect_status` and the body
+    /// `GET <site url><path>` (`http://` or `https://`); healthy when the status is in `expect_status` and the body
     /// contains `body_contains` (when set).
     Http {
         /// Path on the site, starting with `/`.
@@ -53,6 +54,10 @@ pub enum ProbeError {
     /// The connection could not be opened (refused, unreachable, DNS).
     #[error("connect failed: {0}")]
     Connect(String),
+    /// The TLS handshake failed: the site's certificate is not trusted (not signed by the
+    /// configured CA or the system roots), does not name the URL's host, or has expired.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     /// The site answered with a status outside the accepted range.
     #[error("status {0}")]
     Status(u16),
@@ -91,24 +96,39 @@ pub struct ProbeOutcome {
     pub detail: String,
 }
 
-/// Runs probes over one pooled HTTP client (connections to a site are reused between rounds).
+/// Runs probes over one pooled HTTP(S) client (connections to a site are reused between
+/// rounds).
 #[derive(Clone, Debug)]
 pub struct Prober {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
     timeout: Duration,
 }
 
 impl Prober {
-    /// A prober whose probes each fail after `timeout`.
+    /// A prober whose probes each fail after `timeout`; `https://` sites are verified against
+    /// the system roots.
     pub fn new(timeout: Duration) -> Self {
+        Prober::with_tls(timeout, crate::tls::with_roots(crate::tls::system_roots()))
+    }
+
+    /// A prober whose `https://` probes verify the site's certificate with `tls` (see
+    /// [`crate::tls::client_config`]); SNI and the certificate name come from the URL's host.
+    pub fn with_tls(timeout: Duration, tls: rustls::ClientConfig) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
+        // The TLS layer above decides the scheme; the TCP connector must accept https URIs.
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(4)
-            .build(connector);
+            .build(https);
         Prober { client, timeout }
     }
 
@@ -165,9 +185,9 @@ impl Prober {
                 let uri: http::Uri = url
                     .parse()
                     .map_err(|e| ProbeError::Invalid(format!("{url}: {e}")))?;
-                if uri.scheme_str() != Some("http") {
+                if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
                     return Err(ProbeError::Invalid(format!(
-                        "{url}: only http:// sites can be probed"
+                        "{url}: only http:// and https:// sites can be probed"
                     )));
                 }
                 let req = http::Request::get(uri)
@@ -175,7 +195,9 @@ impl Prober {
                     .body(Empty::new())
                     .map_err(|e| ProbeError::Invalid(e.to_string()))?;
                 let resp = self.client.request(req).await.map_err(|e| {
-                    if e.is_connect() {
+                    if let Some(tls) = crate::tls::tls_failure(&e) {
+                        ProbeError::Tls(tls)
+                    } else if e.is_connect() {
                         ProbeError::Connect(error_chain(&e))
                     } else {
                         ProbeError::Request(error_chain(&e))
@@ -216,6 +238,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -230,30 +253,118 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
+                let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
+                tokio::spawn(answer(sock, status, body, hang));
+            }
+        });
+        (url, task)
+    }
+
+    /// The same server over TLS with `cert` (signed for `localhost`); its URL uses `localhost`.
+    async fn tls_server(
+        cert: rustls::pki_types::CertificateDer<'static>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> (String, tokio::task::JoinHandle<()>) {
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "https://localhost:{}",
+            listener.local_addr().unwrap().port()
+        );
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    loop {
-                        match sock.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) if hang => continue,
-                            Ok(_) => {
-                                let resp = format!(
-                                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\n\r\n{body}",
-                                    body.len()
-                                );
-                                if sock.write_all(resp.as_bytes()).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
+                    if let Ok(tls) = acceptor.accept(sock).await {
+                        answer(tls, 200, "ok", false).await;
                     }
                 });
             }
         });
         (url, task)
+    }
+
+    async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        mut sock: S,
+        status: u16,
+        body: &'static str,
+        hang: bool,
+    ) {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) if hang => continue,
+                Ok(_) => {
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if sock.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A CA named `ca_name` and a `localhost` certificate it signed: (CA store, leaf cert, key).
+    fn ca_and_leaf(
+        ca_name: &str,
+    ) -> (
+        rustls::RootCertStore,
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, ca_name);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca_cert, &ca_key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+        (roots, leaf.der().clone(), key)
+    }
+
+    #[tokio::test]
+    async fn https_probe_trusts_only_the_configured_ca() {
+        let (roots, cert, key) = ca_and_leaf("gsb test CA");
+        let (url, task) = tls_server(cert, key).await;
+        let trusting = Prober::with_tls(Duration::from_secs(2), crate::tls::with_roots(roots));
+        let ok = trusting
+            .probe(&url, &http("/health", 200..=399, Some("ok")))
+            .await;
+        assert!(ok.ok && ok.connected, "{ok:?}");
+
+        let (other_ca, _, _) = ca_and_leaf("another CA");
+        let strict = Prober::with_tls(Duration::from_secs(2), crate::tls::with_roots(other_ca));
+        let bad = strict.probe(&url, &http("/health", 200..=399, None)).await;
+        assert!(!bad.ok && !bad.connected, "{bad:?}");
+        assert!(
+            bad.detail.starts_with("TLS handshake failed") && bad.detail.contains("UnknownIssuer"),
+            "{bad:?}"
+        );
+        task.abort();
     }
 
     fn http(path: &str, expect: RangeInclusive<u16>, body: Option<&str>) -> ProbeSpec {
