@@ -34,6 +34,11 @@ use anyhow::bail;
 pub struct Scale(f64);
 
 impl Scale {
+    /// The factor itself.
+    pub fn factor(&self) -> f64 {
+        self.0
+    }
+
     /// A duration in whole seconds, at least 1.
     pub fn secs(&self, full: u64) -> u64 {
         ((full as f64 * self.0).round() as u64).max(1)
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
     let mut what = "all".to_owned();
     let mut scale = Scale(1.0);
     let mut install = false;
+    let mut rows = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -68,6 +74,8 @@ fn main() -> anyhow::Result<()> {
                 scale = Scale(it.next().and_then(|s| s.parse().ok()).unwrap_or(1.0));
             }
             "--install" => install = true,
+            // A child run (the failover benchmark inside a network namespace) hands back rows.
+            "--rows" => rows = true,
             "proxy" | "failover" | "replication" | "pglogical" | "config" | "all" => what = a.clone(),
             other => bail!("unknown argument {other:?}: bench [proxy|failover|replication|config|all] [--scale X] [--install]"),
         }
@@ -112,7 +120,11 @@ fn main() -> anyhow::Result<()> {
                 report.note(&format!("config copy benchmark aborted: {e:#}"));
             }
         }
-        println!("{}", report.render());
+        if rows {
+            print!("{}", report.rows_text());
+        } else {
+            println!("{}", report.render());
+        }
         Ok(())
     })
 }
@@ -139,7 +151,21 @@ fn machine(report: &mut report::Report) {
         sh("nginx -v 2>&1"),
         sh("wrk -v 2>&1 | head -1"),
     ));
-    report.note(&format!("gsb binary: {}", gsb_tests::gsb_bin().display()));
+    report.note(&format!(
+        "gsb binary: {} (built {}), work tree at commit {}",
+        gsb_tests::gsb_bin().display(),
+        sh(&format!(
+            "date -u -r {} +%FT%TZ",
+            gsb_tests::gsb_bin().display()
+        )),
+        sh(&format!(
+            "cd {} && git rev-parse --short HEAD 2>/dev/null",
+            gsb_tests::gsb_bin()
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        )),
+    ));
 }
 
 /// Installs the Debian packages of missing contenders; Bucardo is attempted but optional.

@@ -1,5 +1,6 @@
 //! Benchmark 1 (proxy data path) and 2 (failover).
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -173,10 +174,51 @@ enum Failure {
     Kill,
     /// SIGSTOP: the kernel still completes TCP handshakes (backlog), nothing answers: a hang.
     Stop,
+    /// iptables DROP of every packet to the primary's port (inside a network namespace of our
+    /// own): connects and open connections hang, a real black hole.
+    BlackHole,
 }
 
 /// Runs the failover benchmark: gsb (defaults, fast) and HAProxy (defaults, gsb's settings, fast).
+/// Runs the failover benchmark; the hang case is a real black hole (iptables DROP) when this
+/// process can run itself in a fresh network namespace, else SIGSTOP of the primary.
 pub async fn failover(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
+    if std::env::var_os("BENCH_IN_NETNS").is_some() {
+        return failover_with(scale, report, Failure::BlackHole).await;
+    }
+    let netns_ok = Command::new("sh")
+        .args(["-c", "command -v iptables >/dev/null && unshare -n true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !netns_ok {
+        report.note(
+            "failover: no network namespace or iptables here: the hang case is a SIGSTOPped \
+             primary, not a black hole (apt-get install iptables; needs CAP_SYS_ADMIN)",
+        );
+        return failover_with(scale, report, Failure::Stop).await;
+    }
+    let exe = std::env::current_exe()?;
+    let out = tokio::process::Command::new("unshare")
+        .args([
+            "-n",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$0\" failover --scale \"$1\" --rows",
+        ])
+        .arg(&exe)
+        .arg(scale.factor().to_string())
+        .env("BENCH_IN_NETNS", "1")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await?;
+    if !out.status.success() {
+        anyhow::bail!("failover in a network namespace exited with {}", out.status);
+    }
+    report.absorb(&String::from_utf8_lossy(&out.stdout));
+    Ok(())
+}
+
+async fn failover_with(scale: &Scale, report: &mut Report, hang: Failure) -> anyhow::Result<()> {
     let get_rate = 200.0;
     let post_rate = 100.0;
     report.setup(
@@ -184,8 +226,9 @@ pub async fn failover(scale: &Scale, report: &mut Report) -> anyhow::Result<()> 
         &format!(
             "primary+backup upstream processes; steady load {get_rate} GET/s + {post_rate} POST/s \
              open-loop (client timeout 3 s); the primary is SIGKILLed (connects refused) or \
-             SIGSTOPped (connects complete in the kernel backlog but nothing answers: stands in \
-             for a black hole, no netns used) 1 s into the load. Detection = failure -> first \
+             black-holed 1 s into the load: the whole run happens in a network namespace of \
+             its own (unshare -n) where `iptables -A INPUT -p tcp --dport <primary> -j DROP` \
+             makes new connects and open connections hang (fallback without netns: SIGSTOP). Detection = failure -> first \
              2xx answer from the backup. gsb default probe = interval 500ms timeout 400ms fall 3; \
              fast = interval {}ms timeout {}ms fall {}; HAProxy default = `check` (inter 2s fall 3).",
             FAST.interval_ms, FAST.timeout_ms, FAST.fall
@@ -199,10 +242,11 @@ pub async fn failover(scale: &Scale, report: &mut Report) -> anyhow::Result<()> 
         (Kind::Haproxy, "fast", Some(FAST), 6),
     ];
     for (kind, profile, probe, secs) in cases {
-        for failure in [Failure::Kill, Failure::Stop] {
+        for failure in [Failure::Kill, hang] {
             let fname = match failure {
                 Failure::Kill => "kill",
-                Failure::Stop => "hang",
+                Failure::Stop => "hang (SIGSTOP)",
+                Failure::BlackHole => "black hole",
             };
             // HAProxy "default" with gsb's probe settings is reported under gsb's default column.
             let col = match (kind, probe) {
@@ -275,6 +319,13 @@ async fn failover_case(
     match failure {
         Failure::Kill => kill(pid, Signal::SIGKILL)?,
         Failure::Stop => kill(pid, Signal::SIGSTOP)?,
+        Failure::BlackHole => {
+            let port = primary.port.to_string();
+            let st = Command::new("iptables")
+                .args(["-A", "INPUT", "-p", "tcp", "--dport", &port, "-j", "DROP"])
+                .status()?;
+            anyhow::ensure!(st.success(), "iptables DROP failed");
+        }
     }
     let (grec, gstart) = get.await?;
     let (prec, _) = post.await?;

@@ -410,7 +410,7 @@ pub async fn replication(scale: &Scale, report: &mut Report) -> anyhow::Result<(
     let dur = Duration::from_secs(scale.secs(5));
     let big = scale.count(500_000);
     let each = scale.count(100_000);
-    let pgb_secs = scale.secs(10);
+    let pgb_secs = scale.secs(5);
     report.setup(
         "replication",
         &format!(
@@ -593,7 +593,10 @@ async fn pglogical(
         s("max_wal_senders", "10"),
         s("track_commit_timestamp", "on"),
         // This Debian build only loads trusted output plugins; pglogical brings its own.
-        s("output_plugin_libraries", "pgoutput, test_decoding, pglogical_output"),
+        s(
+            "output_plugin_libraries",
+            "pgoutput, test_decoding, pglogical_output",
+        ),
     ])
     .await?;
     pglogical_setup(&pair).await?;

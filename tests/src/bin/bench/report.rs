@@ -61,6 +61,45 @@ impl Report {
         self.notes.push(text.to_owned());
     }
 
+    /// Rows, setups and notes as tab-separated lines, for a child run (`--rows`) to hand back.
+    pub fn rows_text(&self) -> String {
+        let mut s = String::new();
+        for (g, t) in &self.setups {
+            s.push_str(&format!("SETUP\t{g}\t{t}\n"));
+        }
+        for r in &self.rows {
+            for (c, v) in &r.values {
+                s.push_str(&format!(
+                    "ROW\t{}\t{}\t{}\t{}\t{c}\t{v}\n",
+                    r.group, r.metric, r.unit, r.lower_better
+                ));
+            }
+        }
+        for n in &self.notes {
+            s.push_str(&format!("NOTE\t{}\n", n.replace('\n', " ")));
+        }
+        s
+    }
+
+    /// Takes in what a child run printed with [`Report::rows_text`].
+    pub fn absorb(&mut self, text: &str) {
+        for line in text.lines() {
+            let f: Vec<&str> = line.split('\t').collect();
+            match f.as_slice() {
+                ["SETUP", g, t] => self.setup(g, t),
+                ["ROW", g, m, u, lb, c, v] => {
+                    if let Ok(v) = v.parse() {
+                        self.put(g, m, u, *lb == "true", c, v);
+                    }
+                }
+                ["NOTE", n] if !n.starts_with("machine:") && !n.starts_with("gsb binary:") => {
+                    self.note(n)
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// The whole report as Markdown.
     pub fn render(&self) -> String {
         let mut s = String::new();
