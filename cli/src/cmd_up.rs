@@ -79,6 +79,8 @@ struct Supervised {
     log: PathBuf,
     /// URL answering 200 once the child is ready.
     ready_url: String,
+    /// Text the ready answer must contain (the replicator answers while still a standby).
+    ready_text: &'static str,
     child: Option<Child>,
 }
 
@@ -215,6 +217,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
             // Meetings answer only once the site reached its database and installed its tables,
             // which the replicator (started next) needs.
             ready_url: format!("http://127.0.0.1:{port}/health/meetings"),
+            ready_text: "",
             child: None,
         }
     };
@@ -227,6 +230,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
             args: vec!["replicator".into(), "--config".into(), config_arg.clone()],
             log: logs.join("replicator.log"),
             ready_url: format!("http://{replicator_listen}/status"),
+            ready_text: "\"active\":true",
             child: None,
         },
         Supervised {
@@ -234,6 +238,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
             args: vec!["proxy".into(), "--config".into(), config_arg.clone()],
             log: logs.join("proxy.log"),
             ready_url: format!("http://{}/healthz", opts.admin_listen),
+            ready_text: "",
             child: None,
         },
     ];
@@ -438,7 +443,12 @@ async fn wait_ready(
     let deadline = Instant::now() + READY_DEADLINE;
     loop {
         if let Ok(resp) = http.get(&child.ready_url).send().await {
-            if resp.status().is_success() {
+            if resp.status().is_success()
+                && resp
+                    .text()
+                    .await
+                    .is_ok_and(|t| t.contains(child.ready_text))
+            {
                 return Ok(());
             }
         }

@@ -105,7 +105,10 @@ impl Proc {
     /// SIGKILL (a crash) and reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = signal::kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            // Only signal a child not yet reaped: a reaped pid may already name another process.
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = signal::kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            }
             let _ = c.wait();
         }
     }

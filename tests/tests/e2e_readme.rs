@@ -21,7 +21,7 @@ const STEP4_LIST: &str = "curl localhost:8080/api/meetings";
 const STEP5: &str =
     r#"curl -s -H "$json" localhost:8080/api/users -d '{"email":"bob@example.com","name":"Bob"}'"#;
 const STEP6_LIST: &str = "curl localhost:8080/api/users";
-const STEP7: &str = "cargo run -p gsb -- verify --config /var/tmp/gsb-demo/gsb.toml";
+const STEP7: &str = "gsb verify --config /var/tmp/gsb-demo/gsb.toml";
 const DRILL_FAULT: &str = r#"curl -H 'content-type: application/json' <primary site URL>/_faults -d '{"component":"meetings","broken":true}'"#;
 const DRILL_TOKEN: &str = "export GSB_ADMIN_TOKEN=$(cat /var/tmp/gsb-demo/admin.token)";
 const DRILL_FAILOVER: &str = r#"gsb failover --to backup --reason "meetings broken on primary""#;
