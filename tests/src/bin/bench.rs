@@ -120,6 +120,11 @@ fn main() -> anyhow::Result<()> {
                 report.note(&format!("config copy benchmark aborted: {e:#}"));
             }
         }
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        report.note(&format!(
+            "load average at the end (1/5/15 min): {}",
+            load.trim()
+        ));
         if rows {
             print!("{}", report.rows_text());
         } else {
@@ -150,6 +155,10 @@ fn machine(report: &mut report::Report) {
         sh("haproxy -v | head -1"),
         sh("nginx -v 2>&1"),
         sh("wrk -v 2>&1 | head -1"),
+    ));
+    report.note(&format!(
+        "load average at the start (1/5/15 min): {}",
+        sh("cat /proc/loadavg")
     ));
     report.note(&format!(
         "gsb binary: {} (built {}), work tree at commit {}",

@@ -92,7 +92,11 @@ impl Report {
                         self.put(g, m, u, *lb == "true", c, v);
                     }
                 }
-                ["NOTE", n] if !n.starts_with("machine:") && !n.starts_with("gsb binary:") => {
+                ["NOTE", n]
+                    if !["machine:", "gsb binary:", "load average"]
+                        .iter()
+                        .any(|p| n.starts_with(p)) =>
+                {
                     self.note(n)
                 }
                 _ => {}
