@@ -171,6 +171,39 @@ pub struct SiteConfig {
     /// URL clients are redirected to in `mode = "redirect"`; defaults to `url`.
     #[serde(default)]
     pub public_url: Option<String>,
+    /// PEM file of the CA(s) that sign an `https://` site's certificate (a private CA); when set
+    /// only these are trusted, by default the system roots are. Relative to the config file;
+    /// read at start and at each reload.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// What a site's TLS client depends on: its `url`, its `ca_file` path and that file's content
+/// (so a reload after the CA file was replaced in place rebuilds the client too).
+pub type TrustKey = (String, Option<PathBuf>, Option<Vec<u8>>);
+
+impl SiteConfig {
+    /// This site's [`TrustKey`]; an unreadable file reads as no content (building the client
+    /// then reports the error).
+    pub fn trust_key(&self) -> TrustKey {
+        let content = self.ca_file.as_ref().and_then(|p| std::fs::read(p).ok());
+        (self.url.clone(), self.ca_file.clone(), content)
+    }
+
+    /// The rustls client config the proxy and its probes use toward this site (`key` is
+    /// `sites.primary` or `sites.backup`): `ca_file` read and parsed, else the system roots.
+    /// An `http://` site gets an empty trust store (no TLS is ever spoken to it).
+    pub fn client_tls(&self, key: &str) -> Result<rustls::ClientConfig, crate::tls::TlsError> {
+        if !self.url.starts_with("https://") {
+            return Ok(gsb_health::tls::with_roots(rustls::RootCertStore::empty()));
+        }
+        gsb_health::tls::client_config(self.ca_file.as_deref()).map_err(|source| {
+            crate::tls::TlsError::CaFile {
+                key: format!("{key}.ca_file"),
+                source,
+            }
+        })
+    }
 }
 
 /// `[health]`.
@@ -354,6 +387,11 @@ impl Config {
             tls.cert = beside(&tls.cert);
             tls.key = beside(&tls.key);
         }
+        for site in [&mut self.sites.primary, &mut self.sites.backup] {
+            if let Some(ca) = &mut site.ca_file {
+                *ca = beside(ca);
+            }
+        }
     }
 
     /// Checks what serde cannot: ranges, URLs, time zones, consistency.
@@ -365,6 +403,23 @@ impl Config {
             validate_url(&format!("{key}.url"), &site.url)?;
             if let Some(public) = &site.public_url {
                 validate_url(&format!("{key}.public_url"), public)?;
+            }
+            if let Some(ca) = &site.ca_file {
+                if ca.as_os_str().is_empty() {
+                    return Err(invalid(
+                        format!("{key}.ca_file"),
+                        "is empty; give the PEM file of the site's CA, or remove the key to trust the system roots",
+                    ));
+                }
+                if !site.url.starts_with("https://") {
+                    return Err(invalid(
+                        format!("{key}.ca_file"),
+                        format!(
+                            "is only used for an https:// url, but url is {:?}; remove ca_file or use https://",
+                            site.url
+                        ),
+                    ));
+                }
             }
         }
         if !(0.0..=1.0).contains(&self.proxy.retry_budget) {
@@ -508,4 +563,81 @@ pub fn parse_weekday(s: &str) -> Option<chrono::Weekday> {
 /// Parses `HH:MM` (24h).
 pub fn parse_hh_mm(s: &str) -> Option<chrono::NaiveTime> {
     chrono::NaiveTime::parse_from_str(s.trim(), "%H:%M").ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(backup_extra: &str, backup_url: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(&format!(
+            "[sites.primary]\nurl = \"https://primary.example\"\n\
+             [sites.backup]\nurl = \"{backup_url}\"\n{backup_extra}\n"
+        ))
+    }
+
+    #[test]
+    fn ca_file_needs_an_https_url_and_a_path() {
+        let e = config("ca_file = \"ca.pem\"", "http://127.0.0.1:2").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("sites.backup.ca_file: is only used for an https:// url"),
+            "{e}"
+        );
+        let e = config("ca_file = \"\"", "https://b.example").unwrap_err();
+        assert!(
+            e.to_string().starts_with("sites.backup.ca_file: is empty"),
+            "{e}"
+        );
+        let e = config("ca_file = 3", "https://b.example").unwrap_err();
+        assert!(e.to_string().contains("ca_file"), "{e}");
+        let ok = config("ca_file = \"ca.pem\"", "https://b.example").expect("valid");
+        assert_eq!(
+            ok.sites.backup.ca_file.as_deref(),
+            Some(Path::new("ca.pem"))
+        );
+        assert_eq!(ok.sites.primary.ca_file, None);
+    }
+
+    #[test]
+    fn ca_file_is_resolved_beside_the_config() {
+        let mut c = config("ca_file = \"certs/ca.pem\"", "https://b.example").unwrap();
+        c.resolve_paths(Path::new("/srv/gsb/gsb.toml"));
+        assert_eq!(
+            c.sites.backup.ca_file.as_deref(),
+            Some(Path::new("/srv/gsb/certs/ca.pem"))
+        );
+    }
+
+    #[test]
+    fn ca_file_must_be_readable_and_hold_a_ca_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config("ca_file = \"ca.pem\"", "https://b.example").unwrap();
+        c.resolve_paths(&dir.path().join("gsb.toml"));
+        let site = &c.sites.backup;
+
+        let e = site.client_tls("sites.backup").unwrap_err().to_string();
+        assert!(
+            e.starts_with("sites.backup.ca_file: ") && e.contains("cannot read it"),
+            "{e}"
+        );
+
+        std::fs::write(dir.path().join("ca.pem"), "not a certificate\n").unwrap();
+        let e = site.client_tls("sites.backup").unwrap_err().to_string();
+        assert!(
+            e.starts_with("sites.backup.ca_file: ") && e.contains("no CERTIFICATE"),
+            "{e}"
+        );
+
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.example".into()]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+        site.client_tls("sites.backup")
+            .expect("a PEM CA is accepted");
+        // Without ca_file an https site trusts the system roots; an http site needs no TLS.
+        c.sites
+            .primary
+            .client_tls("sites.primary")
+            .expect("system roots");
+    }
 }

@@ -64,6 +64,9 @@ pub enum ControlError {
     /// The config could not be turned into probes or windows.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// A site's `ca_file` cannot be used for the probes.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The control task has stopped (shutdown).
     #[error("the control task has stopped")]
     Stopped,
@@ -257,6 +260,10 @@ pub struct ControlConfig {
     timeout: Duration,
     interval: Duration,
     urls: [String; 2],
+    /// Each site's trust inputs (to know when a reload must rebuild its prober).
+    trust: [crate::config::TrustKey; 2],
+    /// Each site's TLS client config for its probes.
+    tls: [rustls::ClientConfig; 2],
     schedule: Schedule,
     replicator_status: Option<String>,
     state_file: Option<PathBuf>,
@@ -277,6 +284,14 @@ impl ControlConfig {
             urls: [
                 config.sites.primary.url.clone(),
                 config.sites.backup.url.clone(),
+            ],
+            trust: [
+                config.sites.primary.trust_key(),
+                config.sites.backup.trust_key(),
+            ],
+            tls: [
+                config.sites.primary.client_tls("sites.primary")?,
+                config.sites.backup.client_tls("sites.backup")?,
             ],
             schedule: Schedule::from_config(&config.maintenance)?,
             replicator_status: config.failover.replicator_status.clone(),
@@ -311,7 +326,10 @@ struct Control {
     health: [SiteHealth; 2],
     specs: Vec<ProbeSpec>,
     urls: [String; 2],
-    prober: Prober,
+    /// Each site's trust inputs (url, ca_file, CA content), as its prober was built with.
+    trust: [crate::config::TrustKey; 2],
+    /// One prober per site: each trusts its own site's CA.
+    probers: [Prober; 2],
     router: Arc<Router>,
     passive: Arc<PassiveHealth>,
     metrics: ProxyMetrics,
@@ -426,7 +444,8 @@ pub async fn start(
             .replicator_status
             .clone()
             .map(|url| replicator_poll(url, cc.timeout)),
-        prober: Prober::new(cc.timeout),
+        probers: cc.tls.map(|tls| Prober::with_tls(cc.timeout, tls)),
+        trust: cc.trust,
         router,
         passive,
         metrics,
@@ -625,9 +644,12 @@ impl Control {
                 self.health[i].reconfigure(&self.specs, &new.specs, new.rise, new.fall);
             }
         }
-        if new.timeout != self.prober.timeout() {
-            self.prober = Prober::new(new.timeout);
+        for (i, tls) in new.tls.into_iter().enumerate() {
+            if new.timeout != self.probers[i].timeout() || self.trust[i] != new.trust[i] {
+                self.probers[i] = Prober::with_tls(new.timeout, tls);
+            }
         }
+        self.trust = new.trust;
         let replicator_changed = self.replicator.as_ref().map(|r| &r.url)
             != new.replicator_status.as_ref()
             || self
@@ -655,8 +677,8 @@ impl Control {
         let started = Instant::now();
         let replicator = self.replicator.as_mut();
         let (primary, backup, backlog) = tokio::join!(
-            self.prober.probe_site(&self.urls[0], &self.specs),
-            self.prober.probe_site(&self.urls[1], &self.specs),
+            self.probers[0].probe_site(&self.urls[0], &self.specs),
+            self.probers[1].probe_site(&self.urls[1], &self.specs),
             async {
                 match replicator {
                     Some(r) => Some(r.poll().await),

@@ -15,6 +15,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -74,10 +75,9 @@ impl Target {
             .parse()
             .map_err(|_| Error::Client(format!("{key}.url: not a URL: {url:?}")))?;
         let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
-        if scheme != Scheme::HTTP {
-            // TLS to the sites is not built yet: say so at start instead of failing every request.
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return Err(Error::Client(format!(
-                "{key}.url: only http:// sites are supported by the forwarder, got {url:?}"
+                "{key}.url: expected http:// or https://, got {url:?}"
             )));
         }
         let authority = uri
@@ -112,10 +112,82 @@ impl Target {
     }
 }
 
+/// A pooled client to one site: plain TCP for `http://`, rustls for `https://`.
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
+
+/// What the pooled clients are built with; bound at start (a change needs a restart).
+#[derive(Clone, Copy, Debug)]
+struct ClientOptions {
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+/// The pooled clients of one site.
+#[derive(Clone, Debug)]
+struct SiteClients {
+    /// What the clients were built for: a reload that changes none of it (url, ca_file, the
+    /// file's content) keeps them and their warm connections.
+    built_for: crate::config::TrustKey,
+    /// Ordinary requests; on `https://` sites ALPN offers h2 and http/1.1.
+    main: UpstreamClient,
+    /// Upgrade requests (WebSocket): HTTP/1.1 only, since an HTTP/1.1 `Upgrade` cannot ride
+    /// an h2 connection. The same client as `main` for `http://` sites.
+    upgrade: UpstreamClient,
+}
+
+impl SiteClients {
+    fn build(
+        key: &str,
+        site: &crate::config::SiteConfig,
+        built_for: crate::config::TrustKey,
+        opts: ClientOptions,
+    ) -> Result<SiteClients, Error> {
+        let tls = site.client_tls(key)?;
+        let main = upstream_client(opts, tls.clone(), true);
+        let upgrade = if site.url.starts_with("https://") {
+            upstream_client(opts, tls, false)
+        } else {
+            main.clone()
+        };
+        Ok(SiteClients {
+            built_for,
+            main,
+            upgrade,
+        })
+    }
+}
+
+/// One pooled client; `h2` offers h2 besides http/1.1 in the TLS handshake (the pool speaks
+/// whichever the site picks; plain `http://` stays HTTP/1.1).
+fn upstream_client(opts: ClientOptions, tls: rustls::ClientConfig, h2: bool) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(opts.connect_timeout));
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(Duration::from_secs(30)));
+    // The TLS layer decides the scheme; the TCP connector must let https URIs through.
+    connector.enforce_http(false);
+    let builder = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1();
+    let https = if h2 {
+        builder.enable_http2().wrap_connector(connector)
+    } else {
+        builder.wrap_connector(connector)
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(opts.idle_timeout)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_max_idle_per_host(256)
+        .build(https)
+}
+
 /// Everything the request path needs, shared by all connections.
 #[derive(Debug)]
 pub struct Forwarder {
-    client: Client<HttpConnector, ReqBody>,
+    /// The pooled clients' build options (for clients rebuilt on reload).
+    client_opts: ClientOptions,
     router: Arc<Router>,
     passive: Arc<PassiveHealth>,
     metrics: ProxyMetrics,
@@ -135,16 +207,35 @@ pub struct Forwarder {
 #[derive(Debug)]
 pub struct Settings {
     targets: [Target; 2],
+    /// Per site; rebuilt on reload only when the site's `url` or `ca_file` changed.
+    clients: [SiteClients; 2],
     mode: Mode,
     upstream_timeout: Duration,
     request_log: bool,
 }
 
 impl Settings {
-    /// The settings of `config`; fails on a site URL the forwarder cannot use.
-    pub fn from_config(config: &Config) -> Result<Settings, Error> {
+    /// The settings of `config`; fails on a site URL the forwarder cannot use or a `ca_file`
+    /// that cannot be read. Clients of `previous` are reused for sites whose `url`,
+    /// `ca_file` and CA content did not change.
+    fn build(
+        config: &Config,
+        opts: ClientOptions,
+        previous: Option<&Settings>,
+    ) -> Result<Settings, Error> {
         let (p, s) = (&config.proxy, &config.sites);
+        let clients = |i: usize, key: &str, site: &crate::config::SiteConfig| {
+            let trust = site.trust_key();
+            match previous.map(|prev| &prev.clients[i]) {
+                Some(c) if c.built_for == trust => Ok(c.clone()),
+                _ => SiteClients::build(key, site, trust, opts),
+            }
+        };
         Ok(Settings {
+            clients: [
+                clients(0, "sites.primary", &s.primary)?,
+                clients(1, "sites.backup", &s.backup)?,
+            ],
             targets: [
                 Target::parse(
                     "sites.primary",
@@ -171,6 +262,8 @@ struct Outgoing {
     method: Method,
     pq: Option<PathAndQuery>,
     headers: HeaderMap,
+    /// An `Upgrade` request: sent on the HTTP/1.1-only client.
+    upgrade: bool,
 }
 
 impl Forwarder {
@@ -185,20 +278,15 @@ impl Forwarder {
         hard_stop: CancellationToken,
     ) -> Result<Forwarder, Error> {
         let p = &config.proxy;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(p.connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(30)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(p.idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .pool_max_idle_per_host(256)
-            .build(connector);
-        let settings = ArcSwap::from_pointee(Settings::from_config(config)?);
+        let client_opts = ClientOptions {
+            connect_timeout: p.connect_timeout,
+            idle_timeout: p.idle_timeout,
+        };
+        let settings = ArcSwap::from_pointee(Settings::build(config, client_opts, None)?);
         let durations =
             Site::ALL.map(|site| metrics.request_duration.with_label_values(&[site.as_str()]));
         Ok(Forwarder {
-            client,
+            client_opts,
             router,
             passive,
             metrics,
@@ -209,6 +297,13 @@ impl Forwarder {
             tracker,
             hard_stop,
         })
+    }
+
+    /// Builds the settings of a reloaded `config` without applying them (see
+    /// [`Forwarder::reconfigure`]); sites whose `url`, `ca_file` and CA content did not change keep their
+    /// pooled connections.
+    pub fn prepare(&self, config: &Config) -> Result<Settings, Error> {
+        Settings::build(config, self.client_opts, Some(&self.settings.load()))
     }
 
     /// Swaps in reloaded settings: requests starting from now use them; requests already
@@ -323,6 +418,7 @@ impl Forwarder {
             method: parts.method,
             pq: parts.uri.path_and_query().cloned(),
             headers,
+            upgrade: upgrade.is_some(),
         };
 
         let first = route.active;
@@ -417,7 +513,13 @@ impl Forwarder {
         // Sites are spoken to in HTTP/1.1 whatever the client used.
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
-        let exchange = tokio::time::timeout(settings.upstream_timeout, self.client.request(req));
+        let clients = &settings.clients[site.index()];
+        let client = if out.upgrade {
+            &clients.upgrade
+        } else {
+            &clients.main
+        };
+        let exchange = tokio::time::timeout(settings.upstream_timeout, client.request(req));
         // A request still waiting for its answer when the old site's drain ends is cut too.
         let result = tokio::select! {
             r = exchange => r,
@@ -681,6 +783,11 @@ mod tests {
             "http://10.0.0.1/meet/a/b?c=1"
         );
         assert_eq!(t.redirect_base, "https://b.example");
-        assert!(Target::parse("sites.backup", "https://10.0.0.1", None).is_err());
+        let t = Target::parse("sites.backup", "https://meet.example:8443/", None).expect("https");
+        assert_eq!(
+            t.uri(Some(&pq)).expect("uri").to_string(),
+            "https://meet.example:8443/a/b?c=1"
+        );
+        assert!(Target::parse("sites.backup", "ftp://10.0.0.1", None).is_err());
     }
 }

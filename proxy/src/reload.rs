@@ -168,7 +168,7 @@ impl Reloader {
     fn prepare(&self) -> Result<Prepared, String> {
         let mut config = Config::load(&self.path).map_err(|e| e.to_string())?;
         config.resolve_paths(&self.path);
-        let settings = Settings::from_config(&config).map_err(|e| e.to_string())?;
+        let settings = self.forwarder.prepare(&config).map_err(|e| e.to_string())?;
         let control = ControlConfig::from_config(&config).map_err(|e| e.to_string())?;
         let token = crate::runner::read_token(&config).map_err(|e| e.to_string())?;
         let tls = match (&self.certs, &config.proxy.tls) {

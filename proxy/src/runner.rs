@@ -31,8 +31,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// Runs the proxy until `shutdown` is cancelled, then stops accepting, lets in-flight work
 /// finish (at most [`SHUTDOWN_GRACE`]) and returns `Ok`.
 ///
-/// Everything that can be wrong with the config (token file, TLS files, ports in use) is
-/// reported before any task starts.
+/// Everything that can be wrong with the config (token file, TLS files, site `ca_file`s, ports
+/// in use) is reported before any task starts.
 pub async fn run(
     config: Config,
     registry: prometheus::Registry,
@@ -69,18 +69,12 @@ async fn run_inner(
     };
     let tls_config = certs.as_ref().map(|c| c.server_config()).transpose()?;
 
-    let public = server::bind(config.proxy.listen, "proxy.listen").await?;
-    let tls_listener = match &config.proxy.tls {
-        Some(t) => Some(server::bind(t.listen, "proxy.tls.listen").await?),
-        None => None,
-    };
-    let admin = server::bind(config.admin.listen, "admin.listen").await?;
-
     let router = Router::new(RouteSnapshot::initial(Site::Primary));
     let passive = Arc::new(PassiveHealth::default());
     let tracker = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     let drain = Arc::new(Drain::default());
+    // Built before binding: a site URL or `ca_file` that cannot be used stops the start first.
     let forwarder = Arc::new(Forwarder::new(
         &config,
         router.clone(),
@@ -90,6 +84,13 @@ async fn run_inner(
         tracker.clone(),
         hard_stop.clone(),
     )?);
+
+    let public = server::bind(config.proxy.listen, "proxy.listen").await?;
+    let tls_listener = match &config.proxy.tls {
+        Some(t) => Some(server::bind(t.listen, "proxy.tls.listen").await?),
+        None => None,
+    };
+    let admin = server::bind(config.admin.listen, "admin.listen").await?;
 
     let control = crate::control::start(
         &config,

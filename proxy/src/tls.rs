@@ -40,6 +40,14 @@ pub enum TlsError {
         /// What is missing or wrong.
         message: String,
     },
+    /// A site's `ca_file` cannot be read or holds no usable CA certificate.
+    #[error("{key}: {source}")]
+    CaFile {
+        /// `sites.primary.ca_file` or `sites.backup.ca_file`.
+        key: String,
+        /// What is wrong with the file.
+        source: gsb_health::tls::CaFileError,
+    },
     /// rustls refused the pair (unsupported key type, key does not match the certificate...).
     #[error("proxy.tls: {cert} / {key}: {source}")]
     Rustls {
