@@ -16,6 +16,9 @@
 //!
 //! [`Upstream::stop`] closes the listener and every open connection (a dead site: connections
 //! are refused); [`Upstream::restart`] listens again on the same port.
+//!
+//! [`start_tls`] starts the same site behind TLS (ALPN h2 and http/1.1) with a certificate the
+//! test made, e.g. signed by its own CA; its [`Upstream::url`] is `https://localhost:<port>`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -60,6 +63,8 @@ struct Inner {
     per_path: Mutex<HashMap<String, u64>>,
     /// The current run: cancelled by `stop`, replaced by `restart`.
     run: Mutex<Option<Run>>,
+    /// Set for an HTTPS site: every accepted connection does the TLS handshake first.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug)]
@@ -75,6 +80,41 @@ pub async fn start(name: &str) -> Upstream {
 
 /// Starts a site named `name` on `addr` (port 0 picks a free port).
 pub async fn start_on(name: &str, addr: SocketAddr) -> Upstream {
+    launch_new(name, addr, None).await
+}
+
+/// Starts an HTTPS site named `name` on a free loopback port, serving the PEM chain `cert_pem`
+/// with the PEM private key `key_pem` (the certificate should name `localhost`).
+pub async fn start_tls(name: &str, cert_pem: &str, key_pem: &str) -> Upstream {
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_else(|e| panic!("upstream {name}: cert_pem: {e}"));
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("upstream {name}: key_pem holds no private key"));
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap_or_else(|e| panic!("upstream {name}: certificate and key: {e}"));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    launch_new(
+        name,
+        "127.0.0.1:0".parse().expect("literal address"),
+        Some(Arc::new(config)),
+    )
+    .await
+}
+
+async fn launch_new(
+    name: &str,
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Upstream {
     let listener = TcpListener::bind(addr)
         .await
         .unwrap_or_else(|e| panic!("upstream {name}: binding {addr}: {e}"));
@@ -86,6 +126,7 @@ pub async fn start_on(name: &str, addr: SocketAddr) -> Upstream {
         requests: AtomicU64::new(0),
         per_path: Mutex::new(HashMap::new()),
         run: Mutex::new(None),
+        tls,
     });
     let upstream = Upstream { inner };
     upstream.launch(listener);
@@ -103,9 +144,13 @@ impl Upstream {
         self.inner.addr
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://localhost:<port>` for a TLS site (the name its
+    /// certificate is checked against).
     pub fn url(&self) -> String {
-        format!("http://{}", self.inner.addr)
+        match self.inner.tls {
+            Some(_) => format!("https://localhost:{}", self.inner.addr.port()),
+            None => format!("http://{}", self.inner.addr),
+        }
     }
 
     /// Makes `GET /health/<component>` answer `status` from now on.
@@ -176,6 +221,10 @@ impl Upstream {
     }
 }
 
+/// A client connection, plain or TLS.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
 async fn accept_loop(
     listener: TcpListener,
     inner: Arc<Inner>,
@@ -193,6 +242,17 @@ async fn accept_loop(
         let (inner, stop2, tracker2) = (inner.clone(), stop.clone(), tracker.clone());
         let stop = stop.clone();
         tracker.spawn(async move {
+            let stream = match &inner.tls {
+                None => Box::new(stream) as Box<dyn Stream>,
+                Some(config) => tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = tokio_rustls::TlsAcceptor::from(config.clone()).accept(stream) => match r {
+                        Ok(s) => Box::new(s) as Box<dyn Stream>,
+                        // A client that does not trust the certificate aborts here.
+                        Err(_) => return,
+                    },
+                },
+            };
             let service = hyper::service::service_fn(move |req| {
                 let (inner, stop, tracker) = (inner.clone(), stop2.clone(), tracker2.clone());
                 async move { Ok::<_, Infallible>(handle(req, inner, stop, tracker).await) }

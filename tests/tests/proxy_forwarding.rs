@@ -36,6 +36,8 @@ struct Opts {
     tls: bool,
     /// Run with `--log-format json`.
     log_json: bool,
+    /// A PEM CA written to `ca.pem` and set as both sites' `ca_file` (for `https://` sites).
+    ca_pem: Option<String>,
 }
 
 impl Default for Opts {
@@ -46,6 +48,7 @@ impl Default for Opts {
             failover: String::new(),
             tls: false,
             log_json: false,
+            ca_pem: None,
         }
     }
 }
@@ -73,6 +76,14 @@ impl Gsb {
         } else {
             String::new()
         };
+        // A relative path: resolved beside the config file like the other files.
+        let ca_file = match &opts.ca_pem {
+            Some(pem) => {
+                std::fs::write(dir.path().join("ca.pem"), pem).expect("write ca.pem");
+                "ca_file = \"ca.pem\"".to_owned()
+            }
+            None => String::new(),
+        };
         let config = format!(
             r#"
 [proxy]
@@ -87,8 +98,10 @@ listen = "127.0.0.1:{admin}"
 [sites.primary]
 url = "{p}"
 public_url = "https://primary.example"
+{ca_file}
 [sites.backup]
 url = "{b}"
+{ca_file}
 
 [health]
 {health}
@@ -755,4 +768,184 @@ async fn measure_with_wrk() {
         .expect("wrk is installed");
         println!("---- {what} ----\n{}", String::from_utf8_lossy(&out.stdout));
     }
+}
+
+/// A CA named `name`, and a `localhost` certificate it signed: (CA PEM, leaf PEM, leaf key PEM).
+fn ca_and_site_cert(name: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &ca_cert, &ca_key)
+        .expect("leaf cert");
+    (ca_cert.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
+
+/// `GET /status` on the admin listener.
+async fn status(gsb: &Gsb) -> serde_json::Value {
+    reqwest::get(format!("http://127.0.0.1:{}/status", gsb.admin))
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("status json")
+}
+
+/// The `/status` entry of `site`.
+fn site_view<'a>(status: &'a serde_json::Value, site: &str) -> &'a serde_json::Value {
+    status["sites"]
+        .as_array()
+        .and_then(|s| s.iter().find(|v| v["site"] == site))
+        .unwrap_or_else(|| panic!("{site} in /status: {status}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_sites_are_verified_against_their_ca_file() {
+    let (ca_pem, cert, key) = ca_and_site_cert("gsb test CA");
+    let primary = upstream::start_tls("primary", &cert, &key).await;
+    // The backup's certificate is signed by a CA the proxy was not told to trust.
+    let (rogue_ca_pem, rogue_cert, rogue_key) = ca_and_site_cert("rogue CA");
+    let backup = upstream::start_tls("backup", &rogue_cert, &rogue_key).await;
+    assert!(primary.url().starts_with("https://localhost:"));
+    let gsb = Gsb::start(
+        &primary,
+        &backup,
+        Opts {
+            ca_pem: Some(ca_pem.clone()),
+            ..Opts::default()
+        },
+    )
+    .await;
+
+    // Forwarded over TLS: ALPN picked h2 toward the site; the client's Host header is kept.
+    let r = client().get(gsb.url("/echo")).send().await.expect("echo");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-upstream"], "primary");
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["version"], "HTTP/2.0", "{v}");
+    assert_eq!(v["headers"]["host"][0], format!("127.0.0.1:{}", gsb.port));
+    assert_eq!(v["headers"]["x-forwarded-proto"][0], "http");
+
+    // A WebSocket to an https site goes over HTTP/1.1 (an h2 connection cannot upgrade).
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", gsb.port))
+        .await
+        .expect("ws through the proxy to the https site");
+    ws.send(Message::text("over tls")).await.expect("send");
+    let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("in time")
+        .expect("msg")
+        .expect("ok");
+    assert_eq!(echo.into_text().expect("text"), "over tls");
+    drop(ws);
+
+    // Probes: the primary is healthy over TLS; the backup is down, and /status says why.
+    let mut last = serde_json::Value::Null;
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            last = status(&gsb).await;
+            let (p, b) = (site_view(&last, "primary"), site_view(&last, "backup"));
+            if p["verdict"] == "healthy" && b["verdict"] == "down" && b["reachable"] == false {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        seen.is_ok(),
+        "primary healthy, backup down and unreachable: {last}"
+    );
+    let b = site_view(&last, "backup");
+    let probe = b["components"][0]["last"].as_str().unwrap_or_default();
+    assert!(
+        probe.starts_with("TLS handshake failed") && probe.contains("UnknownIssuer"),
+        "the backup's probe must say its certificate is not trusted: {b}"
+    );
+
+    // With the primary gone, the untrusted backup is not served: no request reaches it.
+    primary.stop().await;
+    wait_until(
+        Duration::from_secs(10),
+        "the proxy answers without a site",
+        || async {
+            let r = client().get(gsb.url("/echo")).send().await.expect("answer");
+            r.status() == 502 || r.status() == 503
+        },
+    )
+    .await;
+    for _ in 0..5 {
+        let r = client().get(gsb.url("/echo")).send().await.expect("answer");
+        assert!(
+            r.status() == 502 || r.status() == 503,
+            "the untrusted backup must not serve: {}",
+            r.status()
+        );
+        assert!(r.headers().get("x-upstream").is_none());
+    }
+    assert_eq!(
+        backup.requests(),
+        0,
+        "nothing forwarded to the untrusted site"
+    );
+
+    // The operator trusts the backup's CA too (same ca_file path, new content) and reloads:
+    // its probes and forwarding pick it up, and traffic moves to it.
+    std::fs::write(
+        gsb.dir.path().join("ca.pem"),
+        format!("{ca_pem}{rogue_ca_pem}"),
+    )
+    .expect("rewrite ca.pem");
+    let pid = nix::unistd::Pid::from_raw(gsb.proc.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    wait_until(
+        Duration::from_secs(10),
+        "the backup serves after the reload",
+        || async {
+            match client().get(gsb.url("/echo")).send().await {
+                Ok(r) => r.headers().get("x-upstream").is_some_and(|v| v == "backup"),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(10),
+        "traffic moved to the now trusted backup",
+        || async { gsb.detect().await == "Backup" },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_ca_file_stops_the_start_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gsb.toml");
+    std::fs::write(dir.path().join("ca.pem"), "no certificate here\n").expect("ca");
+    std::fs::write(
+        &path,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n\
+             [sites.primary]\nurl = \"https://localhost:1\"\nca_file = \"ca.pem\"\n\
+             [sites.backup]\nurl = \"https://localhost:2\"\n",
+            free_port(),
+            free_port()
+        ),
+    )
+    .expect("config");
+    let out = Command::new(gsb_bin())
+        .args(["proxy", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run gsb proxy");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("sites.primary.ca_file") && stderr.contains("no CERTIFICATE"),
+        "{stderr}"
+    );
 }
