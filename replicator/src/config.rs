@@ -52,6 +52,11 @@ pub struct Config {
     pub prune_interval: Duration,
     /// How often the running replicator verifies the sites; 0 disables (default 0s).
     pub verify_interval: Duration,
+    /// How long a delete's tombstone is kept in `gsb.row_versions` (default 7d). It must outlast
+    /// any outage (replicator, site or link down) you expect to recover from: a change to a
+    /// deleted row that arrives after its tombstone is pruned is applied as new and resurrects
+    /// the row. Longer keeps more rows (one small row per deleted key).
+    pub tombstone_retention: Duration,
 }
 
 #[derive(Deserialize)]
@@ -71,6 +76,7 @@ struct Raw {
     heartbeat_interval: Option<String>,
     prune_interval: Option<String>,
     verify_interval: Option<String>,
+    tombstone_retention: Option<String>,
 }
 
 impl Config {
@@ -201,6 +207,7 @@ impl Config {
             heartbeat_interval: dur("heartbeat_interval", raw.heartbeat_interval, "1s", false)?,
             prune_interval: dur("prune_interval", raw.prune_interval, "5s", false)?,
             verify_interval: dur("verify_interval", raw.verify_interval, "0s", true)?,
+            tombstone_retention: dur("tombstone_retention", raw.tombstone_retention, "7d", false)?,
         })
     }
 }
@@ -233,6 +240,11 @@ mod tests {
         assert_eq!(c.config_copy_timezone, chrono_tz::UTC);
         assert_eq!(c.metrics_listen, "127.0.0.1:9091".parse().unwrap());
         assert_eq!(c.poll_interval, Duration::from_millis(100));
+        assert_eq!(c.tombstone_retention, Duration::from_secs(7 * 24 * 3600));
+        let e = Config::from_toml_str(&format!("{MIN}tombstone_retention = \"0s\"\n"))
+            .unwrap_err()
+            .0;
+        assert_eq!(e, "replicator.tombstone_retention: must be more than 0");
     }
 
     #[test]

@@ -36,7 +36,10 @@ pub async fn run(
             addr: config.metrics_listen,
             source,
         })?;
-    tracing::info!(listen = %config.metrics_listen, "replicator metrics and status listening");
+    // The bound address, not the configured one: port 0 picks a free port (tests, several
+    // instances on one host) and this line is how callers learn it.
+    let bound = listener.local_addr().unwrap_or(config.metrics_listen);
+    tracing::info!(listen = %bound, "replicator metrics and status listening");
     let tracker = TaskTracker::new();
     tracker.spawn(crate::http::serve(
         listener,

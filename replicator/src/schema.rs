@@ -142,6 +142,15 @@ pub(crate) async fn install(
             .map_err(db("recording the schema version"))?;
         tracing::info!(site = s, version = 1, "installed gsb schema");
     }
+    if version < 2 {
+        tx.batch_execute(sql::MIGRATION_2)
+            .await
+            .map_err(db("upgrading the gsb schema to version 2"))?;
+        tx.execute("INSERT INTO gsb.schema_version (version) VALUES (2)", &[])
+            .await
+            .map_err(db("recording the schema version"))?;
+        tracing::info!(site = s, version = 2, "upgraded gsb schema");
+    }
     tx.batch_execute(sql::FUNCTIONS)
         .await
         .map_err(db("creating the gsb functions"))?;
@@ -200,14 +209,23 @@ pub(crate) async fn install(
         let delete = format!(
             "DELETE FROM {q} t WHERE ({t_list}) = (SELECT {r_list} FROM jsonb_populate_record(NULL::{q}, $1) r)"
         );
+        // Whole-batch forms used by the set-based apply (keys are distinct within one call).
+        let upsert_many = format!(
+            "INSERT INTO {q} SELECT * FROM jsonb_populate_recordset(NULL::{q}, $1) ON CONFLICT ({pk_list}) {on_conflict}"
+        );
+        let delete_many = format!(
+            "DELETE FROM {q} t USING jsonb_populate_recordset(NULL::{q}, $1) r WHERE ({t_list}) = ({r_list})"
+        );
         let select = format!(
             "SELECT to_jsonb(t) FROM {q} t WHERE ({t_list}) = (SELECT {r_list} FROM jsonb_populate_record(NULL::{q}, $1) r)"
         );
         tx.execute(
-            "INSERT INTO gsb.tables (tbl, upsert_sql, delete_sql, select_sql) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO gsb.tables (tbl, upsert_sql, delete_sql, select_sql, upsert_many_sql, delete_many_sql) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (tbl) DO UPDATE SET upsert_sql = EXCLUDED.upsert_sql, \
-             delete_sql = EXCLUDED.delete_sql, select_sql = EXCLUDED.select_sql",
-            &[&t.name, &upsert, &delete, &select],
+             delete_sql = EXCLUDED.delete_sql, select_sql = EXCLUDED.select_sql, \
+             upsert_many_sql = EXCLUDED.upsert_many_sql, delete_many_sql = EXCLUDED.delete_many_sql",
+            &[&t.name, &upsert, &delete, &select, &upsert_many, &delete_many],
         )
         .await
         .map_err(db("registering apply statements"))?;

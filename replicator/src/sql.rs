@@ -1,7 +1,7 @@
 //! The SQL installed in each site database (schema `gsb`), and the statements the workers run.
 
 /// Current schema version recorded in `gsb.schema_version`.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Version 1 of the `gsb` schema (run once, inside the install transaction).
 pub const MIGRATION_1: &str = r#"
@@ -67,6 +67,18 @@ CREATE TABLE gsb.heartbeat (
 );
 "#;
 
+/// Version 2: set-based apply (statements over a whole batch, the decoded change type) and an
+/// index to prune old tombstones.
+pub const MIGRATION_2: &str = r#"
+ALTER TABLE gsb.tables ADD COLUMN upsert_many_sql text, ADD COLUMN delete_many_sql text;
+-- one change as shipped in a batch; n is its position in source commit order
+CREATE TYPE gsb.change AS (
+    tbl text, op text, pk jsonb, "row" jsonb, hlc bigint, origin text,
+    prev_hlc bigint, prev_origin text, created_at timestamptz, n bigint
+);
+CREATE INDEX row_versions_tombstones ON gsb.row_versions (hlc) WHERE deleted;
+"#;
+
 /// Functions (re)created on every install.
 pub const FUNCTIONS: &str = r#"
 CREATE OR REPLACE FUNCTION gsb.record(p_tbl text, p_op text, p_pk jsonb, p_row jsonb)
@@ -124,9 +136,10 @@ RETURNS jsonb LANGUAGE plpgsql AS $f$
 DECLARE
     c record; v record; t record; cur record;
     v_applied jsonb := '{}'; v_conflicts jsonb := '{}';
-    v_skew int := 0; v_max_h bigint := 0; v_lag float8; v_hb float8;
+    v_skew int := 0; v_max_h bigint; v_lag float8; v_hb float8; v_missing text;
     v_now_ms bigint := floor(extract(epoch FROM clock_timestamp()) * 1000);
     v_win boolean; v_clean boolean; v_local jsonb; v_found boolean;
+    v_all gsb.change[]; v_fast gsb.change[]; v_slow gsb.change[]; v_fast_n int := 0;
 BEGIN
     PERFORM set_config('gsb.applying', 'on', true);
     SELECT xid, id INTO cur FROM gsb.cursors WHERE direction = p_direction FOR UPDATE;
@@ -138,22 +151,86 @@ BEGIN
         RAISE EXCEPTION 'gsb: cursor % moved to (%, %) while this batch expected (%, %): another replicator applied it',
             p_direction, cur.xid, cur.id, p_from_xid, p_from_id USING ERRCODE = '40001';
     END IF;
-    FOR c IN SELECT * FROM jsonb_to_recordset(p_changes) AS x(
-        tbl text, op text, pk jsonb, "row" jsonb, hlc bigint, origin text,
-        prev_hlc bigint, prev_origin text, created_at timestamptz)
-    LOOP
-        v_lag := greatest(coalesce(v_lag, 0), extract(epoch FROM clock_timestamp() - c.created_at));
-        IF (c.hlc >> 16) > v_now_ms + p_max_skew_ms THEN
-            INSERT INTO gsb.conflicts (tbl, pk, reason, loser_origin, loser_hlc, loser_row)
-                VALUES (c.tbl, c.pk, 'clock_skew', c.origin, c.hlc, c."row");
-            v_skew := v_skew + 1;
-            CONTINUE;
-        END IF;
-        v_max_h := greatest(v_max_h, c.hlc);
+    -- Decoded once; n is the change's position in source commit order.
+    SELECT coalesce(array_agg(x ORDER BY x.n), '{}'), max(extract(epoch FROM clock_timestamp() - x.created_at))
+        INTO v_all, v_lag
+        FROM jsonb_populate_recordset(NULL::gsb.change, p_changes) x;
+    -- Stamps beyond the maximum clock skew are rejected: logged, never applied.
+    INSERT INTO gsb.conflicts (tbl, pk, reason, loser_origin, loser_hlc, loser_row)
+        SELECT x.tbl, x.pk, 'clock_skew', x.origin, x.hlc, x."row" FROM unnest(v_all) x
+        WHERE (x.hlc >> 16) > v_now_ms + p_max_skew_ms ORDER BY x.n;
+    GET DIAGNOSTICS v_skew = ROW_COUNT;
+    IF v_skew > 0 THEN
+        v_all := ARRAY(SELECT x FROM unnest(v_all) x
+            WHERE (x.hlc >> 16) <= v_now_ms + p_max_skew_ms ORDER BY x.n);
+    END IF;
+    SELECT max(x.hlc) INTO v_max_h FROM unnest(v_all) x;
+    SELECT x.tbl INTO v_missing FROM unnest(v_all) x
+        WHERE NOT EXISTS (SELECT 1 FROM gsb.tables g WHERE g.tbl = x.tbl) LIMIT 1;
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'gsb: table % is not set up for replication on this site', v_missing;
+    END IF;
+    -- Lock the versions this batch may replace (in a stable order: no deadlock between
+    -- batches), then sort the changes: a key changed once in the batch whose local version is
+    -- absent, the change's predecessor, or older from the same writer is applied set-based;
+    -- a version already here is skipped; the rest (concurrent writes, keys changed several
+    -- times in the batch) go through the per-row path in commit order. Small batches (the
+    -- steady state) skip the sorting: its fixed cost exceeds a few per-row statements.
+    IF cardinality(v_all) < 32 THEN
+        v_fast := '{}'; v_slow := v_all;
+    ELSE
+        PERFORM 1 FROM gsb.row_versions r
+            WHERE (r.tbl, r.pk) IN (SELECT x.tbl, x.pk FROM unnest(v_all) x)
+            ORDER BY r.tbl, r.pk FOR UPDATE;
+        SELECT coalesce(array_agg(k.x ORDER BY (k.x).n) FILTER (WHERE k.cls = 'fast'), '{}'),
+               coalesce(array_agg(k.x ORDER BY (k.x).n) FILTER (WHERE k.cls = 'slow'), '{}')
+            INTO v_fast, v_slow
+            FROM (SELECT x, CASE
+                    WHEN count(*) OVER (PARTITION BY x.tbl, x.pk) > 1 THEN 'slow'
+                    WHEN r.tbl IS NULL THEN 'fast'
+                    WHEN r.hlc = x.hlc AND r.origin = x.origin THEN 'skip'
+                    WHEN r.hlc = x.prev_hlc AND r.origin = x.prev_origin THEN 'fast'
+                    WHEN r.origin = x.origin AND x.hlc > r.hlc THEN 'fast'
+                    ELSE 'slow' END AS cls
+                FROM unnest(v_all) x
+                LEFT JOIN gsb.row_versions r ON r.tbl = x.tbl AND r.pk = x.pk) k;
+    END IF;
+    IF cardinality(v_fast) > 0 THEN
+        BEGIN
+            FOR t IN SELECT g.tbl, g.upsert_many_sql, g.delete_many_sql,
+                    jsonb_agg(x."row" ORDER BY x.n) FILTER (WHERE x.op <> 'D') AS ups,
+                    jsonb_agg(x.pk ORDER BY x.n) FILTER (WHERE x.op = 'D') AS dels
+                FROM unnest(v_fast) x JOIN gsb.tables g ON g.tbl = x.tbl
+                GROUP BY g.tbl, g.upsert_many_sql, g.delete_many_sql ORDER BY g.tbl
+            LOOP
+                IF t.dels IS NOT NULL THEN
+                    EXECUTE t.delete_many_sql USING t.dels;
+                END IF;
+                IF t.ups IS NOT NULL THEN
+                    EXECUTE t.upsert_many_sql USING t.ups;
+                END IF;
+            END LOOP;
+            INSERT INTO gsb.row_versions (tbl, pk, hlc, origin, deleted)
+                SELECT x.tbl, x.pk, x.hlc, x.origin, x.op = 'D' FROM unnest(v_fast) x
+                ON CONFLICT (tbl, pk) DO UPDATE
+                SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted;
+            v_fast_n := cardinality(v_fast);
+        EXCEPTION WHEN OTHERS THEN
+            -- A set-based statement failed (e.g. a secondary unique key that only row order
+            -- satisfies): its effects are rolled back; every change goes the per-row way.
+            RAISE NOTICE 'gsb: set-based apply fell back to per-row: %', SQLERRM;
+            v_slow := ARRAY(SELECT x FROM unnest(v_fast || v_slow) x ORDER BY x.n);
+        END;
+    END IF;
+    IF v_fast_n > 0 THEN
+        SELECT jsonb_object_agg(a.tbl, a.k) INTO v_applied
+            FROM (SELECT x.tbl, count(*) AS k FROM unnest(v_fast) x GROUP BY x.tbl) a;
+        SELECT extract(epoch FROM clock_timestamp() - (x."row" ->> 'at')::timestamptz) INTO v_hb
+            FROM unnest(v_fast) x WHERE x.tbl = 'gsb.heartbeat' AND x.op <> 'D'
+            ORDER BY x.n DESC LIMIT 1;
+    END IF;
+    FOR c IN SELECT * FROM unnest(v_slow) x ORDER BY x.n LOOP
         SELECT * INTO t FROM gsb.tables WHERE tbl = c.tbl;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'gsb: table % is not set up for replication on this site', c.tbl;
-        END IF;
         SELECT hlc, origin, deleted INTO v FROM gsb.row_versions
             WHERE tbl = c.tbl AND pk = c.pk FOR UPDATE;
         v_found := FOUND;
@@ -201,7 +278,7 @@ BEGIN
                 SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted;
             v_applied := jsonb_set(v_applied, ARRAY[c.tbl],
                 to_jsonb(coalesce((v_applied ->> c.tbl)::int, 0) + 1));
-            IF c.tbl = 'gsb.heartbeat' THEN
+            IF c.tbl = 'gsb.heartbeat' AND c.op <> 'D' THEN
                 v_hb := extract(epoch FROM clock_timestamp() - (c."row" ->> 'at')::timestamptz);
             END IF;
         END IF;
@@ -209,6 +286,9 @@ BEGIN
     UPDATE gsb.site SET hlc_floor = v_max_h WHERE hlc_floor < v_max_h;
     UPDATE gsb.cursors SET xid = p_to_xid, id = p_to_id, applied_at = now()
         WHERE direction = p_direction;
+    -- This transaction held an xid: readers of this site's change log may have been holding
+    -- back later local commits behind it (they read below the snapshot's xmin); wake them.
+    PERFORM pg_notify('gsb_changes', '');
     RETURN jsonb_build_object('applied', v_applied, 'conflicts', v_conflicts,
         'skew_rejected', v_skew, 'max_lag', v_lag, 'heartbeat_lag', v_hb);
 END $f$;
@@ -217,7 +297,7 @@ END $f$;
 /// Reads the next batch from a source: only changes of finished transactions (xid below the
 /// snapshot's xmin) after the cursor, in (xid, id) order. Returns count, last xid, last id, json.
 pub const FETCH: &str = r#"
-WITH b AS (
+WITH a AS (
     SELECT id, xid, tbl, op, pk, "row", hlc, origin, prev_hlc, prev_origin, created_at
     FROM gsb.changes
     WHERE (xid, id) > ($1::text::xid8, $2::int8)
@@ -225,6 +305,8 @@ WITH b AS (
       AND tbl = ANY($3::text[])
     ORDER BY xid, id
     LIMIT $4::int8
+), b AS (
+    SELECT a.*, row_number() OVER (ORDER BY xid, id) AS n FROM a
 )
 SELECT count(*)::int8,
        (SELECT xid::text FROM b ORDER BY xid DESC, id DESC LIMIT 1),
@@ -246,6 +328,9 @@ WHERE (xid, id) > ($1::text::xid8, $2::int8) AND tbl = ANY($3::text[])
 /// Prunes changes the peer has applied.
 pub const PRUNE: &str =
     "DELETE FROM gsb.changes WHERE (xid, id) <= ($1::text::xid8, $2::int8) AND tbl = ANY($3::text[])";
+
+/// Prunes tombstones stamped before `$1` (an HLC: milliseconds << 16) on a target.
+pub const PRUNE_TOMBSTONES: &str = "DELETE FROM gsb.row_versions WHERE deleted AND hlc < $1::int8";
 
 /// Reads a cursor on the target.
 pub const CURSOR: &str = "SELECT xid::text, id FROM gsb.cursors WHERE direction = $1::text";

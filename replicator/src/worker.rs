@@ -89,6 +89,10 @@ async fn session(
         .prepare(sql::PRUNE)
         .await
         .map_err(|e| Error::db(ss, "preparing prune", e))?;
+    let prune_tombstones = dst
+        .prepare(sql::PRUNE_TOMBSTONES)
+        .await
+        .map_err(|e| Error::db(ts, "preparing tombstone prune", e))?;
     let apply = dst
         .prepare(sql::APPLY)
         .await
@@ -106,17 +110,16 @@ async fn session(
     let mut last_pending = Instant::now() - PENDING_EVERY;
     let mut last_prune = Instant::now();
     let mut last_hb: Option<(Instant, f64)> = None;
+    // A batch fetched while the previous one was being applied (only under backlog).
+    let mut prefetched: Option<Fetched> = None;
     loop {
         let t0 = Instant::now();
-        let r = src
-            .query_one(&fetch, &[&xid, &id, &d.tables, &cfg.batch_size])
-            .await
-            .map_err(|e| Error::db(ss, "fetching changes", e))?;
-        let n: i64 = r.get(0);
-        if n > 0 {
-            let to_xid: String = r.get(1);
-            let to_id: i64 = r.get(2);
-            let json: String = r.get(3);
+        let batch = match prefetched.take() {
+            Some(b) => b,
+            None => fetch_batch(&src, &fetch, ss, &xid, id, &d.tables, cfg.batch_size).await?,
+        };
+        let n = batch.rows;
+        if let Some(to) = batch.to {
             let span = tracing::info_span!(
                 "batch",
                 direction = d.name,
@@ -124,19 +127,32 @@ async fn session(
                 lag = tracing::field::Empty,
                 conflicts = tracing::field::Empty
             );
-            let res: String = dst
-                .query_one(
-                    &apply,
-                    &[
-                        &d.name, &xid, &id, &to_xid, &to_id, &json, &skew_ms, &"primary",
-                    ],
-                )
-                .instrument(span.clone())
-                .await
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+                &d.name,
+                &xid,
+                &id,
+                &to.0,
+                &to.1,
+                &batch.json,
+                &skew_ms,
+                &"primary",
+            ];
+            let applying = dst.query_one(&apply, &params).instrument(span.clone());
+            // A full batch means a backlog: read the next one from the source while the target
+            // applies this one (two sessions, two servers). The cursor still only moves in
+            // the apply transaction; a prefetched batch is dropped if this apply fails.
+            let res = if n >= cfg.batch_size {
+                let ahead = fetch_batch(&src, &fetch, ss, &to.0, to.1, &d.tables, cfg.batch_size);
+                let (applied, ahead) = tokio::join!(applying, ahead);
+                prefetched = Some(ahead?);
+                applied
+            } else {
+                applying.await
+            };
+            let res: String = res
                 .map_err(|e| Error::db(ts, format!("applying {n} changes"), e))?
                 .get(0);
-            xid = to_xid;
-            id = to_id;
+            (xid, id) = to;
             metrics
                 .batch_seconds
                 .with_label_values(&[d.name])
@@ -213,6 +229,17 @@ async fn session(
                 .await
                 .map_err(|e| Error::db(ss, "pruning applied changes", e))?;
             tracing::debug!(direction = d.name, pruned = k, "pruned applied changes");
+            // Each site is the target of one direction, so each site's tombstones are pruned
+            // by exactly one session.
+            let before = tombstone_horizon(cfg.tombstone_retention);
+            let k = dst
+                .execute(&prune_tombstones, &[&before])
+                .await
+                .map_err(|e| Error::db(ts, "pruning old tombstones", e))?;
+            if k > 0 {
+                metrics.tombstones_pruned.with_label_values(&[ts]).inc_by(k);
+                tracing::debug!(site = ts, pruned = k, retention = ?cfg.tombstone_retention, "pruned old tombstones");
+            }
         }
         if n >= cfg.batch_size {
             if shutdown.is_cancelled() {
@@ -228,6 +255,49 @@ async fn session(
             _ = tokio::time::sleep(cfg.poll_interval) => {}
         }
     }
+}
+
+/// One fetched batch.
+struct Fetched {
+    /// Changes in the batch.
+    rows: i64,
+    /// Cursor after the batch's last change (None when empty).
+    to: Option<(String, i64)>,
+    /// The changes, as the JSON array `gsb.apply_batch` takes.
+    json: String,
+}
+
+/// Reads up to `limit` finished changes after (`xid`, `id`) from the source.
+async fn fetch_batch(
+    src: &tokio_postgres::Client,
+    fetch: &tokio_postgres::Statement,
+    site: &'static str,
+    xid: &str,
+    id: i64,
+    tables: &[String],
+    limit: i64,
+) -> Result<Fetched, Error> {
+    let r = src
+        .query_one(fetch, &[&xid, &id, &tables, &limit])
+        .await
+        .map_err(|e| Error::db(site, "fetching changes", e))?;
+    let rows: i64 = r.get(0);
+    let to = if rows > 0 {
+        Some((r.get(1), r.get(2)))
+    } else {
+        None
+    };
+    Ok(Fetched {
+        rows,
+        to,
+        json: r.get(3),
+    })
+}
+
+/// The HLC below which tombstones are older than `retention` (HLC = Unix ms << 16).
+pub(crate) fn tombstone_horizon(retention: Duration) -> i64 {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    now_ms.saturating_sub(retention.as_millis() as i64).max(0) << 16
 }
 
 /// `public.users` -> `users` for metric labels.
