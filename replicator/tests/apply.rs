@@ -1,0 +1,303 @@
+//! The apply function's paths over two real PostgreSQL servers: the set-based fast path mixed
+//! with per-row conflicts in one batch, its fallback when only row order satisfies a
+//! constraint, the clock-skew rejection, and tombstone pruning.
+
+use std::time::Duration;
+
+use gsb_replicator::{verify, Config};
+use gsb_tests::pg::PgServer;
+use gsb_tests::wait_until;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+/// `users.email` is unique: a second key the set-based apply can trip over.
+const SITE_SCHEMA: &str = "
+CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, name text);
+CREATE TABLE meetings (id uuid PRIMARY KEY, topic text, status text);
+CREATE TABLE site_config (key text PRIMARY KEY, value text);
+CREATE TABLE custom_pages (path text PRIMARY KEY, title text, body text);
+CREATE TABLE client_versions (platform text PRIMARY KEY, version text, download_url text);
+CREATE TABLE usage_records (id uuid PRIMARY KEY, kind text, minutes int);
+";
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn pair(extra: &str) -> (PgServer, PgServer, Config) {
+    let mut s = tokio::task::spawn_blocking(|| PgServer::start_many(2))
+        .await
+        .unwrap();
+    let b = s.pop().unwrap();
+    let p = s.pop().unwrap();
+    for srv in [&p, &b] {
+        srv.client("site")
+            .await
+            .batch_execute(SITE_SCHEMA)
+            .await
+            .unwrap();
+    }
+    let config = Config::from_toml_str(&format!(
+        "[replicator]\nprimary_dsn = \"{}\"\nbackup_dsn = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\npoll_interval = \"50ms\"\nprune_interval = \"200ms\"\n{extra}",
+        p.dsn("site"),
+        b.dsn("site")
+    ))
+    .unwrap();
+    (p, b, config)
+}
+
+struct Running {
+    stop: CancellationToken,
+    registry: prometheus::Registry,
+    task: tokio::task::JoinHandle<Result<(), gsb_replicator::Error>>,
+}
+
+fn start(config: &Config) -> Running {
+    let stop = CancellationToken::new();
+    let registry = prometheus::Registry::new();
+    let task = tokio::spawn(gsb_replicator::run(
+        config.clone(),
+        registry.clone(),
+        stop.clone(),
+    ));
+    Running {
+        stop,
+        registry,
+        task,
+    }
+}
+
+impl Running {
+    async fn shutdown(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+
+    /// The value of counter `name` with label `label`=`value` (0 when absent).
+    fn counter(&self, name: &str, label: &str, value: &str) -> u64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.get_name() == name)
+            .flat_map(|f| f.get_metric())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.get_name() == label && l.get_value() == value)
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+}
+
+async fn count(c: &Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+async fn text(c: &Client, sql: &str) -> Option<String> {
+    c.query_opt(sql, &[]).await.unwrap().map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_mixes_set_based_rows_conflicts_deletes_and_a_unique_key_swap() {
+    let (ps, bs, config) = pair("").await;
+    let (p, b) = (ps.client("site").await, bs.client("site").await);
+    let r = start(&config);
+    p.batch_execute("INSERT INTO users SELECT i, 'u' || i, 'v0' FROM generate_series(1, 100) i")
+        .await
+        .unwrap();
+    wait_until(WAIT, "100 users on the backup", || async {
+        count(&b, "SELECT count(*) FROM users").await == 100
+    })
+    .await;
+    r.shutdown().await;
+    // Partition. The primary's batch: 98 updates in one transaction (far above the set-based
+    // threshold), then a swap of two unique emails through a temporary value: row 99 changes
+    // once (set-based) but can only take 'u98' after row 98's two changes (per row) freed it.
+    p.batch_execute("UPDATE users SET name = 'p' WHERE id NOT IN (98, 99)")
+        .await
+        .unwrap();
+    p.batch_execute(
+        "BEGIN; UPDATE users SET email = 'tmp' WHERE id = 98; \
+         UPDATE users SET email = 'u98' WHERE id = 99; \
+         UPDATE users SET email = 'u99' WHERE id = 98; COMMIT",
+    )
+    .await
+    .unwrap();
+    // Later on the backup: 10 concurrent updates (the backup's later stamps win) and 5
+    // deletes (a delete beats a concurrent update).
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    b.batch_execute(
+        "UPDATE users SET name = 'b' WHERE id <= 10; DELETE FROM users WHERE id BETWEEN 11 AND 15",
+    )
+    .await
+    .unwrap();
+    let r = start(&config);
+    wait_until(WAIT, "converged", || async {
+        verify(&config).await.unwrap().is_equal()
+    })
+    .await;
+    for c in [&p, &b] {
+        assert_eq!(count(c, "SELECT count(*) FROM users").await, 95);
+        assert_eq!(
+            count(c, "SELECT count(*) FROM users WHERE name = 'b'").await,
+            10
+        );
+        assert_eq!(
+            count(c, "SELECT count(*) FROM users WHERE name = 'p'").await,
+            83
+        );
+        assert_eq!(
+            text(c, "SELECT email FROM users WHERE id = 98")
+                .await
+                .as_deref(),
+            Some("u99")
+        );
+        assert_eq!(
+            text(c, "SELECT email FROM users WHERE id = 99")
+                .await
+                .as_deref(),
+            Some("u98")
+        );
+    }
+    // Each of the 15 concurrently written rows is logged as a conflict where the loser arrived:
+    // on the backup for the primary's 10 losing edits and 5 losing (deleted-row) updates.
+    assert_eq!(
+        count(
+            &b,
+            "SELECT count(*) FROM gsb.conflicts WHERE reason = 'concurrent_write' AND loser_origin = 'primary'"
+        )
+        .await,
+        15
+    );
+    // No echo: each site's change log holds only its own writes.
+    assert_eq!(
+        count(
+            &b,
+            "SELECT count(*) FROM gsb.changes WHERE origin <> 'backup'"
+        )
+        .await,
+        0
+    );
+    r.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_stamped_beyond_the_clock_skew_is_rejected_logged_and_counted() {
+    let (ps, bs, config) = pair("max_clock_skew = \"10s\"\n").await;
+    let (p, b) = (ps.client("site").await, bs.client("site").await);
+    let r = start(&config);
+    p.batch_execute("INSERT INTO users VALUES (1, 'ok1', 'n')")
+        .await
+        .unwrap();
+    wait_until(WAIT, "first user on the backup", || async {
+        count(&b, "SELECT count(*) FROM users").await == 1
+    })
+    .await;
+    // A primary whose clock runs an hour ahead: its HLC floor makes the next stamp an hour
+    // in the future (the stamp is the capture trigger's, as for a real skewed clock).
+    p.batch_execute(
+        "UPDATE gsb.site SET hlc_floor = (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint + 3600000) << 16; \
+         INSERT INTO users VALUES (2, 'skewed', 'n'); \
+         UPDATE gsb.site SET hlc_floor = 0",
+    )
+    .await
+    .unwrap();
+    // Then a normal write, committed after it: once it is on the backup, the skewed one has
+    // been through the apply too (commit order).
+    p.batch_execute("INSERT INTO users VALUES (3, 'ok3', 'n')")
+        .await
+        .unwrap();
+    wait_until(WAIT, "third user on the backup", || async {
+        count(&b, "SELECT count(*) FROM users WHERE id = 3").await == 1
+    })
+    .await;
+    assert_eq!(
+        count(&b, "SELECT count(*) FROM users WHERE id = 2").await,
+        0,
+        "the skewed change is not applied"
+    );
+    assert_eq!(
+        count(
+            &b,
+            "SELECT count(*) FROM gsb.row_versions WHERE pk = '{\"id\": 2}'"
+        )
+        .await,
+        0,
+        "nor is its version recorded"
+    );
+    assert_eq!(
+        count(
+            &b,
+            "SELECT count(*) FROM gsb.conflicts WHERE reason = 'clock_skew' AND pk = '{\"id\": 2}' AND loser_origin = 'primary' AND loser_row->>'email' = 'skewed'"
+        )
+        .await,
+        1
+    );
+    // The hour-ahead stamp did not raise the backup's clock floor either.
+    let floor_ahead: bool = b
+        .query_one(
+            "SELECT hlc_floor >> 16 > floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint + 60000 FROM gsb.site",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!floor_ahead);
+    assert_eq!(
+        r.counter(
+            "gsb_replication_clock_skew_rejected_total",
+            "direction",
+            "primary_to_backup"
+        ),
+        1
+    );
+    r.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_older_than_the_retention_are_pruned_on_both_sites() {
+    let (ps, bs, config) = pair("tombstone_retention = \"10s\"\n").await;
+    let (p, b) = (ps.client("site").await, bs.client("site").await);
+    let r = start(&config);
+    p.batch_execute("INSERT INTO users SELECT i, 'u' || i, 'n' FROM generate_series(1, 50) i")
+        .await
+        .unwrap();
+    wait_until(WAIT, "users on the backup", || async {
+        count(&b, "SELECT count(*) FROM users").await == 50
+    })
+    .await;
+    p.batch_execute("DELETE FROM users WHERE id <= 20")
+        .await
+        .unwrap();
+    let tombstones = "SELECT count(*) FROM gsb.row_versions WHERE tbl = 'public.users' AND deleted";
+    wait_until(
+        WAIT,
+        "deletes on the backup, tombstones on both",
+        || async {
+            count(&b, "SELECT count(*) FROM users").await == 30 && count(&b, tombstones).await == 20
+        },
+    )
+    .await;
+    // Still there right after the delete: the retention has not passed.
+    assert_eq!(count(&p, tombstones).await, 20);
+    wait_until(WAIT, "tombstones pruned on both sites", || async {
+        count(&p, tombstones).await == 0 && count(&b, tombstones).await == 0
+    })
+    .await;
+    // Live rows keep their versions.
+    for c in [&p, &b] {
+        assert_eq!(
+            count(
+                c,
+                "SELECT count(*) FROM gsb.row_versions WHERE tbl = 'public.users'"
+            )
+            .await,
+            30
+        );
+    }
+    assert_eq!(
+        r.counter("gsb_replication_tombstones_pruned_total", "site", "primary")
+            + r.counter("gsb_replication_tombstones_pruned_total", "site", "backup"),
+        40
+    );
+    r.shutdown().await;
+}
