@@ -20,6 +20,7 @@ use uuid::Uuid;
 use gsb_tests::pg::{connect, Cluster, ClusterOptions};
 use gsb_tests::{free_port, gsb_bin, Proc};
 
+use crate::procstat;
 use crate::report::Report;
 use crate::Scale;
 
@@ -439,7 +440,29 @@ pub async fn replication(scale: &Scale, report: &mut Report) -> anyhow::Result<(
     for rate in RATES {
         for both in [false, true] {
             let how = if both { "each way at once" } else { "one way" };
-            match lag_run(&pair, rate, dur, both, &format!("g{rate}{both}")).await {
+            // A coarse profile: where the CPU goes while both directions carry the load.
+            let pids = [
+                ("replicator", repl.proc.as_ref().map(Proc::pid)),
+                ("primary PostgreSQL", pair.primary.pid()),
+                ("backup PostgreSQL", pair.backup.pid()),
+            ];
+            let cpu0: Vec<f64> = pids
+                .iter()
+                .map(|(_, p)| p.map(procstat::cpu_seconds).unwrap_or(0.0))
+                .collect();
+            let t0 = Instant::now();
+            let res = lag_run(&pair, rate, dur, both, &format!("g{rate}{both}")).await;
+            if both {
+                let secs = t0.elapsed().as_secs_f64();
+                for ((name, p), c0) in pids.iter().zip(cpu0) {
+                    if let Some(p) = p {
+                        let used = (procstat::cpu_seconds(*p) - c0) / secs;
+                        let m = format!("CPU cores used @{rate} writes/s each way: {name}");
+                        report.put("replication", &m, "cores", true, "gsb", used);
+                    }
+                }
+            }
+            match res {
                 Ok(dirs) => {
                     for (dir, (p50, p99, missing)) in dirs {
                         let col = if both {
