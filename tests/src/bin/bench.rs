@@ -183,6 +183,7 @@ fn install_missing() -> anyhow::Result<()> {
         ("wrk", "wrk"),
         ("haproxy", "haproxy"),
         ("nginx", "nginx-light"),
+        ("iptables", "iptables"),
     ]
     .into_iter()
     .filter(|(bin, _)| {
