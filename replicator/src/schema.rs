@@ -151,7 +151,16 @@ pub(crate) async fn install(
             .map_err(db("recording the schema version"))?;
         tracing::info!(site = s, version = 2, "upgraded gsb schema");
     }
-    tx.batch_execute(sql::FUNCTIONS)
+    if version < 3 {
+        tx.batch_execute(sql::MIGRATION_3)
+            .await
+            .map_err(db("upgrading the gsb schema to version 3"))?;
+        tx.execute("INSERT INTO gsb.schema_version (version) VALUES (3)", &[])
+            .await
+            .map_err(db("recording the schema version"))?;
+        tracing::info!(site = s, version = 3, "upgraded gsb schema");
+    }
+    tx.batch_execute(&sql::functions(s))
         .await
         .map_err(db("creating the gsb functions"))?;
     let found: Option<String> = tx

@@ -1,7 +1,7 @@
 //! The SQL installed in each site database (schema `gsb`), and the statements the workers run.
 
 /// Current schema version recorded in `gsb.schema_version`.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Version 1 of the `gsb` schema (run once, inside the install transaction).
 pub const MIGRATION_1: &str = r#"
@@ -79,56 +79,97 @@ CREATE TYPE gsb.change AS (
 CREATE INDEX row_versions_tombstones ON gsb.row_versions (hlc) WHERE deleted;
 "#;
 
-/// Functions (re)created on every install.
-pub const FUNCTIONS: &str = r#"
+/// Version 3: cheaper capture. The change log has one index, (xid, id), the order every reader
+/// uses, as its primary key; `row_versions` updates stay HOT (the tombstone index keys on a
+/// column no write changes, and pages keep free space).
+pub const MIGRATION_3: &str = r#"
+ALTER TABLE gsb.changes DROP CONSTRAINT changes_pkey,
+    ADD CONSTRAINT changes_pkey PRIMARY KEY (xid, id);
+DROP INDEX gsb.changes_xid_id;
+DROP INDEX gsb.row_versions_tombstones;
+CREATE INDEX row_versions_tombstones ON gsb.row_versions (tbl) WHERE deleted;
+ALTER TABLE gsb.row_versions SET (fillfactor = 80);
+"#;
+
+/// One captured write (`p_tbl`, `p_op`, `p_pk`, `p_row` in scope): stamp it above the row's
+/// current version and the HLC floor, record the new version and append it to the change log.
+/// One statement (one executor run per captured row); the site name is baked in at install.
+const RECORD: &str = r#"
+    WITH p AS (
+        SELECT greatest(
+                   (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint << 16)
+                       | (nextval('gsb.hlc_seq') & 65535),
+                   coalesce(r.hlc, 0) + 1,
+                   (SELECT s.hlc_floor FROM gsb.site s) + 1) AS h,
+               r.hlc AS prev_h, r.origin AS prev_o
+        FROM (SELECT) one
+        LEFT JOIN gsb.row_versions r ON r.tbl = p_tbl AND r.pk = p_pk
+    ), v AS (
+        INSERT INTO gsb.row_versions (tbl, pk, hlc, origin, deleted)
+        SELECT p_tbl, p_pk, p.h, '{{site}}', p_op = 'D' FROM p
+        ON CONFLICT (tbl, pk) DO UPDATE
+        SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted
+    )
+    INSERT INTO gsb.changes (tbl, op, pk, "row", hlc, origin, prev_hlc, prev_origin)
+    SELECT p_tbl, p_op, p_pk, p_row, p.h, '{{site}}', p.prev_h, p.prev_o FROM p;
+    PERFORM pg_notify('gsb_changes', '');
+"#;
+
+/// Capture functions, `{{record}}` and `{{site}}` filled in by [`functions`].
+const CAPTURE_FUNCTIONS: &str = r#"
 CREATE OR REPLACE FUNCTION gsb.record(p_tbl text, p_op text, p_pk jsonb, p_row jsonb)
 RETURNS void LANGUAGE plpgsql AS $f$
-DECLARE
-    v_site text; v_floor bigint; v_prev_h bigint; v_prev_o text; v_h bigint;
 BEGIN
-    SELECT site, hlc_floor INTO v_site, v_floor FROM gsb.site;
-    SELECT hlc, origin INTO v_prev_h, v_prev_o FROM gsb.row_versions WHERE tbl = p_tbl AND pk = p_pk;
-    v_h := greatest(
-        (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint << 16) | (nextval('gsb.hlc_seq') & 65535),
-        coalesce(v_prev_h, 0) + 1,
-        v_floor + 1);
-    INSERT INTO gsb.row_versions (tbl, pk, hlc, origin, deleted)
-        VALUES (p_tbl, p_pk, v_h, v_site, p_op = 'D')
-        ON CONFLICT (tbl, pk) DO UPDATE
-        SET hlc = excluded.hlc, origin = excluded.origin, deleted = excluded.deleted;
-    INSERT INTO gsb.changes (tbl, op, pk, "row", hlc, origin, prev_hlc, prev_origin)
-        VALUES (p_tbl, p_op, p_pk, p_row, v_h, v_site, v_prev_h, v_prev_o);
-    PERFORM pg_notify('gsb_changes', '');
+    {{record}}
 END $f$;
 
 CREATE OR REPLACE FUNCTION gsb.capture() RETURNS trigger LANGUAGE plpgsql AS $f$
 DECLARE
-    v_tbl text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
-    v_new jsonb; v_old jsonb; v_key jsonb; v_oldkey jsonb;
+    p_tbl text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    p_op text := left(TG_OP, 1);
+    p_pk jsonb := '{}'; p_row jsonb; v_old jsonb; v_oldkey jsonb := '{}';
 BEGIN
     -- the replicator's apply sessions set this: an applied change is never captured again
     IF current_setting('gsb.applying', true) = 'on' THEN
         RETURN NULL;
     END IF;
+    -- Keys built with plain expressions (no query per row); jsonb sorts the object's keys.
     IF TG_OP <> 'INSERT' THEN
         v_old := to_jsonb(OLD);
-        SELECT jsonb_object_agg(c, v_old -> c) INTO v_oldkey FROM unnest(TG_ARGV) c;
-    END IF;
-    IF TG_OP <> 'DELETE' THEN
-        v_new := to_jsonb(NEW);
-        SELECT jsonb_object_agg(c, v_new -> c) INTO v_key FROM unnest(TG_ARGV) c;
+        FOR i IN 0 .. TG_NARGS - 1 LOOP
+            v_oldkey := v_oldkey || jsonb_build_object(TG_ARGV[i], v_old -> TG_ARGV[i]);
+        END LOOP;
     END IF;
     IF TG_OP = 'DELETE' THEN
-        PERFORM gsb.record(v_tbl, 'D', v_oldkey, NULL);
-    ELSIF TG_OP = 'UPDATE' AND v_oldkey <> v_key THEN
-        PERFORM gsb.record(v_tbl, 'D', v_oldkey, NULL);
-        PERFORM gsb.record(v_tbl, 'I', v_key, v_new);
+        p_pk := v_oldkey;
     ELSE
-        PERFORM gsb.record(v_tbl, left(TG_OP, 1), v_key, v_new);
+        p_row := to_jsonb(NEW);
+        FOR i IN 0 .. TG_NARGS - 1 LOOP
+            p_pk := p_pk || jsonb_build_object(TG_ARGV[i], p_row -> TG_ARGV[i]);
+        END LOOP;
+        IF TG_OP = 'UPDATE' AND v_oldkey <> p_pk THEN
+            -- a key change ships as a delete of the old key, then an insert of the new one
+            PERFORM gsb.record(p_tbl, 'D', v_oldkey, NULL);
+            p_op := 'I';
+        END IF;
     END IF;
+    {{record}}
     RETURN NULL;
 END $f$;
+"#;
 
+/// Functions (re)created on every install, for `site` (`primary` or `backup`: a plain word,
+/// baked into the capture functions as a literal so no write reads `gsb.site` for it).
+pub fn functions(site: &str) -> String {
+    debug_assert!(site.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    let capture = CAPTURE_FUNCTIONS
+        .replace("{{record}}", RECORD.trim())
+        .replace("{{site}}", site);
+    format!("{capture}\n{FUNCTIONS}")
+}
+
+/// Functions (re)created on every install that do not depend on the site.
+const FUNCTIONS: &str = r#"
 CREATE OR REPLACE FUNCTION gsb.apply_batch(
     p_direction text, p_from_xid xid8, p_from_id bigint, p_to_xid xid8, p_to_id bigint,
     p_changes jsonb, p_max_skew_ms bigint, p_primary text)
