@@ -5,7 +5,7 @@
 //! site.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -19,7 +19,7 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus::Histogram;
+use prometheus::{Histogram, IntCounter, IntCounterVec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -50,12 +50,28 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// What the request path knows about the client connection.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnInfo {
     /// The client's address.
     pub peer: SocketAddr,
     /// `http` or `https`: the listener the request came in on (for `X-Forwarded-Proto`).
     pub proto: &'static str,
+    /// The client's IP as a header value, formatted once per connection rather than once per
+    /// request (cloning it only bumps a reference count).
+    peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    /// The connection from `peer` accepted on the `proto` (`http` or `https`) listener.
+    pub fn new(peer: SocketAddr, proto: &'static str) -> ConnInfo {
+        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ConnInfo {
+            peer,
+            proto,
+            peer_ip,
+        }
+    }
 }
 
 /// Where one site is reached.
@@ -183,6 +199,34 @@ fn upstream_client(opts: ClientOptions, tls: rustls::ClientConfig, h2: bool) -> 
         .build(https)
 }
 
+/// `gsb_requests_total{site,code}` children, each resolved on the first answer with its code:
+/// the label lookup (hash of the label values under the vector's lock) is then paid once per
+/// site and code instead of once per request. A label set still appears only once used.
+#[derive(Debug)]
+struct RequestCounters {
+    vec: IntCounterVec,
+    /// Per site, indexed by `code - 100` (codes 100..=999, what `StatusCode` allows).
+    by_code: [Box<[OnceLock<IntCounter>]>; 2],
+}
+
+impl RequestCounters {
+    fn new(vec: &IntCounterVec) -> RequestCounters {
+        let slots = || (100..1000).map(|_| OnceLock::new()).collect();
+        RequestCounters {
+            vec: vec.clone(),
+            by_code: [slots(), slots()],
+        }
+    }
+
+    fn get(&self, site: Site, status: StatusCode) -> &IntCounter {
+        let i = usize::from(status.as_u16()).saturating_sub(100);
+        self.by_code[site.index()][i].get_or_init(|| {
+            self.vec
+                .with_label_values(&[site.as_str(), status.as_str()])
+        })
+    }
+}
+
 /// Everything the request path needs, shared by all connections.
 #[derive(Debug)]
 pub struct Forwarder {
@@ -193,6 +237,8 @@ pub struct Forwarder {
     metrics: ProxyMetrics,
     /// `gsb_request_duration_seconds{site}` resolved once per site (no label lookup per request).
     durations: [Histogram; 2],
+    /// `gsb_requests_total{site,code}` resolved once per site and code on first use.
+    requests: RequestCounters,
     budget: RetryBudget,
     drain: Arc<Drain>,
     /// What a config reload may change; read once per request (no lock).
@@ -285,12 +331,14 @@ impl Forwarder {
         let settings = ArcSwap::from_pointee(Settings::build(config, client_opts, None)?);
         let durations =
             Site::ALL.map(|site| metrics.request_duration.with_label_values(&[site.as_str()]));
+        let requests = RequestCounters::new(&metrics.requests);
         Ok(Forwarder {
             client_opts,
             router,
             passive,
             metrics,
             durations,
+            requests,
             budget: RetryBudget::new(p.retry_budget),
             drain,
             settings,
@@ -357,10 +405,7 @@ impl Forwarder {
         };
         let status = resp.status();
         self.durations[site.index()].observe(started.elapsed().as_secs_f64());
-        self.metrics
-            .requests
-            .with_label_values(&[site.as_str(), status.as_str()])
-            .inc();
+        self.requests.get(site, status).inc();
         with_log(resp, site)
     }
 
@@ -382,9 +427,8 @@ impl Forwarder {
         }
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        self.metrics
-            .requests
-            .with_label_values(&[active.as_str(), "307"])
+        self.requests
+            .get(active, StatusCode::TEMPORARY_REDIRECT)
             .inc();
         resp
     }
@@ -683,13 +727,15 @@ fn prepare_request_headers(
         headers.insert(&X_FORWARDED_HOST, host);
     }
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(conn.proto));
-    let ip = conn.peer.ip().to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
+    let v = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => {
+            let ip = conn.peer_ip.to_str().unwrap_or_default();
+            HeaderValue::try_from(format!("{prev}, {ip}"))
+                .map_err(|_| ProxyError::BadRequest("invalid X-Forwarded-For"))?
+        }
+        // The common case (first proxy in the chain): no formatting, no allocation.
+        _ => conn.peer_ip,
     };
-    let v = HeaderValue::try_from(xff)
-        .map_err(|_| ProxyError::BadRequest("invalid X-Forwarded-For"))?;
     headers.insert(&X_FORWARDED_FOR, v);
     Ok(())
 }
@@ -699,10 +745,7 @@ mod tests {
     use super::*;
 
     fn conn() -> ConnInfo {
-        ConnInfo {
-            peer: "10.1.2.3:5555".parse().expect("addr"),
-            proto: "https",
-        }
+        ConnInfo::new("10.1.2.3:5555".parse().expect("addr"), "https")
     }
 
     #[test]

@@ -108,7 +108,7 @@ pub async fn serve(
             async move {
                 ctx.connections.inc();
                 let _gauge = GaugeGuard(&ctx.connections);
-                let info = ConnInfo { peer, proto: name };
+                let info = ConnInfo::new(peer, name);
                 match tls {
                     None => serve_conn(tcp, info, &ctx).await,
                     Some(acceptor) => {
@@ -197,12 +197,16 @@ where
     let st = state.clone();
     let service = hyper::service::service_fn(move |req| {
         let forwarder = forwarder.clone();
+        let info = info.clone();
         let guard = InFlight::new(st.clone());
-        async move {
+        // Boxed: hyper keeps a slot sized for the service's future in every connection, idle
+        // or not; the request future is ~3.5 KiB, a box pointer is 8 bytes. The allocation now
+        // lives only while a request runs (measured: idle keep-alive memory per connection).
+        Box::pin(async move {
             let resp = forwarder.handle(req, info).await;
             drop(guard);
             Ok::<_, Infallible>(resp)
-        }
+        })
     });
     let conn = ctx.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
