@@ -83,6 +83,8 @@ enum Kind {
     /// passed: the response is then aborted (h1: connection closed, h2: stream reset).
     Upstream {
         body: Incoming,
+        /// The drain token, until the body first has to wait (then it moves into `cut`).
+        drain: Option<CancellationToken>,
         cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     },
 }
@@ -108,11 +110,13 @@ impl ProxyBody {
     /// A site's body streamed through, aborted when `drain` is cancelled.
     pub fn upstream(body: Incoming, drain: Option<CancellationToken>) -> ProxyBody {
         // A body that is already complete needs no drain watch (and no allocation for it).
-        let cut = drain
-            .filter(|_| !body.is_end_stream())
-            .map(|t| Box::pin(t.cancelled_owned()));
+        let drain = drain.filter(|_| !body.is_end_stream());
         ProxyBody {
-            kind: Kind::Upstream { body, cut },
+            kind: Kind::Upstream {
+                body,
+                drain,
+                cut: None,
+            },
             log: None,
         }
     }
@@ -122,6 +126,11 @@ impl ProxyBody {
         self.log = Some(log);
         self
     }
+}
+
+/// The error that aborts a body cut by the drain timeout.
+fn drained() -> BoxError {
+    "the site was drained: traffic moved and the drain timeout passed".into()
 }
 
 impl Body for ProxyBody {
@@ -135,17 +144,31 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream { body, cut } => {
-                if let Some(c) = cut {
-                    if c.as_mut().poll(cx).is_ready() {
-                        *cut = None;
-                        return Poll::Ready(Some(Err(
-                            "the site was drained: traffic moved and the drain timeout passed"
-                                .into(),
-                        )));
-                    }
+            Kind::Upstream { body, drain, cut } => {
+                let cut_now = match cut {
+                    Some(c) => c.as_mut().poll(cx).is_ready(),
+                    None => drain.as_ref().is_some_and(|t| t.is_cancelled()),
+                };
+                if cut_now {
+                    (*cut, *drain) = (None, None);
+                    return Poll::Ready(Some(Err(drained())));
                 }
-                Pin::new(body).poll_frame(cx).map_err(BoxError::from)
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Pending => {
+                        // Only a body that waits for the site needs a wake-up when the drain
+                        // cuts it: a small answer that came with its head never allocates
+                        // the watch (saves a box and the waiter-list locking per request).
+                        if let Some(t) = drain.take() {
+                            let mut c = Box::pin(t.cancelled_owned());
+                            if c.as_mut().poll(cx).is_ready() {
+                                return Poll::Ready(Some(Err(drained())));
+                            }
+                            *cut = Some(c);
+                        }
+                        Poll::Pending
+                    }
+                    ready => ready.map_err(BoxError::from),
+                }
             }
         };
         if let (Some(log), Poll::Ready(Some(Ok(frame)))) = (&mut this.log, &polled) {
@@ -271,5 +294,80 @@ impl Drop for ReturnableBody {
                 let _ = tx.send(body);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A real hyper response body whose site sent `sent` of a 10-byte body and then stalls.
+    async fn stalled_body(sent: &'static [u8]) -> (Incoming, tokio::io::DuplexStream) {
+        let (client, mut site) = tokio::io::duplex(4096);
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake::<_, String>(TokioIo::new(client))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let resp = tokio::spawn(send.send_request(http::Request::new(String::new())));
+        // Read the request head first: an answer before the request is an unexpected message.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut buf = [0u8; 256];
+            let n = site.read(&mut buf).await.expect("request");
+            assert!(n > 0, "request head incomplete");
+            head.extend_from_slice(&buf[..n]);
+        }
+        site.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
+            .await
+            .expect("head");
+        site.write_all(sent).await.expect("body start");
+        let resp = resp.await.expect("task").expect("response");
+        (resp.into_body(), site)
+    }
+
+    #[tokio::test]
+    async fn a_body_waiting_for_its_site_is_cut_when_the_drain_fires() {
+        let (body, _site) = stalled_body(b"hello").await;
+        let drain = CancellationToken::new();
+        let mut body = ProxyBody::upstream(body, Some(drain.clone()));
+        let first = body.frame().await.expect("frame").expect("data");
+        assert_eq!(first.into_data().expect("data"), "hello");
+        // The rest never comes: the cut must wake the waiting body.
+        let cutter = drain.clone();
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            cutter.cancel();
+        });
+        let next = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("woken by the cut");
+        assert!(matches!(next, Some(Err(_))), "cut with an error");
+    }
+
+    #[tokio::test]
+    async fn a_drained_body_is_cut_even_with_data_ready() {
+        let (body, _site) = stalled_body(b"hello").await;
+        let drain = CancellationToken::new();
+        drain.cancel();
+        let mut body = ProxyBody::upstream(body, Some(drain));
+        let next = body.frame().await;
+        assert!(matches!(next, Some(Err(_))), "cut before any data");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_is_not_drained_streams_whole() {
+        let (body, mut site) = stalled_body(b"hello").await;
+        let drain = CancellationToken::new();
+        let body = ProxyBody::upstream(body, Some(drain.clone()));
+        site.write_all(b"world").await.expect("rest");
+        let all = body.collect().await.expect("body").to_bytes();
+        assert_eq!(all, "helloworld");
+        assert!(!drain.is_cancelled());
     }
 }
