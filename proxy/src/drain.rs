@@ -5,6 +5,10 @@
 //! the generation changes, a timer cancels the old token after the drain timeout. (A request
 //! retried on the new active site also holds the old token; it is cut with the rest, which is
 //! rare and bounded by the same timeout.)
+//!
+//! Each generation also has a `moved` token, cancelled at once when traffic leaves a site that
+//! is down: an idempotent request still waiting there for its answer (a black-holed site never
+//! answers) is then sent to the new active site instead of waiting out `upstream_timeout`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,10 +20,19 @@ use tokio_util::task::TaskTracker;
 
 use crate::route::Router;
 
-/// The token of the current route generation.
+/// The tokens of one route generation.
+#[derive(Debug, Default)]
+struct Generation {
+    /// Cancelled `drain_timeout` after the move away from this generation.
+    drain: CancellationToken,
+    /// Cancelled at the move away from this generation when the old site is down.
+    moved: CancellationToken,
+}
+
+/// The tokens of the current route generation.
 #[derive(Debug)]
 pub struct Drain {
-    current: ArcSwap<CancellationToken>,
+    current: ArcSwap<Generation>,
     /// `failover.drain_timeout` in milliseconds; a config reload may change it (applies to the
     /// next move).
     timeout_ms: AtomicU64,
@@ -28,7 +41,7 @@ pub struct Drain {
 impl Default for Drain {
     fn default() -> Self {
         Drain {
-            current: ArcSwap::from_pointee(CancellationToken::new()),
+            current: ArcSwap::from_pointee(Generation::default()),
             timeout_ms: AtomicU64::new(2 * 3600 * 1000),
         }
     }
@@ -37,7 +50,13 @@ impl Default for Drain {
 impl Drain {
     /// The token work starting now holds; cancelled `drain_timeout` after the next move.
     pub fn token(&self) -> CancellationToken {
-        CancellationToken::clone(&self.current.load())
+        self.current.load().drain.clone()
+    }
+
+    /// Both tokens of the current generation: (drain, moved).
+    pub fn tokens(&self) -> (CancellationToken, CancellationToken) {
+        let current = self.current.load();
+        (current.drain.clone(), current.moved.clone())
     }
 
     /// Sets the drain timeout of the next moves.
@@ -61,13 +80,21 @@ impl Drain {
     ) {
         self.set_timeout(drain_timeout);
         let mut changes = router.subscribe();
+        let mut active = router.load().active;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = changes.changed() => if r.is_err() { return },
             }
             let generation = *changes.borrow_and_update();
-            let old = self.current.swap(Arc::new(CancellationToken::new()));
+            let now = router.load();
+            let old = self.current.swap(Arc::new(Generation::default()));
+            if now.active != active && !now.usable[active.index()] {
+                // The old site is down: what still waits there for an answer won't get one.
+                old.moved.cancel();
+            }
+            active = now.active;
+            let old = old.drain.clone();
             let drain_timeout = self.timeout();
             tracing::info!(
                 generation,
@@ -109,7 +136,7 @@ mod tests {
         ));
         tokio::task::yield_now().await;
 
-        let before = drain.token();
+        let (before, moved) = drain.tokens();
         router.publish(RouteSnapshot {
             active: Site::Backup,
             usable: [false, true],
@@ -119,11 +146,48 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let after = drain.token();
         assert!(!before.is_cancelled(), "old work may still finish");
+        assert!(
+            moved.is_cancelled(),
+            "the old site is down: waiting requests move at once"
+        );
         tokio::time::sleep(Duration::from_secs(8)).await;
         assert!(!before.is_cancelled());
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(before.is_cancelled(), "cut after the drain timeout");
         assert!(!after.is_cancelled(), "new work is not cut");
+
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_move_away_from_a_healthy_site_does_not_move_waiting_requests() {
+        let router = Router::new(RouteSnapshot::initial(Site::Primary));
+        let drain = Arc::new(Drain::default());
+        let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        tracker.spawn(drain.clone().run(
+            router.clone(),
+            Duration::from_secs(10),
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+        tokio::task::yield_now().await;
+
+        let (_, moved) = drain.tokens();
+        // A manual failover: the primary is still usable, so its requests may finish there.
+        router.publish(RouteSnapshot {
+            active: Site::Backup,
+            usable: [true, true],
+            none_available: false,
+            generation: 1,
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !moved.is_cancelled(),
+            "a healthy old site keeps its waiting requests"
+        );
 
         shutdown.cancel();
         tracker.close();

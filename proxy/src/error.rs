@@ -74,6 +74,13 @@ pub enum ProxyError {
         /// The old site.
         site: Site,
     },
+    /// Traffic moved away from this site because it is down, while an idempotent request without
+    /// a body was still waiting for its answer there: it is sent to the new active site at once.
+    #[error("the {site} site went down while this request waited for its answer")]
+    Moved {
+        /// The site that went down.
+        site: Site,
+    },
     /// Both sites were tried (or none is usable) and none answered.
     #[error("no site can serve the request ({0})")]
     NoSite(Box<ProxyError>),
@@ -93,6 +100,7 @@ impl ProxyError {
             | ProxyError::Timeout { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::Drained { .. }
+            | ProxyError::Moved { .. }
             | ProxyError::NoSite(_) => ErrorSource::Upstream,
             ProxyError::BadRequest(_) => ErrorSource::Downstream,
             ProxyError::Internal(_) => ErrorSource::Internal,
@@ -103,7 +111,9 @@ impl ProxyError {
     pub fn retry(&self) -> RetryType {
         match self {
             ProxyError::Connect { .. } => RetryType::Always,
-            ProxyError::Timeout { .. } | ProxyError::Upstream { .. } => RetryType::IfIdempotent,
+            ProxyError::Timeout { .. } | ProxyError::Upstream { .. } | ProxyError::Moved { .. } => {
+                RetryType::IfIdempotent
+            }
             _ => RetryType::Never,
         }
     }
@@ -115,6 +125,7 @@ impl ProxyError {
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Upstream { .. } => "protocol",
             ProxyError::Drained { .. } => "drained",
+            ProxyError::Moved { .. } => "moved",
             ProxyError::NoSite(_) => "no_site",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::Internal(_) => "internal",
@@ -127,7 +138,8 @@ impl ProxyError {
             ProxyError::Connect { site, .. }
             | ProxyError::Timeout { site, .. }
             | ProxyError::Upstream { site, .. }
-            | ProxyError::Drained { site } => Some(*site),
+            | ProxyError::Drained { site }
+            | ProxyError::Moved { site } => Some(*site),
             ProxyError::NoSite(inner) => inner.site(),
             _ => None,
         }
@@ -138,7 +150,9 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Drained { .. } | ProxyError::NoSite(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Drained { .. } | ProxyError::Moved { .. } | ProxyError::NoSite(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -441,7 +441,7 @@ impl Forwarder {
         settings: &Settings,
     ) -> Result<(Site, Response<ProxyBody>), ProxyError> {
         self.budget.deposit();
-        let drain = self.drain.token();
+        let (drain, moved) = self.drain.tokens();
         // An upgrade (WebSocket...) keeps its Upgrade/Connection headers and is tunnelled.
         let upgrade = upgrade_protocol(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -477,6 +477,9 @@ impl Forwarder {
         } else {
             std::mem::take(&mut out.headers)
         };
+        // Only a request that is safe to send twice may leave a site that went down while it
+        // waited for the answer.
+        let moved = (idempotent && !has_body && upgrade.is_none() && may_retry).then_some(&moved);
         let result = self
             .attempt(
                 settings,
@@ -484,6 +487,7 @@ impl Forwarder {
                 &out,
                 first_headers,
                 body.take().unwrap_or(ReqBody::Empty),
+                moved,
             )
             .await;
         let (site, resp) = match result {
@@ -505,7 +509,13 @@ impl Forwarder {
                 };
                 let retry_body = retry_body.filter(|_| safe && may_retry);
                 match retry_body {
-                    Some(b) if err.retry() == RetryType::Always || self.budget.try_withdraw() => {
+                    // A connect failure or a move off a down site adds no load to a working
+                    // site: no budget needed. Other retries need it.
+                    Some(b)
+                        if err.retry() == RetryType::Always
+                            || matches!(err, ProxyError::Moved { .. })
+                            || self.budget.try_withdraw() =>
+                    {
                         tracing::info!(
                             from = first.as_str(),
                             to = other.as_str(),
@@ -517,7 +527,7 @@ impl Forwarder {
                             .with_label_values(&[first.as_str(), other.as_str()])
                             .inc();
                         let headers = std::mem::take(&mut out.headers);
-                        match self.attempt(settings, other, &out, headers, b).await {
+                        match self.attempt(settings, other, &out, headers, b, None).await {
                             Ok(resp) => (other, resp),
                             Err(err2) => {
                                 self.count_error(&err2);
@@ -549,6 +559,7 @@ impl Forwarder {
         out: &Outgoing,
         headers: HeaderMap,
         body: ReqBody,
+        moved: Option<&CancellationToken>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let uri = settings.targets[site.index()].uri(out.pq.as_ref())?;
         let mut req = Request::new(body);
@@ -565,9 +576,16 @@ impl Forwarder {
         };
         let exchange = tokio::time::timeout(settings.upstream_timeout, client.request(req));
         // A request still waiting for its answer when the old site's drain ends is cut too.
+        let moved_off = async {
+            match moved {
+                Some(token) => token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
         let result = tokio::select! {
             r = exchange => r,
             _ = out.drain.cancelled() => return Err(ProxyError::Drained { site }),
+            _ = moved_off => return Err(ProxyError::Moved { site }),
         };
         match result {
             Ok(Ok(resp)) => Ok(resp),

@@ -7,7 +7,7 @@
 //! - `/mirror` (any method): the request body streamed back as the response body;
 //! - `GET /bytes?n=N`: N bytes of [`pattern`] streamed in 64 KiB chunks;
 //! - `GET /stream?chunks=N&delay_ms=M`: N chunks `chunk <i>\n`, one every M ms;
-//! - `GET /slow?ms=N`: waits N ms, then answers `slow done`;
+//! - `GET /slow?ms=N[&only=NAME]`: waits N ms (only on upstream NAME if given), then answers `slow done`;
 //! - `GET /status/<code>`: answers `<code>`;
 //! - `GET /ws`: a WebSocket echo (text and binary);
 //! - `GET /detectbackup.php` (any prefix): the upstream's own name (the proxy must answer these
@@ -335,6 +335,9 @@ async fn handle(
             ))
         });
         Response::new(BodyExt::boxed(StreamBody::new(chunks)))
+    } else if path == "/slow" && query.get("only").is_some_and(|n| *n != inner.name) {
+        // `only=<name>`: slow on that upstream alone (a site that hangs while the other answers).
+        text(StatusCode::OK, "slow done")
     } else if path == "/slow" {
         let ms: u64 = query.get("ms").and_then(|v| v.parse().ok()).unwrap_or(1000);
         tokio::select! {

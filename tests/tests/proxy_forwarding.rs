@@ -587,6 +587,52 @@ async fn post_is_not_retried_after_it_reached_the_site_but_get_is() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_get_waiting_on_a_site_that_goes_down_is_answered_by_the_backup() {
+    // A black-holed primary accepts nothing and answers nothing: GETs already sent to it would
+    // wait out `upstream_timeout`. When traffic moves because it is down, they move too.
+    let (primary, backup) = (
+        upstream::start("primary").await,
+        upstream::start("backup").await,
+    );
+    let opts = Opts {
+        proxy: "upstream_timeout = \"30s\"".into(),
+        ..Opts::default()
+    };
+    let gsb = Gsb::start(&primary, &backup, opts).await;
+    let c = client();
+    let waiting = tokio::spawn({
+        let (c, url) = (c.clone(), gsb.url("/slow?ms=30000&only=primary"));
+        async move {
+            let started = std::time::Instant::now();
+            let r = c.get(url).send().await.expect("get");
+            let site = r.headers()["x-upstream"].to_str().unwrap().to_owned();
+            (r.status(), site, r.text().await.unwrap(), started.elapsed())
+        }
+    });
+    gsb_tests::wait_until(
+        Duration::from_secs(10),
+        "the GET reached the primary",
+        || async { primary.requests_to("/slow") == 1 },
+    )
+    .await;
+    primary.set_component("web", 503);
+    let (status, site, body, took) = waiting.await.expect("client task");
+    assert_eq!(
+        (status.as_u16(), site.as_str(), body.as_str()),
+        (200, "backup", "slow done")
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "answered {took:?} after it was sent: it waited on the dead site instead of moving"
+    );
+    assert_eq!(gsb.detect().await, "Backup");
+    assert!(
+        gsb.metrics().await.contains("kind=\"moved\""),
+        "the move is counted in gsb_upstream_errors_total"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn slow_clients_are_cut_at_the_header_timeout() {
     let (primary, backup) = (
         upstream::start("primary").await,
