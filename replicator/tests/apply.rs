@@ -4,11 +4,12 @@
 
 use std::time::Duration;
 
-use gsb_replicator::{verify, Config};
-use gsb_tests::pg::PgServer;
+mod common;
+
+use common::{count, start, text};
+
+use gsb_replicator::verify;
 use gsb_tests::wait_until;
-use tokio_postgres::Client;
-use tokio_util::sync::CancellationToken;
 
 /// `users.email` is unique: a second key the set-based apply can trip over.
 const SITE_SCHEMA: &str = "
@@ -22,83 +23,9 @@ CREATE TABLE usage_records (id uuid PRIMARY KEY, kind text, minutes int);
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn pair(extra: &str) -> (PgServer, PgServer, Config) {
-    let mut s = tokio::task::spawn_blocking(|| PgServer::start_many(2))
-        .await
-        .unwrap();
-    let b = s.pop().unwrap();
-    let p = s.pop().unwrap();
-    for srv in [&p, &b] {
-        srv.client("site")
-            .await
-            .batch_execute(SITE_SCHEMA)
-            .await
-            .unwrap();
-    }
-    let config = Config::from_toml_str(&format!(
-        "[replicator]\nprimary_dsn = \"{}\"\nbackup_dsn = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\npoll_interval = \"50ms\"\nprune_interval = \"200ms\"\n{extra}",
-        p.dsn("site"),
-        b.dsn("site")
-    ))
-    .unwrap();
-    (p, b, config)
-}
-
-struct Running {
-    stop: CancellationToken,
-    registry: prometheus::Registry,
-    task: tokio::task::JoinHandle<Result<(), gsb_replicator::Error>>,
-}
-
-fn start(config: &Config) -> Running {
-    let stop = CancellationToken::new();
-    let registry = prometheus::Registry::new();
-    let task = tokio::spawn(gsb_replicator::run(
-        config.clone(),
-        registry.clone(),
-        stop.clone(),
-    ));
-    Running {
-        stop,
-        registry,
-        task,
-    }
-}
-
-impl Running {
-    async fn shutdown(self) {
-        self.stop.cancel();
-        self.task.await.unwrap().unwrap();
-    }
-
-    /// The value of counter `name` with label `label`=`value` (0 when absent).
-    fn counter(&self, name: &str, label: &str, value: &str) -> u64 {
-        self.registry
-            .gather()
-            .iter()
-            .filter(|f| f.get_name() == name)
-            .flat_map(|f| f.get_metric())
-            .filter(|m| {
-                m.get_label()
-                    .iter()
-                    .any(|l| l.get_name() == label && l.get_value() == value)
-            })
-            .map(|m| m.get_counter().get_value() as u64)
-            .sum()
-    }
-}
-
-async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap().get(0)
-}
-
-async fn text(c: &Client, sql: &str) -> Option<String> {
-    c.query_opt(sql, &[]).await.unwrap().map(|r| r.get(0))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_batch_mixes_set_based_rows_conflicts_deletes_and_a_unique_key_swap() {
-    let (ps, bs, config) = pair("").await;
+    let (ps, bs, config) = common::pair(SITE_SCHEMA, "").await;
     let (p, b) = (ps.client("site").await, bs.client("site").await);
     let r = start(&config);
     p.batch_execute("INSERT INTO users SELECT i, 'u' || i, 'v0' FROM generate_series(1, 100) i")
@@ -182,7 +109,7 @@ async fn a_large_batch_mixes_set_based_rows_conflicts_deletes_and_a_unique_key_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_stamped_beyond_the_clock_skew_is_rejected_logged_and_counted() {
-    let (ps, bs, config) = pair("max_clock_skew = \"10s\"\n").await;
+    let (ps, bs, config) = common::pair(SITE_SCHEMA, "max_clock_skew = \"10s\"\n").await;
     let (p, b) = (ps.client("site").await, bs.client("site").await);
     let r = start(&config);
     p.batch_execute("INSERT INTO users VALUES (1, 'ok1', 'n')")
@@ -255,7 +182,7 @@ async fn a_change_stamped_beyond_the_clock_skew_is_rejected_logged_and_counted()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tombstones_older_than_the_retention_are_pruned_on_both_sites() {
-    let (ps, bs, config) = pair("tombstone_retention = \"10s\"\n").await;
+    let (ps, bs, config) = common::pair(SITE_SCHEMA, "tombstone_retention = \"10s\"\n").await;
     let (p, b) = (ps.client("site").await, bs.client("site").await);
     let r = start(&config);
     p.batch_execute("INSERT INTO users SELECT i, 'u' || i, 'n' FROM generate_series(1, 50) i")

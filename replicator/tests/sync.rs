@@ -2,11 +2,13 @@
 
 use std::time::Duration;
 
+mod common;
+
+use common::{count, start, text};
+
 use gsb_replicator::{copy_config, verify, Config};
 use gsb_tests::pg::PgServer;
 use gsb_tests::wait_until;
-use tokio_postgres::Client;
-use tokio_util::sync::CancellationToken;
 
 const SITE_SCHEMA: &str = "
 CREATE TABLE users (id uuid PRIMARY KEY, email text, name text, created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now());
@@ -26,55 +28,8 @@ struct Pair {
 }
 
 async fn pair() -> Pair {
-    let mut s = tokio::task::spawn_blocking(|| PgServer::start_many(2))
-        .await
-        .unwrap();
-    let b = s.pop().unwrap();
-    let p = s.pop().unwrap();
-    for srv in [&p, &b] {
-        srv.client("site")
-            .await
-            .batch_execute(SITE_SCHEMA)
-            .await
-            .unwrap();
-    }
-    let config = Config::from_toml_str(&format!(
-        "[replicator]\nprimary_dsn = \"{}\"\nbackup_dsn = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\npoll_interval = \"50ms\"\nprune_interval = \"200ms\"\n",
-        p.dsn("site"),
-        b.dsn("site")
-    ))
-    .unwrap();
+    let (p, b, config) = common::pair(SITE_SCHEMA, "").await;
     Pair { p, b, config }
-}
-
-struct Running {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), gsb_replicator::Error>>,
-}
-
-fn start(config: &Config) -> Running {
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(gsb_replicator::run(
-        config.clone(),
-        prometheus::Registry::new(),
-        stop.clone(),
-    ));
-    Running { stop, task }
-}
-
-impl Running {
-    async fn shutdown(self) {
-        self.stop.cancel();
-        self.task.await.unwrap().unwrap();
-    }
-}
-
-async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap().get(0)
-}
-
-async fn text(c: &Client, sql: &str) -> Option<String> {
-    c.query_opt(sql, &[]).await.unwrap().map(|r| r.get(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
