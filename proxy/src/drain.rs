@@ -122,9 +122,8 @@ mod tests {
     use super::*;
     use crate::route::{RouteSnapshot, Site};
 
-    #[tokio::test(start_paused = true)]
-    async fn old_generation_is_cut_after_the_drain_timeout() {
-        let router = Router::new(RouteSnapshot::initial(Site::Primary));
+    /// A `Drain` following `router` with a 10 s drain timeout.
+    async fn follow(router: &Arc<Router>) -> (Arc<Drain>, TaskTracker, CancellationToken) {
         let drain = Arc::new(Drain::default());
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
@@ -135,6 +134,19 @@ mod tests {
             shutdown.clone(),
         ));
         tokio::task::yield_now().await;
+        (drain, tracker, shutdown)
+    }
+
+    async fn stop(tracker: TaskTracker, shutdown: CancellationToken) {
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_generation_is_cut_after_the_drain_timeout() {
+        let router = Router::new(RouteSnapshot::initial(Site::Primary));
+        let (drain, tracker, shutdown) = follow(&router).await;
 
         let (before, moved) = drain.tokens();
         router.publish(RouteSnapshot {
@@ -156,24 +168,13 @@ mod tests {
         assert!(before.is_cancelled(), "cut after the drain timeout");
         assert!(!after.is_cancelled(), "new work is not cut");
 
-        shutdown.cancel();
-        tracker.close();
-        tracker.wait().await;
+        stop(tracker, shutdown).await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_move_away_from_a_healthy_site_does_not_move_waiting_requests() {
         let router = Router::new(RouteSnapshot::initial(Site::Primary));
-        let drain = Arc::new(Drain::default());
-        let tracker = TaskTracker::new();
-        let shutdown = CancellationToken::new();
-        tracker.spawn(drain.clone().run(
-            router.clone(),
-            Duration::from_secs(10),
-            tracker.clone(),
-            shutdown.clone(),
-        ));
-        tokio::task::yield_now().await;
+        let (drain, tracker, shutdown) = follow(&router).await;
 
         let (_, moved) = drain.tokens();
         // A manual failover: the primary is still usable, so its requests may finish there.
@@ -189,8 +190,6 @@ mod tests {
             "a healthy old site keeps its waiting requests"
         );
 
-        shutdown.cancel();
-        tracker.close();
-        tracker.wait().await;
+        stop(tracker, shutdown).await;
     }
 }
