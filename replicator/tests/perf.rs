@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use futures_util::StreamExt;
 use gsb_replicator::{verify, Config};
 use gsb_tests::pg::PgServer;
@@ -34,24 +36,9 @@ fn env_or(name: &str, default: u64) -> u64 {
 }
 
 async fn pair() -> (PgServer, PgServer, Config) {
-    let mut s = tokio::task::spawn_blocking(|| PgServer::start_many(2))
-        .await
-        .unwrap();
-    let b = s.pop().unwrap();
-    let p = s.pop().unwrap();
-    for srv in [&p, &b] {
-        srv.client("site")
-            .await
-            .batch_execute(SITE_SCHEMA)
-            .await
-            .unwrap();
-    }
-    let config = Config::from_toml_str(&format!(
-        "[replicator]\nprimary_dsn = \"{}\"\nbackup_dsn = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\n",
-        p.dsn("site"),
-        b.dsn("site")
-    ))
-    .unwrap();
+    // Default polling and pruning: the figures are those of a default deployment.
+    let (p, b) = common::servers(SITE_SCHEMA).await;
+    let config = Config::from_toml_str(&common::config_text(&p, &b, "")).unwrap();
     (p, b, config)
 }
 

@@ -7,18 +7,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gsb_replicator::{verify, Config};
-use gsb_tests::pg::PgServer;
-use gsb_tests::{gsb_bin, wait_for, wait_until, Proc};
+mod common;
 
-const SITE_SCHEMA: &str = "
-CREATE TABLE users (id uuid PRIMARY KEY, email text, name text, created_at timestamptz, updated_at timestamptz);
-CREATE TABLE meetings (id uuid PRIMARY KEY, host_id uuid, topic text, start_time timestamptz, duration_minutes int, status text, created_at timestamptz, updated_at timestamptz);
-CREATE TABLE site_config (key text PRIMARY KEY, value text);
-CREATE TABLE custom_pages (path text PRIMARY KEY, title text, body text);
-CREATE TABLE client_versions (platform text PRIMARY KEY, version text, download_url text);
-CREATE TABLE usage_records (id uuid PRIMARY KEY, meeting_id uuid, user_id uuid, kind text, minutes int, site text, recorded_at timestamptz);
-";
+use gsb_replicator::{verify, Config};
+use gsb_tests::{gsb_bin, wait_for, wait_until, Proc};
 
 /// Longest a standby may take to replicate after the active instance died.
 const TAKEOVER: Duration = Duration::from_secs(10);
@@ -55,22 +47,8 @@ async fn active(http: &reqwest::Client, url: &str) -> Option<bool> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_takes_over_after_sigkill_of_the_active_replicator_losing_nothing() {
-    let mut s = tokio::task::spawn_blocking(|| PgServer::start_many(2))
-        .await
-        .unwrap();
-    let (b, p) = (s.pop().unwrap(), s.pop().unwrap());
-    for srv in [&p, &b] {
-        srv.client("site")
-            .await
-            .batch_execute(SITE_SCHEMA)
-            .await
-            .unwrap();
-    }
-    let text = format!(
-        "[replicator]\nprimary_dsn = \"{}\"\nbackup_dsn = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\nbatch_size = 200\n",
-        p.dsn("site"),
-        b.dsn("site")
-    );
+    let (p, b) = common::servers(common::SITE_TABLES).await;
+    let text = common::config_text(&p, &b, "batch_size = 200\n");
     let config = Config::from_toml_str(&text).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gsb.toml");
@@ -100,26 +78,8 @@ async fn standby_takes_over_after_sigkill_of_the_active_replicator_losing_nothin
 
     // A steady write load on both sites across the takeover.
     let (pc, bc) = (p.client("site").await, b.client("site").await);
-    let writers: Vec<_> = [(p.client("site").await, "p"), (b.client("site").await, "b")]
-        .into_iter()
-        .map(|(c, tag)| {
-            tokio::spawn(async move {
-                for i in 0..60 {
-                    c.batch_execute(&format!("INSERT INTO users (id, email) SELECT gen_random_uuid(), '{tag}{i}-' || g FROM generate_series(1, 50) g")).await.unwrap();
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            })
-        })
-        .collect();
-    wait_until(Duration::from_secs(30), "replication under way", || async {
-        let n: i64 = bc
-            .query_one("SELECT count(*) FROM users WHERE email LIKE 'p%'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        n > 200
-    })
-    .await;
+    let writers = common::two_way_load(&p, &b, Duration::from_millis(20)).await;
+    common::wait_replicating(&bc).await;
     first.kill9();
     let killed = Instant::now();
     wait_until(TAKEOVER, "the standby active after the SIGKILL", || async {
@@ -136,13 +96,6 @@ async fn standby_takes_over_after_sigkill_of_the_active_replicator_losing_nothin
         || async { verify(&config).await.map(|r| r.is_equal()).unwrap_or(false) },
     )
     .await;
-    for c in [&pc, &bc] {
-        let r = c
-            .query_one("SELECT count(*), count(DISTINCT email) FROM users", &[])
-            .await
-            .unwrap();
-        let (n, d): (i64, i64) = (r.get(0), r.get(1));
-        assert_eq!((n, d), (6000, 6000), "no loss, no duplicate");
-    }
+    common::assert_no_loss_no_duplicate([&pc, &bc], 6000).await;
     drop(second);
 }

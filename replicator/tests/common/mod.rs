@@ -7,9 +7,18 @@ use gsb_tests::pg::PgServer;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-/// Two servers with `schema` installed in database `site`, and a replicator config for them with
-/// fast polling and pruning plus the `extra` `[replicator]` lines.
-pub async fn pair(schema: &str, extra: &str) -> (PgServer, PgServer, Config) {
+/// The reference site's tables, without defaults (rows are written by the tests).
+pub const SITE_TABLES: &str = "
+CREATE TABLE users (id uuid PRIMARY KEY, email text, name text, created_at timestamptz, updated_at timestamptz);
+CREATE TABLE meetings (id uuid PRIMARY KEY, host_id uuid, topic text, start_time timestamptz, duration_minutes int, status text, created_at timestamptz, updated_at timestamptz);
+CREATE TABLE site_config (key text PRIMARY KEY, value text);
+CREATE TABLE custom_pages (path text PRIMARY KEY, title text, body text);
+CREATE TABLE client_versions (platform text PRIMARY KEY, version text, download_url text);
+CREATE TABLE usage_records (id uuid PRIMARY KEY, meeting_id uuid, user_id uuid, kind text, minutes int, site text, recorded_at timestamptz);
+";
+
+/// Two servers with `schema` installed in database `site`.
+pub async fn servers(schema: &str) -> (PgServer, PgServer) {
     let mut s = tokio::task::spawn_blocking(|| PgServer::start_many(2))
         .await
         .unwrap();
@@ -22,13 +31,69 @@ pub async fn pair(schema: &str, extra: &str) -> (PgServer, PgServer, Config) {
             .await
             .unwrap();
     }
-    let config = Config::from_toml_str(&format!(
-        "[replicator]\nprimary_dsn = \"{}\"\nbackup_dsn = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\npoll_interval = \"50ms\"\nprune_interval = \"200ms\"\n{extra}",
+    (p, b)
+}
+
+/// A `[replicator]` config text for the pair plus the `extra` lines (defaults otherwise).
+pub fn config_text(p: &PgServer, b: &PgServer, extra: &str) -> String {
+    format!(
+        "[replicator]\nprimary_dsn = \"{}\"\nbackup_dsn = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\n{extra}",
         p.dsn("site"),
         b.dsn("site")
-    ))
-    .unwrap();
-    (p, b, config)
+    )
+}
+
+/// Two servers with `schema` installed, and a replicator config for them with fast polling and
+/// pruning plus the `extra` `[replicator]` lines.
+pub async fn pair(schema: &str, extra: &str) -> (PgServer, PgServer, Config) {
+    let (p, b) = servers(schema).await;
+    let text = config_text(
+        &p,
+        &b,
+        &format!("poll_interval = \"50ms\"\nprune_interval = \"200ms\"\n{extra}"),
+    );
+    (p, b, Config::from_toml_str(&text).unwrap())
+}
+
+/// Starts a write load on both sites: 60 transactions of 50 users each, `pause` apart; the
+/// emails are `p<i>-<g>` on the primary and `b<i>-<g>` on the backup (6000 in all).
+pub async fn two_way_load(
+    p: &PgServer,
+    b: &PgServer,
+    pause: std::time::Duration,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut writers = Vec::new();
+    for (c, tag) in [(p.client("site").await, "p"), (b.client("site").await, "b")] {
+        writers.push(tokio::spawn(async move {
+            for i in 0..60 {
+                c.batch_execute(&format!("INSERT INTO users (id, email) SELECT gen_random_uuid(), '{tag}{i}-' || g FROM generate_series(1, 50) g")).await.unwrap();
+                tokio::time::sleep(pause).await;
+            }
+        }));
+    }
+    writers
+}
+
+/// Waits until the backup holds some of the primary's writes.
+pub async fn wait_replicating(backup: &Client) {
+    gsb_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "replication under way",
+        || async { count(backup, "SELECT count(*) FROM users WHERE email LIKE 'p%'").await > 200 },
+    )
+    .await;
+}
+
+/// Both sites hold exactly `n` users with `n` distinct emails: nothing lost, nothing duplicated.
+pub async fn assert_no_loss_no_duplicate(clients: [&Client; 2], n: i64) {
+    for c in clients {
+        let r = c
+            .query_one("SELECT count(*), count(DISTINCT email) FROM users", &[])
+            .await
+            .unwrap();
+        let (rows, distinct): (i64, i64) = (r.get(0), r.get(1));
+        assert_eq!((rows, distinct), (n, n), "no loss, no duplicate");
+    }
 }
 
 /// A replicator running in-process.
