@@ -7,6 +7,14 @@ fn gsb() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gsb"))
 }
 
+fn check_config(path: &std::path::Path) -> std::process::Output {
+    gsb()
+        .args(["check-config", "--config"])
+        .arg(path)
+        .output()
+        .expect("run gsb check-config")
+}
+
 #[test]
 fn help_lists_every_contract_command() {
     let out = gsb().arg("--help").output().expect("run gsb --help");
@@ -41,11 +49,7 @@ fn check_config_names_the_bad_key_and_exits_64() {
         "[sites.primary]\nurl = \"http://127.0.0.1:8001\"\n[sites.backup]\nurl = \"http://127.0.0.1:8002\"\n[health]\nrise = 0\n",
     )
     .expect("write config");
-    let out = gsb()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run gsb check-config");
+    let out = check_config(&path);
     assert_eq!(out.status.code(), Some(64), "bad config exits 64");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -58,11 +62,7 @@ fn check_config_names_the_bad_key_and_exits_64() {
         "[sites.primary]\nurl = \"http://127.0.0.1:8001\"\n[sites.backup]\nurl = \"http://127.0.0.1:8002\"\n",
     )
     .expect("write config");
-    let out = gsb()
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run gsb check-config");
+    let out = check_config(&path);
     assert!(
         out.status.success(),
         "{}",
