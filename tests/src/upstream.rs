@@ -73,6 +73,11 @@ struct Run {
     tracker: TaskTracker,
 }
 
+/// Starts the two sites of most tests, named `primary` and `backup`.
+pub async fn start_pair() -> (Upstream, Upstream) {
+    (start("primary").await, start("backup").await)
+}
+
 /// Starts a site named `name` on a free loopback port.
 pub async fn start(name: &str) -> Upstream {
     start_on(name, "127.0.0.1:0".parse().expect("literal address")).await

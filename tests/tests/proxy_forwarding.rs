@@ -191,10 +191,7 @@ fn raw_request(port: u16, request: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn headers_are_rewritten_and_detectbackup_is_answered_by_the_proxy() {
-    let (primary, backup) = (
-        upstream::start("primary").await,
-        upstream::start("backup").await,
-    );
+    let (primary, backup) = upstream::start_pair().await;
     let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
 
     let request =
@@ -261,10 +258,7 @@ async fn headers_are_rewritten_and_detectbackup_is_answered_by_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn large_bodies_stream_both_ways_intact() {
-    let (primary, backup) = (
-        upstream::start("primary").await,
-        upstream::start("backup").await,
-    );
+    let (primary, backup) = upstream::start_pair().await;
     let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
     const N: usize = 8 * 1024 * 1024;
     let data = upstream::pattern(N);
@@ -332,10 +326,7 @@ async fn http2_prior_knowledge_is_served() {
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
 
-    let (primary, backup) = (
-        upstream::start("primary").await,
-        upstream::start("backup").await,
-    );
+    let (primary, backup) = upstream::start_pair().await;
     let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
     let h2: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(true)
@@ -356,10 +347,7 @@ async fn http2_prior_knowledge_is_served() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_is_tunnelled_and_cut_after_the_drain_timeout() {
-    let (primary, backup) = (
-        upstream::start("primary").await,
-        upstream::start("backup").await,
-    );
+    let (primary, backup) = upstream::start_pair().await;
     let opts = Opts {
         failover: "drain_timeout = \"2s\"".into(),
         ..Opts::default()
@@ -418,10 +406,7 @@ async fn websocket_is_tunnelled_and_cut_after_the_drain_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn https_serves_and_picks_up_a_new_certificate() {
-    let (primary, backup) = (
-        upstream::start("primary").await,
-        upstream::start("backup").await,
-    );
+    let (primary, backup) = upstream::start_pair().await;
     let gsb = Gsb::start(
         &primary,
         &backup,
@@ -474,10 +459,7 @@ async fn https_serves_and_picks_up_a_new_certificate() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn get_is_retried_on_the_backup_when_the_primary_refuses_connections() {
-    let (primary, backup) = (
-        upstream::start("primary").await,
-        upstream::start("backup").await,
-    );
+    let (primary, backup) = upstream::start_pair().await;
     // Slow probes and a high fall count: the health checker does not move traffic during the test,
     // so the request path meets a dead active site.
     let opts = Opts {
@@ -551,10 +533,7 @@ async fn get_is_retried_on_the_backup_when_the_primary_refuses_connections() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn post_is_not_retried_after_it_reached_the_site_but_get_is() {
-    let (primary, backup) = (
-        upstream::start("primary").await,
-        upstream::start("backup").await,
-    );
+    let (primary, backup) = upstream::start_pair().await;
     let opts = Opts {
         proxy: "upstream_timeout = \"500ms\"".into(),
         ..Opts::default()
@@ -590,10 +569,7 @@ async fn post_is_not_retried_after_it_reached_the_site_but_get_is() {
 async fn a_get_waiting_on_a_site_that_goes_down_is_answered_by_the_backup() {
     // A black-holed primary accepts nothing and answers nothing: GETs already sent to it would
     // wait out `upstream_timeout`. When traffic moves because it is down, they move too.
-    let (primary, backup) = (
-        upstream::start("primary").await,
-        upstream::start("backup").await,
-    );
+    let (primary, backup) = upstream::start_pair().await;
     let opts = Opts {
         proxy: "upstream_timeout = \"30s\"".into(),
         ..Opts::default()
@@ -634,10 +610,7 @@ async fn a_get_waiting_on_a_site_that_goes_down_is_answered_by_the_backup() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_clients_are_cut_at_the_header_timeout() {
-    let (primary, backup) = (
-        upstream::start("primary").await,
-        upstream::start("backup").await,
-    );
+    let (primary, backup) = upstream::start_pair().await;
     let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
     let port = gsb.port;
     let cut_after = |first_bytes: &'static [u8]| {
@@ -680,10 +653,7 @@ async fn slow_clients_are_cut_at_the_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redirect_mode_answers_307_to_the_active_site() {
-    let (primary, backup) = (
-        upstream::start("primary").await,
-        upstream::start("backup").await,
-    );
+    let (primary, backup) = upstream::start_pair().await;
     let gsb = Gsb::start(
         &primary,
         &backup,
@@ -731,10 +701,7 @@ async fn redirect_mode_answers_307_to_the_active_site() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_an_in_flight_request_finish_and_exits_0() {
-    let (primary, backup) = (
-        upstream::start("primary").await,
-        upstream::start("backup").await,
-    );
+    let (primary, backup) = upstream::start_pair().await;
     let mut gsb = Gsb::start(&primary, &backup, Opts::default()).await;
     let url = gsb.url("/slow?ms=1500");
     let slow = tokio::spawn(async move { client().get(url).send().await?.text().await });
@@ -758,10 +725,7 @@ async fn sigterm_lets_an_in_flight_request_finish_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn both_sites_dead_answers_503_with_retry_after() {
-    let (primary, backup) = (
-        upstream::start("primary").await,
-        upstream::start("backup").await,
-    );
+    let (primary, backup) = upstream::start_pair().await;
     let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
     primary.stop().await;
     backup.stop().await;
@@ -795,10 +759,7 @@ async fn both_sites_dead_answers_503_with_retry_after() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore]
 async fn measure_with_wrk() {
-    let (primary, backup) = (
-        upstream::start("primary").await,
-        upstream::start("backup").await,
-    );
+    let (primary, backup) = upstream::start_pair().await;
     let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
     for (what, url) in [
         ("direct", format!("{}/x", primary.url())),
