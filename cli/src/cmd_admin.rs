@@ -123,6 +123,12 @@ fn summary(v: &Value) -> String {
             if blocked { " (failback waiting)" } else { "" }
         ));
     }
+    if let Some(f) = v.get("fleet").filter(|f| !f.is_null()) {
+        out.push_str(&fleet_summary(f));
+    }
+    if v.get("ready").and_then(Value::as_bool) == Some(false) {
+        out.push_str(&format!("NOT READY: {}\n", s(v, "unready_reason")));
+    }
     let timeline = v
         .get("timeline")
         .and_then(Value::as_array)
@@ -140,6 +146,64 @@ fn summary(v: &Value) -> String {
                 s(e, "detail")
             ));
         }
+    }
+    out
+}
+
+/// The fleet lines of `gsb status`: who decides, who follows, who lags, who dissents.
+fn fleet_summary(f: &Value) -> String {
+    let flag = |k: &str| f.get(k).and_then(Value::as_bool) == Some(true);
+    let num = |k: &str| f.get(k).and_then(Value::as_i64).unwrap_or(0);
+    let verdict = |i: usize| {
+        f.get("verdict")
+            .and_then(|v| v.get(i))
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string()
+    };
+    let mut out = format!(
+        "fleet: decider {}, decision revision {}, coordination {}; fleet verdict primary {}, backup {}\n",
+        f.get("decider").and_then(Value::as_str).unwrap_or("none"),
+        num("decision_revision"),
+        if flag("coordination_up") { "up".to_string() } else { format!("DOWN ({})", s(f, "coordination_error")) },
+        verdict(0),
+        verdict(1),
+    );
+    for m in f
+        .get("members")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let b = |k: &str| m.get(k).and_then(Value::as_bool) == Some(true);
+        out.push_str(&format!(
+            "  {:<16} {:<10} primary {:<9} backup {:<9} {}{}{}{}\n",
+            s(m, "name"),
+            s(m, "region"),
+            m.get("primary")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown"),
+            m.get("backup").and_then(Value::as_str).unwrap_or("unknown"),
+            if b("follows") { "follows" } else { "LAGGING" },
+            if b("fresh") { "" } else { ", STALE vote" },
+            if b("decider") { ", decider" } else { "" },
+            if b("ready") {
+                String::new()
+            } else {
+                format!(", NOT READY: {}", s(m, "unready_reason"))
+            },
+        ));
+    }
+    for d in f
+        .get("dissent")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!(
+            "  minority (not moved): {}\n",
+            d.as_str().unwrap_or("")
+        ));
     }
     out
 }

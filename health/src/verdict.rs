@@ -2,13 +2,13 @@
 
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::counter::{ComponentCounter, Transition};
 use crate::probe::{ProbeOutcome, ProbeSpec};
 
 /// A site's health as the routing state machine sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     /// Every critical component is up.

@@ -152,7 +152,18 @@ impl Admin {
             return r;
         }
         match path.as_str() {
-            "/healthz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
+            // Readiness for the balancer in front: 503 names why this proxy should be drained.
+            "/healthz" => {
+                let status = self.control.status();
+                match &status.unready_reason {
+                    Some(why) if !status.ready => respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain; charset=utf-8",
+                        format!("not ready: {why}\n"),
+                    ),
+                    _ => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
+                }
+            }
             "/metrics" => self.metrics(),
             "/status" => match serde_json::to_vec_pretty(&*self.control.status()) {
                 Ok(body) => respond(StatusCode::OK, "application/json", body),

@@ -64,6 +64,9 @@ pub struct Config {
     /// `[replicator]`: read by the replicator, ignored here.
     #[serde(default)]
     pub replicator: Option<toml::Value>,
+    /// `[coordination]`: the fleet's etcd. Absent, this proxy decides alone.
+    #[serde(default)]
+    pub coordination: Option<gsb_fleet::CoordinationConfig>,
 }
 
 /// Whether the public listener forwards requests or redirects clients.
@@ -392,6 +395,9 @@ impl Config {
                 *ca = beside(ca);
             }
         }
+        if let Some(c) = &mut self.coordination {
+            c.resolve_paths(&dir);
+        }
     }
 
     /// Checks what serde cannot: ranges, URLs, time zones, consistency.
@@ -486,6 +492,9 @@ impl Config {
         }
         if let Some(url) = &self.failover.replicator_status {
             validate_url("failover.replicator_status", url)?;
+        }
+        if let Some(c) = &self.coordination {
+            c.validate().map_err(|e| invalid(e.key, e.message))?;
         }
         for (i, w) in self.maintenance.iter().enumerate() {
             let key = format!("maintenance[{i}]");

@@ -29,6 +29,9 @@ use crate::passive::PassiveHealth;
 use crate::route::{RouteSnapshot, Router, Site};
 use crate::routing::{self, Action, AdminCommand, Event, Forced, Policy, RoutingState};
 
+mod fleet;
+pub use fleet::{Decision, FleetStatus, MemberView};
+
 /// Moves kept in the timeline (older ones are dropped; the counter metric keeps the totals).
 const TIMELINE_LEN: usize = 200;
 /// Largest replicator `/status` body read.
@@ -70,6 +73,9 @@ pub enum ControlError {
     /// The control task has stopped (shutdown).
     #[error("the control task has stopped")]
     Stopped,
+    /// Fleet mode: the fleet's decision could not be changed (etcd unreachable, a race).
+    #[error("{0}")]
+    Coordination(String),
 }
 
 /// What is persisted in `failover.state_file`.
@@ -82,7 +88,7 @@ struct StateFile {
 }
 
 /// One move of the active site.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TimelineEntry {
     /// When it happened.
     pub at: DateTime<Utc>,
@@ -91,7 +97,7 @@ pub struct TimelineEntry {
     /// New active site.
     pub to: Site,
     /// Reason label (`primary_down`, `manual`, ...).
-    pub reason: &'static str,
+    pub reason: String,
     /// Detail: operator text or health evidence.
     pub detail: String,
 }
@@ -183,9 +189,15 @@ pub struct Status {
     pub failback_mode: &'static str,
     /// The last config reload (SIGHUP), `null` when none since start.
     pub config_reload: Option<ReloadView>,
+    /// This proxy can serve its users (`GET /healthz` answers 503 when not).
+    pub ready: bool,
+    /// Why not.
+    pub unready_reason: Option<String>,
+    /// The fleet (`[coordination]` set): members, votes, the decider, who follows.
+    pub fleet: Option<FleetStatus>,
 }
 
-type Reply = oneshot::Sender<Arc<Status>>;
+type Reply = oneshot::Sender<Result<Arc<Status>, ControlError>>;
 
 /// What the control task is asked to do.
 #[derive(Debug)]
@@ -225,7 +237,7 @@ impl ControlHandle {
             .send(Msg::Admin(cmd, tx))
             .await
             .map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)
+        rx.await.map_err(|_| ControlError::Stopped)?
     }
 
     /// Hands a reload's outcome to the control task: `new` settings are applied (probes,
@@ -241,7 +253,7 @@ impl ControlHandle {
             .send(Msg::Reload(new.map(Box::new), view, tx))
             .await
             .map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)
+        rx.await.map_err(|_| ControlError::Stopped)?
     }
 
     /// The latest status view (no await, no lock).
@@ -343,6 +355,15 @@ struct Control {
     failback_mode: &'static str,
     /// The last config reload (status).
     last_reload: Option<ReloadView>,
+    /// Fleet mode (`[coordination]`): votes, the decider, the decision in etcd.
+    fleet: Option<fleet::FleetLink>,
+    /// This proxy's own verdicts `[primary, backup]` (its vote; in fleet mode the state machine
+    /// may be fed the fleet's instead).
+    local_verdicts: [Option<Verdict>; 2],
+    /// The replicator's latest backlog reading, for this round's step.
+    backlog_reading: Option<Backlog>,
+    /// Readiness and why not.
+    ready: (bool, Option<String>),
 }
 
 /// Polls the replicator's `/status`.
@@ -405,11 +426,16 @@ impl ReplicatorPoll {
 }
 
 /// Loads the state file, publishes the initial route, and spawns the control task on `tracker`.
+///
+/// With `fleet` (fleet mode) it first waits, at most `lease_ttl`, for etcd and routes on the
+/// fleet's current decision before it returns, so the proxy never serves a stale route after a
+/// restart; without etcd it starts on the state file's cached decision and holds it.
 pub async fn start(
     config: &Config,
     router: Arc<Router>,
     passive: Arc<PassiveHealth>,
     metrics: ProxyMetrics,
+    fleet: Option<gsb_fleet::Fleet>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<ControlHandle, ControlError> {
@@ -452,6 +478,7 @@ pub async fn start(
         timeline: VecDeque::new(),
         active_since: Utc::now(),
         status: Arc::new(ArcSwap::from_pointee(placeholder_status())),
+
         policy: cc.policy,
         specs: cc.specs,
         urls: cc.urls,
@@ -460,7 +487,34 @@ pub async fn start(
         interval: cc.interval,
         failback_mode: cc.failback_mode,
         last_reload: None,
+        fleet: None,
+        local_verdicts: [None, None],
+        backlog_reading: None,
+        ready: (true, None),
     };
+    let mut control = control;
+    if let (Some(fleet), Some(coordination)) = (fleet, &config.coordination) {
+        let fleet_metrics = control
+            .metrics
+            .fleet
+            .clone()
+            .expect("fleet metrics are registered with [coordination]");
+        let mut link = fleet::FleetLink::new(
+            fleet,
+            coordination.clone(),
+            fleet_metrics,
+            tracker,
+            shutdown.clone(),
+        );
+        let up = link.wait_for_session().await;
+        control.fleet = Some(link);
+        if up {
+            control.on_fleet_change().await;
+        } else {
+            warn!(waited = ?coordination.lease_ttl, active = %control.state.active,
+                "etcd not reachable at start: serving the route cached in the state file and holding it until the fleet is reachable");
+        }
+    }
     control.update_metrics();
     control.refresh_status(Instant::now());
     let (tx, rx) = mpsc::channel(16);
@@ -493,6 +547,9 @@ fn placeholder_status() -> Status {
         generation: 0,
         failback_mode: "auto",
         config_reload: None,
+        ready: true,
+        unready_reason: None,
+        fleet: None,
     }
 }
 
@@ -593,7 +650,11 @@ impl Control {
         let mut next_round = tokio::time::Instant::now();
         let mut last_round = tokio::time::Instant::now() - self.interval;
         loop {
+            let fleet_mode = self.fleet.is_some();
             tokio::select! {
+                // In this order: a round that is due runs before a fleet notification is read,
+                // so a decider back from a pause confirms (and is fenced) before anything else.
+                biased;
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(next_round) => {
                     self.round("scheduled").await;
@@ -613,8 +674,14 @@ impl Control {
                 Some(msg) = commands.recv() => match msg {
                     Msg::Admin(cmd, reply) => {
                         info!(command = ?cmd, "admin command");
-                        self.apply(Event::Admin(cmd), Instant::now());
-                        let _ = reply.send(self.status.load_full());
+                        let outcome = if fleet_mode {
+                            self.fleet_command(cmd).await.map_err(ControlError::Coordination)
+                        } else {
+                            self.apply(Event::Admin(cmd), Instant::now());
+                            Ok(())
+                        };
+                        self.refresh_status(Instant::now());
+                        let _ = reply.send(outcome.map(|()| self.status.load_full()));
                     }
                     Msg::Reload(new, view, reply) => {
                         if let Some(new) = new {
@@ -622,12 +689,20 @@ impl Control {
                         }
                         self.last_reload = Some(view);
                         // Re-evaluates the rules under the new policy (and refreshes the status).
-                        self.apply(Event::Tick, Instant::now());
-                        let _ = reply.send(self.status.load_full());
+                        if self.fleet.is_none() {
+                            self.apply(Event::Tick, Instant::now());
+                        }
+                        self.refresh_status(Instant::now());
+                        let _ = reply.send(Ok(self.status.load_full()));
                     }
                 },
+                _ = async { self.fleet.as_mut().expect("fleet mode").changed().await }, if fleet_mode => {
+                    self.on_fleet_change().await;
+                    self.refresh_status(Instant::now());
+                }
             }
         }
+        self.fleet_shutdown().await;
         info!("health checker stopped");
     }
 
@@ -674,6 +749,9 @@ impl Control {
     /// One probe round of both sites (concurrently, each bounded by the probe timeout), plus
     /// the replicator poll and the maintenance schedule, then the state machine.
     async fn round(&mut self, trigger: &'static str) {
+        if self.fleet.is_some() {
+            self.confirm_after_absence().await;
+        }
         let started = Instant::now();
         let replicator = self.replicator.as_mut();
         let (primary, backup, backlog) = tokio::join!(
@@ -722,8 +800,29 @@ impl Control {
             }
         }
         let verdicts = [self.health[0].verdict(), self.health[1].verdict()];
-        self.apply(Event::Verdicts(verdicts), now);
-        if let Some(backlog) = backlog {
+        self.local_verdicts = verdicts;
+        self.backlog_reading = backlog;
+        match self.fleet.as_ref().map(|f| f.following()) {
+            Some(true) => {
+                if let Some(b) = self.backlog_reading.clone() {
+                    // Followers show the gate; only the decider steps on it.
+                    self.state.backlog = b;
+                }
+                self.fleet_round(verdicts, now).await;
+                self.refresh_status(now);
+            }
+            Some(false) => self.fleet_round(verdicts, now).await,
+            None => {
+                self.apply(Event::Verdicts(verdicts), now);
+                self.round_inputs(now);
+            }
+        }
+    }
+
+    /// The round's other inputs to the state machine: the replicator's backlog, the
+    /// maintenance schedule, the passing of time.
+    fn round_inputs(&mut self, now: Instant) {
+        if let Some(backlog) = self.backlog_reading.take() {
             if backlog != self.state.backlog {
                 self.apply(Event::Backlog(backlog), now);
             }
@@ -743,8 +842,11 @@ impl Control {
         self.apply(Event::Tick, now);
     }
 
-    /// Runs one step of the state machine and carries out its actions.
+    /// Runs one step of the state machine and carries out its actions. In fleet mode (not
+    /// deciding alone) the route is not published here: the decider writes the decision first
+    /// and every proxy routes on what was written.
     fn apply(&mut self, event: Event, now: Instant) {
+        let fleet_follows = self.fleet.as_ref().is_some_and(|f| f.following());
         let (next, actions) = routing::step(&self.policy, self.state.clone(), &event, now);
         self.state = next;
         for action in actions {
@@ -762,10 +864,12 @@ impl Control {
                     warn!(from = %from, to = %to, reason = reason.as_str(), %detail,
                         primary_evidence = %primary, backup_evidence = %backup,
                         "traffic moved from the {from} to the {to} site ({}): {detail}; primary: {primary}; backup: {backup}", reason.as_str());
-                    self.metrics
-                        .failovers
-                        .with_label_values(&[from.as_str(), to.as_str(), reason.as_str()])
-                        .inc();
+                    if !fleet_follows {
+                        self.metrics
+                            .failovers
+                            .with_label_values(&[from.as_str(), to.as_str(), reason.as_str()])
+                            .inc();
+                    }
                     if self.timeline.len() == TIMELINE_LEN {
                         self.timeline.pop_front();
                     }
@@ -773,7 +877,7 @@ impl Control {
                         at: Utc::now(),
                         from,
                         to,
-                        reason: reason.as_str(),
+                        reason: reason.as_str().to_string(),
                         detail,
                     });
                 }
@@ -806,6 +910,8 @@ impl Control {
                         info!("a site is available again");
                     }
                 }
+                // In fleet mode the forced state is part of the decision in etcd.
+                Action::PersistForced if fleet_follows => {}
                 Action::PersistForced => {
                     if let Some(path) = &self.state_file {
                         match save_state(path, &self.state.forced, self.state.active) {
@@ -820,7 +926,9 @@ impl Control {
                 }
             }
         }
-        self.publish();
+        if !fleet_follows {
+            self.publish();
+        }
         self.update_metrics();
         self.refresh_status(now);
     }
@@ -917,6 +1025,9 @@ impl Control {
             generation: self.router.load().generation,
             failback_mode: self.failback_mode,
             config_reload: self.last_reload.clone(),
+            ready: self.ready.0,
+            unready_reason: self.ready.1.clone(),
+            fleet: self.fleet_status(),
         };
         self.status.store(Arc::new(status));
     }

@@ -2,7 +2,8 @@
 //! registry the binary creates and passes in.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::route::Site;
@@ -43,11 +44,35 @@ pub struct ProxyMetrics {
     pub failback_blocked: IntGauge,
     /// `gsb_probe_round_duration_seconds`: one probe round of both sites.
     pub probe_round: Histogram,
+    /// `gsb_proxy_ready`: 0 while `/healthz` answers 503 (e.g. cut off from the active site).
+    pub ready: IntGauge,
+    /// The fleet's metrics, registered only with `[coordination]`.
+    pub fleet: Option<FleetMetrics>,
+}
+
+/// The fleet metrics (fleet mode only, so a single proxy never alerts on a missing etcd).
+#[derive(Clone, Debug)]
+pub struct FleetMetrics {
+    /// `gsb_coordination_up`: 1 while a session with etcd holds.
+    pub up: IntGauge,
+    /// `gsb_fleet_decider`: 1 on the proxy that decides.
+    pub decider: IntGauge,
+    /// `gsb_fleet_members{state="fresh"|"stale"}`: members by the age of their vote.
+    pub members: IntGaugeVec,
+    /// `gsb_fleet_votes{site,verdict}`: fresh votes per site and verdict (`unknown` included).
+    pub votes: IntGaugeVec,
+    /// `gsb_fleet_decision_revision`: the etcd revision of the decision this proxy routes on.
+    pub decision_revision: IntGauge,
+    /// `gsb_fleet_fenced_writes_total`: this proxy's writes refused by the fence.
+    pub fenced_writes: IntCounter,
+    /// `gsb_fleet_dissent{member,region,site}`: 1 for a member that sees a site down while the
+    /// fleet does not (its own path to that site is broken).
+    pub dissent: IntGaugeVec,
 }
 
 impl ProxyMetrics {
-    /// Creates and registers every metric on `registry`.
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+    /// Creates and registers every metric on `registry` (the fleet's too with `fleet`).
+    pub fn register(registry: &Registry, fleet: bool) -> prometheus::Result<Self> {
         fn gauge_vec(
             r: &Registry,
             name: &str,
@@ -171,7 +196,60 @@ impl ProxyMetrics {
                 "1 while failback waits for replication to drain.",
             )?,
             probe_round,
+            ready: gauge(
+                registry,
+                "gsb_proxy_ready",
+                "0 while this proxy reports itself not ready (GET /healthz 503).",
+            )?,
+            fleet: if fleet {
+                Some(FleetMetrics {
+                    up: gauge(
+                        registry,
+                        "gsb_coordination_up",
+                        "1 while this proxy has a session with the fleet's etcd.",
+                    )?,
+                    decider: gauge(
+                        registry,
+                        "gsb_fleet_decider",
+                        "1 on the proxy that decides for the fleet.",
+                    )?,
+                    members: gauge_vec(
+                        registry,
+                        "gsb_fleet_members",
+                        "Fleet members by the age of their vote.",
+                        &["state"],
+                    )?,
+                    votes: gauge_vec(
+                        registry,
+                        "gsb_fleet_votes",
+                        "Fresh votes per site and verdict.",
+                        &["site", "verdict"],
+                    )?,
+                    decision_revision: gauge(
+                        registry,
+                        "gsb_fleet_decision_revision",
+                        "etcd revision of the fleet decision this proxy routes on.",
+                    )?,
+                    fenced_writes: {
+                        let c = IntCounter::new(
+                            "gsb_fleet_fenced_writes_total",
+                            "Writes of this proxy refused by the decision fence.",
+                        )?;
+                        registry.register(Box::new(c.clone()))?;
+                        c
+                    },
+                    dissent: gauge_vec(
+                        registry,
+                        "gsb_fleet_dissent",
+                        "1 for a member that sees a site down while the fleet does not.",
+                        &["member", "region", "site"],
+                    )?,
+                })
+            } else {
+                None
+            },
         };
+        m.ready.set(1);
         for site in Site::ALL {
             m.active_site.with_label_values(&[site.as_str()]).set(0);
             m.degraded_alert.with_label_values(&[site.as_str()]).set(0);

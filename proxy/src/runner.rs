@@ -61,7 +61,7 @@ async fn run_inner(
     registry: prometheus::Registry,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let metrics = ProxyMetrics::register(&registry)?;
+    let metrics = ProxyMetrics::register(&registry, config.coordination.is_some())?;
     let token: AdminToken = Arc::new(ArcSwapOption::new(read_token(&config)?.map(Arc::new)));
     let certs = match &config.proxy.tls {
         Some(t) => Some(CertStore::load(&t.cert, &t.key)?),
@@ -92,11 +92,21 @@ async fn run_inner(
     };
     let admin = server::bind(config.admin.listen, "admin.listen").await?;
 
+    // Fleet mode: the etcd session starts before the control task, which waits for it (at
+    // most lease_ttl) so the first request is routed on the fleet's current decision.
+    let fleet = match &config.coordination {
+        Some(c) => Some(
+            gsb_fleet::Fleet::start(c, c.member_name(), &tracker, shutdown.clone())
+                .map_err(|e| Error::Control(Box::new(e)))?,
+        ),
+        None => None,
+    };
     let control = crate::control::start(
         &config,
         router.clone(),
         passive,
         metrics.clone(),
+        fleet,
         &tracker,
         shutdown.clone(),
     )

@@ -71,6 +71,77 @@ fn site_section(out: &mut String, v: &SiteView, active: bool) {
     out.push_str("</table></section>");
 }
 
+/// The fleet: who decides, the fleet verdict, every member's votes and whether it follows.
+fn fleet_section(
+    out: &mut String,
+    f: &crate::control::FleetStatus,
+    ready: bool,
+    why: Option<&str>,
+) {
+    let verdict = |v: Option<gsb_health::Verdict>| v.map_or("unknown", |v| v.as_str());
+    let _ = write!(
+        out,
+        "<h2>Fleet</h2><p class=\"{cls}\" id=\"fleet\">This proxy: <b>{me}</b> ({region}){decider}. \
+         Coordination (etcd): {up}. Decision revision {rev} (this proxy routes on {applied}), \
+         decided by {by}. Fleet verdict: primary <b>{p}</b>, backup <b>{b}</b> ({needed} votes needed). \
+         Writes fenced here: {fenced}.</p>",
+        cls = if f.coordination_up { "note" } else { "alert" },
+        me = esc(&f.member),
+        region = esc(if f.region.is_empty() { "no region" } else { &f.region }),
+        decider = if f.is_decider { ", <b>the decider</b>" } else { "" },
+        up = if f.coordination_up {
+            "up".to_string()
+        } else {
+            format!(
+                "DOWN ({}): holding the last decided site (on_loss = {}){}",
+                esc(f.coordination_error.as_deref().unwrap_or("")),
+                f.on_loss,
+                if f.deciding_locally { ", DECIDING ALONE" } else { "" }
+            )
+        },
+        rev = f.decision_revision,
+        applied = f.applied_revision,
+        by = esc(f.decided_by.as_deref().unwrap_or("nobody yet")),
+        p = verdict(f.verdict[0]),
+        b = verdict(f.verdict[1]),
+        needed = f.quorum_needed,
+        fenced = f.fenced_writes,
+    );
+    if !ready {
+        let _ = write!(
+            out,
+            "<p class=\"alert\">NOT READY: {}</p>",
+            esc(why.unwrap_or(""))
+        );
+    }
+    for d in &f.dissent {
+        let _ = write!(
+            out,
+            "<p class=\"alert\">Minority view, traffic NOT moved: {}. Its path to that site is broken.</p>",
+            esc(d)
+        );
+    }
+    out.push_str("<table id=\"members\"><tr><th>member</th><th>region</th><th>vote</th><th>primary</th><th>backup</th><th>routes on</th><th>ready</th></tr>");
+    for m in &f.members {
+        let _ = write!(
+            out,
+            "<tr class=\"{cls}\"><td>{name}{decider}</td><td>{region}</td><td>{fresh} ({age:.1}s)</td><td>{p}</td><td>{b}</td><td>{applied}{lag}</td><td>{ready}</td></tr>",
+            cls = if m.fresh && m.follows && m.ready { "up" } else { "down" },
+            name = esc(&m.name),
+            decider = if m.decider { " (decider)" } else { "" },
+            region = esc(&m.region),
+            fresh = if m.fresh { "fresh" } else { "STALE" },
+            age = m.age_ms as f64 / 1000.0,
+            p = verdict(m.primary),
+            b = verdict(m.backup),
+            applied = m.applied_revision,
+            lag = if m.follows { "" } else { " (LAGGING)" },
+            ready = if m.ready { "yes".to_string() } else { format!("NO: {}", esc(m.unready_reason.as_deref().unwrap_or(""))) },
+        );
+    }
+    out.push_str("</table>");
+}
+
 /// Sends the actions with the pasted token, and refreshes the page every 5 s unless the operator
 /// is typing (a refresh would wipe the token field).
 const SCRIPT: &str = "<script>\
@@ -204,6 +275,9 @@ pub fn render(status: &Status) -> String {
     }
     for v in &status.sites {
         site_section(&mut out, v, v.site == status.active);
+    }
+    if let Some(f) = &status.fleet {
+        fleet_section(&mut out, f, status.ready, status.unready_reason.as_deref());
     }
     if let Some(r) = &status.replication {
         replication_section(&mut out, r);
