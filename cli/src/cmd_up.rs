@@ -1,6 +1,7 @@
 //! `gsb up`: the local two-site stack, supervised by one process.
 //!
-//! Two PostgreSQL servers (via `gsb-pgctl`), two reference sites, the replicator and the proxy.
+//! Two PostgreSQL servers (via `gsb-pgctl`), two reference sites, the replicator and the proxy;
+//! with `--proxies N` (N >= 2) a local three-member etcd and N proxies forming a fleet on it.
 //! The sites, the replicator and the proxy run as child processes of this one (the same `gsb`
 //! binary), so a disaster drill can kill exactly one of them, and what runs here is what runs in
 //! production. The stack is described in `<dir>/stack.json` for scripts and tests.
@@ -32,7 +33,12 @@ pub struct UpOptions {
     pub admin_listen: SocketAddr,
     /// Enable the sites' fault switch.
     pub allow_faults: bool,
+    /// Proxies to run (>= 2: a fleet on a local 3-member etcd).
+    pub proxies: usize,
 }
+
+/// Members of the local etcd of a fleet.
+const ETCD_MEMBERS: usize = 3;
 
 /// The database each site uses inside its PostgreSQL server.
 const SITE_DB: &str = "site";
@@ -61,6 +67,26 @@ struct StackFile {
     backup: SiteInfo,
     replicator_pid: Option<u32>,
     proxy_pid: Option<u32>,
+    /// Every proxy (one unless `--proxies`).
+    proxies: Vec<ProxyInfo>,
+    /// The fleet's etcd members (empty for one proxy).
+    etcd: Vec<EtcdInfo>,
+}
+
+#[derive(Debug, Serialize)]
+struct ProxyInfo {
+    name: String,
+    url: String,
+    admin_url: String,
+    config: PathBuf,
+    pid: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+struct EtcdInfo {
+    name: String,
+    client_url: String,
+    pid: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -74,7 +100,9 @@ struct SiteInfo {
 
 /// One supervised child process of the stack.
 struct Supervised {
-    name: &'static str,
+    name: String,
+    /// The program: the gsb binary itself, or etcd.
+    program: PathBuf,
     args: Vec<String>,
     log: PathBuf,
     /// URL answering 200 once the child is ready.
@@ -85,13 +113,13 @@ struct Supervised {
 }
 
 impl Supervised {
-    fn spawn(&mut self, exe: &Path) -> anyhow::Result<()> {
+    fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
-        let child = Command::new(exe)
+        let child = Command::new(&self.program)
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -100,7 +128,7 @@ impl Supervised {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", self.name))?;
-        tracing::info!(component = self.name, pid = child.id(), "started");
+        tracing::info!(component = %self.name, pid = child.id(), "started");
         self.child = Some(child);
         Ok(())
     }
@@ -139,7 +167,7 @@ impl Supervised {
             .await
             .is_err()
         {
-            tracing::warn!(component = self.name, "did not stop in time; killing it");
+            tracing::warn!(component = %self.name, "did not stop in time; killing it");
             let _ = child.kill().await;
         }
     }
@@ -162,8 +190,14 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
     check_reachable_by_postgres(&dir)?;
-    ensure_free(opts.listen, "--listen")?;
-    ensure_free(opts.admin_listen, "--admin-listen")?;
+    let fleet = opts.proxies >= 2;
+    let etcd_bin = if fleet { Some(find_etcd()?) } else { None };
+    let listens = consecutive(opts.listen, opts.proxies, "--listen")?;
+    let admins = consecutive(opts.admin_listen, opts.proxies, "--admin-listen")?;
+    for (l, a) in listens.iter().zip(&admins) {
+        ensure_free(*l, "--listen")?;
+        ensure_free(*a, "--admin-listen")?;
+    }
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
 
@@ -184,18 +218,53 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
     );
     let replicator_listen = format!("127.0.0.1:{}", ports[2]);
     let dsns = [clusters[0].dsn(SITE_DB), clusters[1].dsn(SITE_DB)];
+    let etcd_ports = if fleet {
+        etcd_ports(&dir.join("etcd"))?
+    } else {
+        vec![]
+    };
+    let coordination = (!etcd_ports.is_empty()).then(|| {
+        let endpoints: Vec<String> = etcd_ports
+            .iter()
+            .map(|(client, _)| format!("\"http://127.0.0.1:{client}\""))
+            .collect();
+        format!(
+            "\n[coordination]\n# The fleet's local etcd ({ETCD_MEMBERS} members); each proxy's file sets its name.\netcd = [{}]\nlease_ttl = \"3s\"\n",
+            endpoints.join(", ")
+        )
+    });
+    // `gsb.toml` is the first proxy's and the replicator's; proxy i >= 1 gets `proxy-<i>.toml`.
     let config_path = dir.join("gsb.toml");
-    std::fs::write(
-        &config_path,
-        stack_config(
-            &opts,
+    let mut proxy_configs = Vec::new();
+    for i in 0..opts.proxies {
+        let path = if i == 0 {
+            config_path.clone()
+        } else {
+            dir.join(format!("proxy-{i}.toml"))
+        };
+        let mut text = stack_config(
+            &ProxyListen {
+                listen: listens[i],
+                admin: admins[i],
+                state_file: if i == 0 {
+                    dir.join("gsb-proxy.state")
+                } else {
+                    dir.join(format!("gsb-proxy-{i}.state"))
+                },
+            },
             &primary_url,
             &backup_url,
             &dsns,
             &replicator_listen,
             &dir,
-        ),
-    )?;
+        );
+        if let Some(c) = &coordination {
+            text.push_str(c);
+            text.push_str(&format!("name = \"proxy-{i}\"\nregion = \"local\"\n"));
+        }
+        std::fs::write(&path, text)?;
+        proxy_configs.push(path);
+    }
 
     let site = |name: &'static str, role: &str, port: u16, dsn: &str| {
         let mut args = vec![
@@ -211,7 +280,8 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
             args.push("--allow-faults".into());
         }
         Supervised {
-            name,
+            name: name.into(),
+            program: exe.clone(),
             args,
             log: logs.join(format!("{name}.log")),
             // Meetings answer only once the site reached its database and installed its tables,
@@ -222,33 +292,75 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
     let config_arg = config_path.display().to_string();
-    let mut children = vec![
-        site("primary-site", "primary", ports[0], &dsns[0]),
-        site("backup-site", "backup", ports[1], &dsns[1]),
-        Supervised {
-            name: "replicator",
-            args: vec!["replicator".into(), "--config".into(), config_arg.clone()],
-            log: logs.join("replicator.log"),
-            ready_url: format!("http://{replicator_listen}/status"),
-            ready_text: "\"active\":true",
-            child: None,
-        },
-        Supervised {
-            name: "proxy",
-            args: vec!["proxy".into(), "--config".into(), config_arg.clone()],
-            log: logs.join("proxy.log"),
-            ready_url: format!("http://{}/healthz", opts.admin_listen),
+    let mut children = Vec::new();
+    if let Some(etcd) = &etcd_bin {
+        let initial = etcd_ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("etcd-{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (i, (client, peer)) in etcd_ports.iter().enumerate() {
+            children.push(Supervised {
+                name: format!("etcd-{i}"),
+                program: etcd.clone(),
+                args: etcd_args(i, *client, *peer, &initial, &dir.join("etcd")),
+                log: logs.join(format!("etcd-{i}.log")),
+                ready_url: format!("http://127.0.0.1:{client}/health"),
+                ready_text: "",
+                child: None,
+            });
+        }
+    }
+    children.push(site("primary-site", "primary", ports[0], &dsns[0]));
+    children.push(site("backup-site", "backup", ports[1], &dsns[1]));
+    children.push(Supervised {
+        name: "replicator".into(),
+        program: exe.clone(),
+        args: vec!["replicator".into(), "--config".into(), config_arg.clone()],
+        log: logs.join("replicator.log"),
+        ready_url: format!("http://{replicator_listen}/status"),
+        ready_text: "\"active\":true",
+        child: None,
+    });
+    for (i, path) in proxy_configs.iter().enumerate() {
+        children.push(Supervised {
+            name: if fleet {
+                format!("proxy-{i}")
+            } else {
+                "proxy".into()
+            },
+            program: exe.clone(),
+            args: vec![
+                "proxy".into(),
+                "--config".into(),
+                path.display().to_string(),
+            ],
+            log: logs.join(if fleet {
+                format!("proxy-{i}.log")
+            } else {
+                "proxy.log".into()
+            }),
+            ready_url: format!("http://{}/healthz", admins[i]),
             ready_text: "",
             child: None,
-        },
-    ];
+        });
+    }
+    // etcd members must start together (a member waits for its peers' quorum): spawn them all
+    // before waiting for any.
+    let members = if fleet { ETCD_MEMBERS } else { 0 };
 
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;
     let started = async {
-        for child in children.iter_mut() {
-            child.spawn(&exe)?;
+        for child in children.iter_mut().take(members) {
+            child.spawn()?;
+        }
+        for (i, child) in children.iter_mut().enumerate() {
+            if i >= members {
+                child.spawn()?;
+            }
             wait_ready(&http, child, &shutdown).await?;
         }
         anyhow::Ok(())
@@ -261,11 +373,31 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
 
     let site_url = format!("http://{}", opts.listen);
     let admin_url = format!("http://{}", opts.admin_listen);
+    let pid_of = |children: &[Supervised], name: &str| {
+        children
+            .iter()
+            .find(|c| c.name == name)
+            .and_then(|c| c.pid())
+    };
+    let proxy_name = |i: usize| {
+        if fleet {
+            format!("proxy-{i}")
+        } else {
+            "proxy".into()
+        }
+    };
     let write_stack =
         |children: &[Supervised], clusters: &mut [Cluster; 2]| -> anyhow::Result<()> {
             let info = |i: usize, url: &str| SiteInfo {
                 url: url.to_string(),
-                pid: children[i].pid(),
+                pid: pid_of(
+                    children,
+                    if i == 0 {
+                        "primary-site"
+                    } else {
+                        "backup-site"
+                    },
+                ),
                 postgres_port: clusters[i].port(),
                 postgres_pid: clusters[i].pid(),
                 dsn: dsns[i].clone(),
@@ -284,8 +416,26 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
                 replicator_status_url: format!("http://{replicator_listen}/status"),
                 primary: info(0, &primary_url),
                 backup: info(1, &backup_url),
-                replicator_pid: children[2].pid(),
-                proxy_pid: children[3].pid(),
+                replicator_pid: pid_of(children, "replicator"),
+                proxy_pid: pid_of(children, &proxy_name(0)),
+                proxies: (0..opts.proxies)
+                    .map(|i| ProxyInfo {
+                        name: proxy_name(i),
+                        url: format!("http://{}/", listens[i]),
+                        admin_url: format!("http://{}", admins[i]),
+                        config: proxy_configs[i].clone(),
+                        pid: pid_of(children, &proxy_name(i)),
+                    })
+                    .collect(),
+                etcd: etcd_ports
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (client, _))| EtcdInfo {
+                        name: format!("etcd-{i}"),
+                        client_url: format!("http://127.0.0.1:{client}"),
+                        pid: pid_of(children, &format!("etcd-{i}")),
+                    })
+                    .collect(),
             };
             let tmp = dir.join("stack.json.tmp");
             std::fs::write(&tmp, serde_json::to_vec_pretty(&stack)?)?;
@@ -308,12 +458,34 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
          \n  Ctrl-C stops everything.\n",
         dir = dir.display(),
         config = config_path.display(),
-        p_pid = opt(children[0].pid()),
+        p_pid = opt(pid_of(&children, "primary-site")),
         p_pg = opt(clusters[0].pid()),
-        b_pid = opt(children[1].pid()),
+        b_pid = opt(pid_of(&children, "backup-site")),
         b_pg = opt(clusters[1].pid()),
         me = std::process::id(),
     );
+    if fleet {
+        println!(
+            "  a fleet of {} proxies on a local {ETCD_MEMBERS}-member etcd:",
+            opts.proxies
+        );
+        for i in 0..opts.proxies {
+            println!(
+                "    {:<8} http://{}/  admin http://{}/  (pid {})",
+                proxy_name(i),
+                listens[i],
+                admins[i],
+                opt(pid_of(&children, &proxy_name(i)))
+            );
+        }
+        for (i, (client, _)) in etcd_ports.iter().enumerate() {
+            println!(
+                "    etcd-{i}   http://127.0.0.1:{client}  (pid {})",
+                opt(pid_of(&children, &format!("etcd-{i}")))
+            );
+        }
+        println!("  the decider: `gsb status` shows it (curl -s {admin_url}/status | grep -o '\"decider\":\"[^\"]*\"')\n");
+    }
 
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut tick = tokio::time::interval(SUPERVISE_EVERY);
@@ -322,7 +494,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
             _ = shutdown.cancelled() => break,
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: starting again whatever is not running");
-                if let Err(e) = restart_dead(&exe, &http, &mut children, &mut clusters, &shutdown).await {
+                if let Err(e) = restart_dead(&http, &mut children, &mut clusters, &shutdown).await {
                     tracing::error!(error = %format!("{e:#}"), "restart failed");
                 }
                 write_stack(&children, &mut clusters)?;
@@ -330,7 +502,7 @@ pub async fn up(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<
             _ = tick.tick() => {
                 for child in children.iter_mut() {
                     if let Some(how) = child.reap() {
-                        tracing::warn!(component = child.name, exit = %how, "exited; `kill -HUP {}` starts it again", std::process::id());
+                        tracing::warn!(component = %child.name, exit = %how, "exited; `kill -HUP {}` starts it again", std::process::id());
                     }
                 }
                 for (i, cluster) in clusters.iter_mut().enumerate() {
@@ -400,7 +572,6 @@ async fn stop_leftover_server(data_dir: &Path) {
 
 /// SIGHUP: starts the databases first, then every child that is not running.
 async fn restart_dead(
-    exe: &Path,
     http: &reqwest::Client,
     children: &mut [Supervised],
     clusters: &mut [Cluster; 2],
@@ -415,7 +586,7 @@ async fn restart_dead(
     for child in children.iter_mut() {
         child.reap();
         if child.child.is_none() {
-            child.spawn(exe)?;
+            child.spawn()?;
             wait_ready(http, child, shutdown).await?;
         }
     }
@@ -524,9 +695,94 @@ fn check_reachable_by_postgres(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One proxy's own settings in the stack.
+struct ProxyListen {
+    listen: SocketAddr,
+    admin: SocketAddr,
+    state_file: PathBuf,
+}
+
+/// `n` addresses on consecutive ports from `first` (8080, 8081, ...).
+fn consecutive(first: SocketAddr, n: usize, flag: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    (0..n)
+        .map(|i| {
+            let port = u16::try_from(usize::from(first.port()) + i)
+                .with_context(|| format!("{flag} {first}: {n} consecutive ports do not fit"))?;
+            Ok(SocketAddr::new(first.ip(), port))
+        })
+        .collect()
+}
+
+/// The `etcd` binary on PATH, or the fix.
+fn find_etcd() -> anyhow::Result<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join("etcd"))
+        .find(|p| p.is_file())
+        .context(
+            "--proxies needs etcd for the fleet: install it with `apt-get install -y etcd-server`",
+        )
+}
+
+/// The local etcd's ports, kept in `<dir>/ports` so a member's data (which records its peers'
+/// addresses) stays valid across starts with the same `--dir`.
+fn etcd_ports(dir: &Path) -> anyhow::Result<Vec<(u16, u16)>> {
+    std::fs::create_dir_all(dir)?;
+    let file = dir.join("ports");
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        let ports: Vec<(u16, u16)> = text
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter_map(|(c, p)| Some((c.parse().ok()?, p.parse().ok()?)))
+            .collect();
+        if ports.len() == ETCD_MEMBERS
+            && ports.iter().all(|(c, p)| {
+                ensure_free(SocketAddr::from(([127, 0, 0, 1], *c)), "").is_ok()
+                    && ensure_free(SocketAddr::from(([127, 0, 0, 1], *p)), "").is_ok()
+            })
+        {
+            return Ok(ports);
+        }
+        // The old ports are taken: start the local etcd afresh on new ones.
+        tracing::warn!(dir = %dir.display(), "the local etcd's ports are in use; starting it afresh");
+        for i in 0..ETCD_MEMBERS {
+            let _ = std::fs::remove_dir_all(dir.join(format!("etcd-{i}")));
+        }
+    }
+    let ports: Vec<(u16, u16)> = (0..ETCD_MEMBERS)
+        .map(|_| Ok((free_port()?, free_port()?)))
+        .collect::<anyhow::Result<_>>()?;
+    let text: String = ports.iter().map(|(c, p)| format!("{c} {p}\n")).collect();
+    std::fs::write(&file, text)?;
+    Ok(ports)
+}
+
+/// One member of the local etcd: loopback only, short heartbeats, compaction on (the fleet
+/// writes a vote per proxy per second or so).
+fn etcd_args(i: usize, client: u16, peer: u16, initial: &str, dir: &Path) -> Vec<String> {
+    vec![
+        format!("--name=etcd-{i}"),
+        format!("--data-dir={}", dir.join(format!("etcd-{i}")).display()),
+        format!("--listen-client-urls=http://127.0.0.1:{client}"),
+        format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+        format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+        format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+        format!("--initial-cluster={initial}"),
+        "--initial-cluster-token=gsb-up".into(),
+        "--initial-cluster-state=new".into(),
+        "--heartbeat-interval=100".into(),
+        "--election-timeout=1000".into(),
+        "--auto-compaction-mode=revision".into(),
+        "--auto-compaction-retention=10000".into(),
+        "--logger=zap".into(),
+        "--log-level=warn".into(),
+    ]
+}
+
 /// The config of the local stack: the same file format an SRE writes for production.
 fn stack_config(
-    opts: &UpOptions,
+    opts: &ProxyListen,
     primary_url: &str,
     backup_url: &str,
     dsns: &[String; 2],
@@ -576,7 +832,7 @@ min_dwell = "10s"
 drain_timeout = "30s"
 replicator_status = "http://{replicator_listen}/status"
 failback_max_wait = "5m"
-state_file = "{dir}/gsb-proxy.state"
+state_file = "{state_file}"
 
 [replicator]
 primary_dsn = "{p_dsn}"
@@ -589,7 +845,8 @@ usage_tables = ["usage_records"]
 metrics_listen = "{replicator_listen}"
 "#,
         listen = opts.listen,
-        admin = opts.admin_listen,
+        admin = opts.admin,
+        state_file = opts.state_file.display(),
         dir = dir.display(),
         p_dsn = dsns[0],
         b_dsn = dsns[1],

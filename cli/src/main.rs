@@ -79,6 +79,10 @@ enum Command {
         /// Let `POST /_faults` on the sites break one component (for partial-failure drills).
         #[arg(long)]
         allow_faults: bool,
+        /// Proxies to run. With 2 or more, a local 3-member etcd is started too and the proxies
+        /// form a fleet on it, on consecutive ports from --listen and --admin-listen.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+        proxies: u16,
     },
     /// Show the proxy's state (active site, health, timeline).
     Status {
@@ -276,6 +280,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             admin_listen,
             allow_faults,
+            proxies,
         } => {
             spawn_signal_handler(shutdown.clone());
             cmd_up::up(
@@ -284,6 +289,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     listen,
                     admin_listen,
                     allow_faults,
+                    proxies: usize::from(proxies),
                 },
                 shutdown,
             )

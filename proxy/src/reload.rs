@@ -36,6 +36,8 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<String> {
         ),
         ("proxy.idle_timeout", a.idle_timeout != b.idle_timeout),
         ("proxy.retry_budget", a.retry_budget != b.retry_budget),
+        // The fleet session (endpoints, name, lease) is set up once, before serving.
+        ("coordination", running.coordination != new.coordination),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)

@@ -14,6 +14,7 @@ const OTHER_SECTIONS: &[&str] = &[
     "health",
     "failover",
     "maintenance",
+    "coordination",
 ];
 
 /// A config error naming the key and what would be valid.
