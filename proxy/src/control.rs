@@ -511,6 +511,11 @@ pub async fn start(
         if up {
             control.on_fleet_change().await;
         } else {
+            // Hold what the fleet last decided, as cached beside the config.
+            if let Some(active) = control.state_file.as_deref().and_then(cached_active) {
+                control.state.active = active;
+                control.publish();
+            }
             warn!(waited = ?coordination.lease_ttl, active = %control.state.active,
                 "etcd not reachable at start: serving the route cached in the state file and holding it until the fleet is reachable");
         }
@@ -594,6 +599,14 @@ fn probe_specs(config: &Config) -> Result<Vec<ProbeSpec>, ControlError> {
             })
         })
         .collect()
+}
+
+/// The active site the state file recorded (fleet mode caches the last decision there).
+fn cached_active(path: &Path) -> Option<Site> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str::<StateFile>(&text)
+        .ok()
+        .map(|s| s.active)
 }
 
 /// Reads the forced state; a missing file means none.

@@ -144,6 +144,39 @@ impl EtcdCluster {
         }
     }
 
+    /// The index of the current raft leader (asked through etcd's JSON gateway), if any.
+    pub async fn leader(&self) -> Option<usize> {
+        let client = reqwest::Client::new();
+        let mut ids = Vec::new();
+        let mut leader = None;
+        for m in &self.members {
+            let v: Option<serde_json::Value> = async {
+                let r = client
+                    .post(format!(
+                        "http://127.0.0.1:{}/v3/maintenance/status",
+                        m.client
+                    ))
+                    .body("{}")
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await
+                    .ok()?;
+                r.json().await.ok()
+            }
+            .await;
+            let id = v
+                .as_ref()
+                .and_then(|v| v["header"]["member_id"].as_str().map(str::to_owned));
+            if let Some(l) = v.as_ref().and_then(|v| v["leader"].as_str()) {
+                leader = Some(l.to_owned());
+            }
+            ids.push(id);
+        }
+        let leader = leader?;
+        ids.iter()
+            .position(|id| id.as_deref() == Some(leader.as_str()))
+    }
+
     /// `etcdctl` against the cluster (for checks a user would make by hand).
     pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
         Command::new("etcdctl")

@@ -387,7 +387,8 @@ async fn a_paused_decider_is_fenced_and_the_newer_decision_stands() {
     let other = (0..3).find(|i| *i != old && *i != new).unwrap();
     let out = rig.cli(other, &["failover", "--to", "backup", "--reason", "drill"]);
     assert!(out.status.success(), "{out:?}");
-    let newer = rig.members[new].status().await.unwrap()["fleet"]["decision_revision"].clone();
+    // The proxy that wrote the command routes on it when the command returns.
+    let newer = rig.members[other].status().await.unwrap()["fleet"]["applied_revision"].clone();
     kill(rig.members[old].pid(), Signal::SIGCONT).unwrap();
     let paused = &rig.members[old];
     wait_until(
@@ -402,7 +403,15 @@ async fn a_paused_decider_is_fenced_and_the_newer_decision_stands() {
     rig.all_detect("Backup", Duration::from_secs(5)).await;
     for (i, m) in rig.members.iter().enumerate() {
         let s = m.status().await.unwrap();
-        assert_eq!(s["fleet"]["decision_revision"], newer, "{}", m.name);
+        assert_eq!(
+            s["fleet"]["decision_revision"],
+            newer,
+            "{}: decided by {} at {}; log of the old decider:\n{}",
+            m.name,
+            s["fleet"]["decided_by"],
+            s["fleet"]["decided_at"],
+            paused.log()
+        );
         assert_eq!(s["forced"], "operator", "{}", m.name);
         assert_eq!(s["fleet"]["is_decider"], i == new, "{}", m.name);
     }

@@ -325,7 +325,13 @@ impl Control {
     /// Adopts the newest decision of the view, if newer than the applied one.
     fn adopt_from_view(&mut self) {
         let link = self.fleet.as_ref().expect("fleet mode");
-        let stored = link.view.borrow().decision.clone();
+        let applied = link.applied.as_ref().map_or(0, |(r, _)| *r);
+        let stored = link
+            .view
+            .borrow()
+            .decision
+            .clone()
+            .filter(|d| d.mod_revision > applied);
         let Some(stored) = stored else { return };
         match serde_json::from_slice::<Decision>(&stored.value) {
             Ok(d) => self.adopt(stored.mod_revision, d),
@@ -383,6 +389,9 @@ impl Control {
         }
         if link.local {
             link.local = false;
+            // What this proxy decided alone is dropped: the fleet's decision applies again,
+            // even at the revision applied before the loss.
+            link.applied = None;
             info!("stopped deciding alone: etcd is back, the fleet's decision applies again");
         }
         self.adopt_from_view();
@@ -396,6 +405,15 @@ impl Control {
             self.campaign().await;
         }
         self.refresh_fleet();
+        // The decider acts on a changed fleet verdict at once, not at its next round: the
+        // votes that make a quorum arrive between its rounds.
+        let current = self.state.verdicts;
+        let link = self.link();
+        if link.leader.is_some() && link.verdict.verdicts != current {
+            let fleet = link.verdict.verdicts;
+            self.apply(Event::Verdicts(fleet), now);
+            self.confirm(None).await;
+        }
     }
 
     /// Tries to become the decider.

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release -p gsb
-//! cargo run --release -p gsb-tests --bin bench -- [proxy|failover|replication|config|all] [--scale X]
+//! cargo run --release -p gsb-tests --bin bench -- [proxy|failover|fleet|replication|config|all] [--scale X]
 //! ```
 //! Contenders are found on PATH (Debian: `wrk haproxy nginx-light postgresql-15-pglogical`);
 //! `--install` runs `apt-get update && apt-get install` for the missing ones first. `--scale`
@@ -10,6 +10,8 @@
 //! table of figures and gsb/peer ratios, notes) goes to stdout; progress goes to stderr.
 #![forbid(unsafe_code)]
 
+#[path = "bench/fleetbench.rs"]
+mod fleetbench;
 #[path = "bench/load.rs"]
 mod load;
 #[path = "bench/procstat.rs"]
@@ -76,8 +78,8 @@ fn main() -> anyhow::Result<()> {
             "--install" => install = true,
             // A child run (the failover benchmark inside a network namespace) hands back rows.
             "--rows" => rows = true,
-            "proxy" | "failover" | "replication" | "pglogical" | "config" | "all" => what = a.clone(),
-            other => bail!("unknown argument {other:?}: bench [proxy|failover|replication|config|all] [--scale X] [--install]"),
+            "proxy" | "failover" | "fleet" | "replication" | "pglogical" | "config" | "all" => what = a.clone(),
+            other => bail!("unknown argument {other:?}: bench [proxy|failover|fleet|replication|config|all] [--scale X] [--install]"),
         }
     }
     if install {
@@ -101,6 +103,12 @@ fn main() -> anyhow::Result<()> {
             eprintln!("== failover");
             if let Err(e) = proxybench::failover(&scale, &mut report).await {
                 report.note(&format!("failover benchmark aborted: {e:#}"));
+            }
+        }
+        if all || what == "fleet" {
+            eprintln!("== fleet");
+            if let Err(e) = fleetbench::fleet(&scale, &mut report).await {
+                report.note(&format!("fleet benchmark aborted: {e:#}"));
             }
         }
         if all || what == "replication" {
@@ -184,6 +192,7 @@ fn install_missing() -> anyhow::Result<()> {
         ("haproxy", "haproxy"),
         ("nginx", "nginx-light"),
         ("iptables", "iptables"),
+        ("etcd", "etcd-server"),
     ]
     .into_iter()
     .filter(|(bin, _)| {
