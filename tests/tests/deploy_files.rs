@@ -98,7 +98,7 @@ fn find_object<'a>(objects: &'a [(PathBuf, Yaml)], kind: &str, name: &str) -> Re
 /// sources (that is how metrics are registered).
 fn exported_metrics() -> Result<BTreeSet<String>> {
     let mut names = BTreeSet::new();
-    for krate in ["proxy", "replicator", "health", "cli"] {
+    for krate in ["proxy", "replicator", "health", "fleet", "cli"] {
         let dir = root().join(krate).join("src");
         if !dir.is_dir() {
             continue;
@@ -269,14 +269,9 @@ fn kubernetes_manifests_have_what_operations_need() -> Result<()> {
 
     // A PodDisruptionBudget selects the proxy pods.
     let proxy_labels = yget(proxy, "spec.selector.matchLabels").context("proxy selector")?;
-    let pdb = objects
-        .iter()
-        .map(|(_, o)| o)
-        .find(|o| ystr(o, "kind") == Some("PodDisruptionBudget"))
-        .context("no PodDisruptionBudget")?;
     ensure!(
-        yget(pdb, "spec.selector.matchLabels") == Some(proxy_labels),
-        "the PDB must select the proxy pods"
+        selects_pods(&objects, "PodDisruptionBudget", proxy_labels),
+        "no PodDisruptionBudget selects the proxy pods"
     );
     let service_selects_proxy = objects.iter().any(|(_, o)| {
         ystr(o, "kind") == Some("Service") && yget(o, "spec.selector") == Some(proxy_labels)
@@ -301,6 +296,213 @@ fn kubernetes_manifests_have_what_operations_need() -> Result<()> {
         scraped,
         "the replicator's metrics are not scraped (annotations or ServiceMonitor)"
     );
+
+    fleet_manifests(&objects, proxy, &secrets)
+}
+
+/// The fleet on Kubernetes: the proxies' `[coordination]` names the members of the etcd
+/// StatefulSet, which runs three members that survive a zone, keep their data and compact.
+fn fleet_manifests(objects: &[(PathBuf, Yaml)], proxy: &Yaml, secrets: &[&str]) -> Result<()> {
+    let config_map = yget(proxy, "spec.template.spec.volumes")
+        .and_then(Yaml::as_sequence)
+        .into_iter()
+        .flatten()
+        .find_map(|v| ystr(v, "configMap.name"))
+        .context("proxy config ConfigMap")?;
+    // The key has a dot, so it is looked up directly, not by a dotted path.
+    let text = yget(find_object(objects, "ConfigMap", config_map)?, "data")
+        .and_then(|d| d.get("gsb.toml"))
+        .and_then(Yaml::as_str)
+        .context("the proxy ConfigMap has no gsb.toml")?;
+    let config: toml::Table = toml::from_str(text).context("the proxy's gsb.toml")?;
+    let coordination = config
+        .get("coordination")
+        .and_then(toml::Value::as_table)
+        .context("the proxies run as a fleet: [coordination] in the proxy ConfigMap")?;
+    ensure!(
+        coordination.get("name").is_none(),
+        "[coordination] name must be left out on Kubernetes (every pod shares the ConfigMap; the default is the pod name)"
+    );
+    let endpoints: Vec<&str> = coordination
+        .get("etcd")
+        .and_then(toml::Value::as_array)
+        .context("[coordination] etcd")?
+        .iter()
+        .filter_map(toml::Value::as_str)
+        .collect();
+
+    let etcd = objects
+        .iter()
+        .map(|(_, o)| o)
+        .find(|o| ystr(o, "kind") == Some("StatefulSet"))
+        .context("no etcd StatefulSet")?;
+    let name = ystr(etcd, "metadata.name").context("StatefulSet name")?;
+    let namespace = ystr(etcd, "metadata.namespace").unwrap_or("gsb");
+    ensure!(
+        yget(etcd, "spec.replicas").and_then(Yaml::as_u64) == Some(3),
+        "etcd: 3 members (2 keep quorum)"
+    );
+    ensure!(
+        ystr(etcd, "spec.podManagementPolicy") == Some("Parallel"),
+        "etcd: podManagementPolicy Parallel (members bootstrap together)"
+    );
+    ensure!(
+        yget(etcd, "spec.volumeClaimTemplates")
+            .and_then(Yaml::as_sequence)
+            .is_some_and(|v| !v.is_empty()),
+        "etcd: a persistent volume per member (volumeClaimTemplates)"
+    );
+    let labels = yget(etcd, "spec.selector.matchLabels").context("etcd selector")?;
+    ensure!(
+        selects_pods(objects, "PodDisruptionBudget", labels),
+        "no PodDisruptionBudget selects the etcd pods"
+    );
+    let pod = yget(etcd, "spec.template.spec").context("etcd pod spec")?;
+    let spread_over_zones = yget(pod, "topologySpreadConstraints")
+        .and_then(Yaml::as_sequence)
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            ystr(c, "topologyKey") == Some("topology.kubernetes.io/zone")
+                && ystr(c, "whenUnsatisfiable") == Some("DoNotSchedule")
+        });
+    ensure!(
+        spread_over_zones,
+        "etcd: one member per zone (topologySpreadConstraints, DoNotSchedule)"
+    );
+    let service = ystr(etcd, "spec.serviceName").context("etcd serviceName")?;
+    let headless = find_object(objects, "Service", service)?;
+    ensure!(
+        ystr(headless, "spec.clusterIP") == Some("None")
+            && yget(headless, "spec.publishNotReadyAddresses").and_then(Yaml::as_bool) == Some(true),
+        "etcd: the headless Service {service} must publish not-ready addresses (peers find each other before quorum)"
+    );
+    let env: BTreeMap<String, String> = etcd_env(pod)?;
+    check_etcd_env("kubernetes/etcd.yaml", env.keys())?;
+    for (key, want) in [
+        ("ETCD_AUTO_COMPACTION_MODE", None),
+        ("ETCD_AUTO_COMPACTION_RETENTION", None),
+        ("ETCD_QUOTA_BACKEND_BYTES", None),
+        ("ETCD_CLIENT_CERT_AUTH", Some("true")),
+        ("ETCD_PEER_CLIENT_CERT_AUTH", Some("true")),
+    ] {
+        let got = env
+            .get(key)
+            .with_context(|| format!("etcd: {key} is not set"))?;
+        if let Some(want) = want {
+            ensure!(got == want, "etcd: {key}={want} expected, found {got}");
+        }
+    }
+    // The proxies list exactly the members, over TLS.
+    let members: BTreeSet<String> = (0..3)
+        .map(|i| format!("https://{name}-{i}.{service}.{namespace}.svc:2379"))
+        .collect();
+    let listed: BTreeSet<String> = endpoints.iter().map(|e| e.to_string()).collect();
+    ensure!(
+        listed == members,
+        "[coordination] etcd {listed:?} must list the StatefulSet's members {members:?}"
+    );
+    for (key, value) in env.iter().filter(|(k, _)| k.ends_with("_URLS")) {
+        ensure!(
+            !key.contains("CLIENT") || key.contains("METRICS") || value.starts_with("https://"),
+            "etcd: {key} must be https:// (the proxies' endpoints are)"
+        );
+    }
+    // The client certificate files come from a mounted Secret.
+    let proxy_pod = yget(proxy, "spec.template.spec").context("proxy pod spec")?;
+    let mounts = yget(proxy_pod, "containers")
+        .and_then(Yaml::as_sequence)
+        .and_then(|c| c.first())
+        .and_then(|c| yget(c, "volumeMounts"))
+        .and_then(Yaml::as_sequence)
+        .context("proxy volumeMounts")?;
+    for key in ["ca_file", "cert_file", "key_file"] {
+        let file = coordination
+            .get(key)
+            .and_then(toml::Value::as_str)
+            .with_context(|| {
+                format!(
+                    "[coordination] {key}: the etcd of etcd.yaml requires TLS client certificates"
+                )
+            })?;
+        let mount = mounts
+            .iter()
+            .find(|m| ystr(m, "mountPath").is_some_and(|p| Path::new(file).starts_with(p)))
+            .with_context(|| {
+                format!("[coordination] {key} {file} is on no volume of the proxy pod")
+            })?;
+        let volume = ystr(mount, "name").unwrap_or_default();
+        let secret = yget(proxy_pod, "volumes")
+            .and_then(Yaml::as_sequence)
+            .into_iter()
+            .flatten()
+            .find(|v| ystr(v, "name") == Some(volume))
+            .and_then(|v| ystr(v, "secret.secretName"));
+        ensure!(
+            secret.is_some_and(|s| secrets.contains(&s)),
+            "[coordination] {key} must come from a Secret volume, not {volume}"
+        );
+    }
+    Ok(())
+}
+
+fn selects_pods(objects: &[(PathBuf, Yaml)], kind: &str, labels: &Yaml) -> bool {
+    objects.iter().any(|(_, o)| {
+        ystr(o, "kind") == Some(kind) && yget(o, "spec.selector.matchLabels") == Some(labels)
+    })
+}
+
+/// The `ETCD_*` environment of the etcd container of a pod spec (etcd reads every flag so).
+fn etcd_env(pod: &Yaml) -> Result<BTreeMap<String, String>> {
+    let container = yget(pod, "containers")
+        .and_then(Yaml::as_sequence)
+        .and_then(|c| c.first())
+        .context("etcd container")?;
+    Ok(yget(container, "env")
+        .and_then(Yaml::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((ystr(e, "name")?.to_owned(), ystr(e, "value")?.to_owned())))
+        .filter(|(k, _)| k.starts_with("ETCD_"))
+        .collect())
+}
+
+/// The flags `etcd --help` lists, when etcd is installed (`apt-get install etcd-server`).
+fn etcd_flags() -> Option<BTreeSet<String>> {
+    let out = Command::new("etcd").arg("--help").output().ok()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flags: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    (!flags.is_empty()).then_some(flags)
+}
+
+/// Every `ETCD_X_Y` variable names a real etcd flag `--x-y` (checked when etcd is installed).
+fn check_etcd_env<'a>(place: &str, names: impl IntoIterator<Item = &'a String>) -> Result<()> {
+    let Some(flags) = etcd_flags() else {
+        eprintln!(
+            "etcd not installed: the ETCD_* names in {place} are not checked against `etcd --help`"
+        );
+        return Ok(());
+    };
+    for name in names {
+        let flag = name
+            .strip_prefix("ETCD_")
+            .with_context(|| format!("{place}: {name} is not an ETCD_ variable"))?
+            .to_ascii_lowercase()
+            .replace('_', "-");
+        ensure!(
+            flags.contains(&flag),
+            "{place}: {name} is no etcd flag (--{flag} is not in `etcd --help`)"
+        );
+    }
     Ok(())
 }
 
@@ -548,6 +750,16 @@ fn alerts_are_complete_and_use_only_exported_metrics() -> Result<()> {
         ),
         ("verify mismatch", "gsb_verify_equal"),
         ("no active replicator", "gsb_replicator_active"),
+        ("a proxy lost etcd", "gsb_coordination_up"),
+        ("no decider in the fleet", "gsb_fleet_decider"),
+        ("a proxy cut off from a site", "gsb_fleet_dissent"),
+        ("a proxy unready", "gsb_proxy_ready"),
+        ("stale fleet members", "gsb_fleet_members"),
+        ("fenced decision writes", "gsb_fleet_fenced_writes_total"),
+        (
+            "proxies on different decisions",
+            "gsb_fleet_decision_revision",
+        ),
     ] {
         ensure!(
             metric_of.contains_key(metric),
@@ -679,6 +891,68 @@ fn systemd_units_are_hardened() -> Result<()> {
         "gsb-proxy: reload is SIGHUP"
     );
 
+    // The fleet's etcd member: hardened the same way, runs Debian's etcd, configured by an
+    // environment file whose variables are real etcd flags.
+    let etcd = unit(&deploy("systemd/gsb-etcd.service"))?;
+    let user = one(&etcd, "User");
+    ensure!(
+        !user.is_empty() && user != "root",
+        "gsb-etcd: runs as a dedicated user, not {user:?}"
+    );
+    for (key, want) in [
+        ("Restart", "on-failure"),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("Type", "notify"),
+        ("ExecStart", "/usr/bin/etcd"),
+        ("CapabilityBoundingSet", ""),
+    ] {
+        ensure!(
+            etcd.contains_key(key) && one(&etcd, key) == want,
+            "gsb-etcd: {key}={want} expected, found {:?}",
+            one(&etcd, key)
+        );
+    }
+    let env_file = one(&etcd, "EnvironmentFile");
+    ensure!(
+        env_file == "/etc/default/gsb-etcd",
+        "gsb-etcd: EnvironmentFile=/etc/default/gsb-etcd (installed from systemd/gsb-etcd.env), found {env_file:?}"
+    );
+    let env = unit(&deploy("systemd/gsb-etcd.env"))?;
+    let data_dir = one(&env, "ETCD_DATA_DIR");
+    ensure!(
+        etcd.get("ReadWritePaths")
+            .into_iter()
+            .flatten()
+            .flat_map(|v| v.split_whitespace())
+            .any(|dir| Path::new(data_dir).starts_with(dir)),
+        "gsb-etcd: ReadWritePaths does not cover ETCD_DATA_DIR {data_dir}"
+    );
+    for (key, want) in [
+        ("ETCD_AUTO_COMPACTION_MODE", "revision"),
+        ("ETCD_CLIENT_CERT_AUTH", "true"),
+        ("ETCD_PEER_CLIENT_CERT_AUTH", "true"),
+    ] {
+        ensure!(
+            one(&env, key) == want,
+            "gsb-etcd.env: {key}={want} expected, found {:?}",
+            one(&env, key)
+        );
+    }
+    ensure!(
+        !one(&env, "ETCD_QUOTA_BACKEND_BYTES").is_empty()
+            && !one(&env, "ETCD_AUTO_COMPACTION_RETENTION").is_empty(),
+        "gsb-etcd.env: set the space quota and the compaction retention"
+    );
+    let members = one(&env, "ETCD_INITIAL_CLUSTER").split(',').count();
+    ensure!(
+        members == 3,
+        "gsb-etcd.env: 3 members in ETCD_INITIAL_CLUSTER, found {members}"
+    );
+    check_etcd_env("systemd/gsb-etcd.env", env.keys())?;
+
     // The state file the example config names must be writable under ProtectSystem=strict.
     let example: toml::Table = toml::from_str(&read(&deploy("gsb.example.toml"))?)?;
     let state_file = example["failover"]["state_file"]
@@ -735,6 +1009,7 @@ fn config_keys() -> Result<Vec<(&'static str, Vec<String>)>> {
         ),
         ("proxy/src/config.rs", "FailoverConfig", "failover"),
         ("proxy/src/config.rs", "MaintenanceConfig", "maintenance"),
+        ("fleet/src/config.rs", "CoordinationConfig", "coordination"),
         ("replicator/src/config.rs", "Raw", "replicator"),
     ];
     structs
@@ -890,7 +1165,11 @@ fn deployed_command_lines_match_the_cli() -> Result<()> {
                 containers.extend(list.iter());
             }
         }
-        for c in containers {
+        // Only gsb's own containers (the etcd StatefulSet runs etcd's image).
+        for c in containers.into_iter().filter(|c| {
+            ystr(c, "image")
+                .is_some_and(|i| i.rsplit('/').next().is_some_and(|n| n.starts_with("gsb:")))
+        }) {
             let args: Vec<String> = yget(c, "args")
                 .and_then(Yaml::as_sequence)
                 .context("a gsb container without args")?
@@ -902,5 +1181,43 @@ fn deployed_command_lines_match_the_cli() -> Result<()> {
         }
     }
     ensure!(checked >= 6, "only {checked} command lines found");
+    Ok(())
+}
+
+/// The README is the 3 a.m. page: a row for every alert, and none of the single-proxy advice that
+/// is wrong for a fleet.
+#[test]
+fn readme_covers_every_alert_and_the_fleet() -> Result<()> {
+    let readme = read(&deploy("README.md"))?;
+    let file = &yaml_docs(&deploy("prometheus/alerts.yml"))?[0];
+    let rules = rules_of(yget(file, "groups").context("alerts.yml: groups")?)?;
+    let missing: Vec<String> = rules
+        .iter()
+        .filter_map(|(_, r)| ystr(r, "alert"))
+        .filter(|a| !readme.contains(&format!("| {a} |")))
+        .map(str::to_owned)
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "deploy/README.md has no row `| <alert> |` in its alert table for {missing:?}"
+    );
+    for wrong in ["costs no data", "for p in $(kubectl", "repeat for each"] {
+        ensure!(
+            !readme.contains(wrong),
+            "deploy/README.md still says {wrong:?}: in a fleet one command to any proxy moves all, and proxies deciding alone lose writes"
+        );
+    }
+    for needed in [
+        "[coordination]",
+        "on_loss",
+        "etcdctl snapshot save",
+        "auto-compaction",
+        "/healthz",
+    ] {
+        ensure!(
+            readme.contains(needed),
+            "deploy/README.md does not mention {needed:?}"
+        );
+    }
     Ok(())
 }
