@@ -9,8 +9,12 @@ use tokio_util::sync::CancellationToken;
 fn load(config_path: &Path) -> anyhow::Result<gsb_replicator::Config> {
     let text = std::fs::read_to_string(config_path)
         .with_context(|| format!("reading {}", config_path.display()))?;
-    gsb_replicator::Config::from_toml_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))
+    let mut config = gsb_replicator::Config::from_toml_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+    if let (Some(c), Some(dir)) = (config.coordination.as_mut(), config_path.parent()) {
+        c.resolve_paths(dir);
+    }
+    Ok(config)
 }
 
 /// Runs the replicator until `shutdown`.

@@ -58,6 +58,10 @@ pub struct Config {
     /// deleted row that arrives after its tombstone is pruned is applied as new and resurrects
     /// the row. Longer keeps more rows (one small row per deleted key).
     pub tombstone_retention: Duration,
+    /// `[coordination]` (the proxies' etcd): when set, the one active replicator is elected on
+    /// etcd (a leased key), so a standby takes over whichever database is down; otherwise by
+    /// an advisory lock on the primary.
+    pub coordination: Option<gsb_fleet::CoordinationConfig>,
 }
 
 #[derive(Deserialize)]
@@ -209,6 +213,17 @@ impl Config {
             prune_interval: dur("prune_interval", raw.prune_interval, "5s", false)?,
             verify_interval: dur("verify_interval", raw.verify_interval, "0s", true)?,
             tombstone_retention: dur("tombstone_retention", raw.tombstone_retention, "7d", false)?,
+            coordination: match table.get("coordination") {
+                None => None,
+                Some(v) => {
+                    let c: gsb_fleet::CoordinationConfig =
+                        v.clone().try_into().map_err(|e: toml::de::Error| {
+                            ConfigError(format!("coordination: {}", e.message()))
+                        })?;
+                    c.validate().map_err(|e| ConfigError(e.to_string()))?;
+                    Some(c)
+                }
+            },
         })
     }
 }

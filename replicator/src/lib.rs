@@ -11,6 +11,7 @@
 mod config;
 mod copy;
 mod db;
+mod elect;
 mod error;
 mod http;
 mod metrics;

@@ -1,4 +1,4 @@
-//! `run`: metrics listener, leader election by advisory lock, schema install, the two
+//! `run`: metrics listener, leader election (etcd or advisory lock, see `elect`), schema install, the two
 //! directions, heartbeats and the config copy schedule.
 
 use std::sync::{Arc, Mutex};
@@ -9,16 +9,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::qualify;
-use crate::db::{connect, Conn, Site};
+use crate::db::{connect, Site};
 use crate::metrics::{Metrics, SharedStatus, Status};
 use crate::schema::{install, table_info, TableInfo};
 use crate::worker::{heartbeat, run_direction, Direction};
 use crate::{copy, Config, Error};
-
-/// Advisory lock key electing the one active replicator per site pair (on the primary).
-const LEADER_LOCK: i64 = 0x6773_625f_6c65_6164; // "gsb_lead"
-/// How often the standby retries the lock and the leader checks its lock session.
-const LOCK_POLL: Duration = Duration::from_secs(1);
 
 /// Runs the replicator until `shutdown`: serves `/metrics` and `/status` on `metrics_listen`,
 /// waits as a standby until it holds the lock, then replicates. Returns early only for errors
@@ -48,7 +43,14 @@ pub async fn run(
         shutdown.clone(),
         tracker.clone(),
     ));
-    let result = elect_and_replicate(&config, &metrics, &status, &shutdown).await;
+    let result = match crate::elect::Elector::new(&config, &tracker, &shutdown) {
+        Ok(mut elector) => {
+            let r = elect_and_replicate(&config, &metrics, &status, &mut elector, &shutdown).await;
+            elector.release().await;
+            r
+        }
+        Err(e) => Err(e),
+    };
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
@@ -59,11 +61,12 @@ async fn elect_and_replicate(
     config: &Config,
     metrics: &Metrics,
     status: &SharedStatus,
+    elector: &mut crate::elect::Elector,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
     let mut backoff = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
-        match lead_once(config, metrics, status, shutdown).await {
+        match lead_once(config, metrics, status, elector, shutdown).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) if e.is_permanent() => {
                 tracing::error!(error = %e, "replicator cannot run");
@@ -82,34 +85,18 @@ async fn elect_and_replicate(
     Ok(())
 }
 
-/// Waits for the lock, replicates while holding it; returns when the lock session is lost.
+/// Waits for the active role, replicates while holding it; returns when the role is lost.
 async fn lead_once(
     config: &Config,
     metrics: &Metrics,
     status: &SharedStatus,
+    elector: &mut crate::elect::Elector,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
-    let lock = connect(Site::Primary, &config.primary_dsn).await?;
-    let mut announced = false;
-    loop {
-        let got: bool = lock
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
-            .await
-            .map_err(|e| Error::db("primary", "taking the leader lock", e))?
-            .get(0);
-        if got {
-            break;
-        }
-        if !announced {
-            tracing::info!("another replicator is active; waiting as standby");
-            announced = true;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(LOCK_POLL) => {}
-        }
-    }
-    tracing::info!("holding the leader lock; installing schema");
+    let Some(held) = elector.acquire(config, shutdown).await? else {
+        return Ok(());
+    };
+    tracing::info!("holding the active role; installing schema");
     setup(config).await?;
     set_active(metrics, status, true);
     let work = shutdown.child_token();
@@ -165,31 +152,17 @@ async fn lead_once(
         ));
     }
     tasks.close();
-    let lost = hold(&lock, shutdown).await;
+    let lost = elector.hold(&held, shutdown).await;
     work.cancel();
     tasks.wait().await;
     set_active(metrics, status, false);
-    drop(lock);
+    drop(held);
     if lost {
         tracing::warn!(
-            "lost the leader lock session; stopped replicating, trying to take it again"
+            "lost the active role (lock session or etcd lease); stopped replicating, trying to take it again"
         );
     }
     Ok(())
-}
-
-/// Returns when shutdown is requested (false) or the lock session is gone (true).
-async fn hold(lock: &Conn, shutdown: &CancellationToken) -> bool {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(LOCK_POLL) => {}
-        }
-        let alive = tokio::time::timeout(LOCK_POLL * 5, lock.simple_query("SELECT 1")).await;
-        if !matches!(alive, Ok(Ok(_))) {
-            return true;
-        }
-    }
 }
 
 fn set_active(metrics: &Metrics, status: &SharedStatus, active: bool) {

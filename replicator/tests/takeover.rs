@@ -99,3 +99,80 @@ async fn standby_takes_over_after_sigkill_of_the_active_replicator_losing_nothin
     common::assert_no_loss_no_duplicate([&pc, &bc], 6000).await;
     drop(second);
 }
+
+/// With `[coordination]` the active replicator is elected on etcd, not on the primary's
+/// database: a standby takes the role after the active one dies even while the primary's
+/// database is down, and replicates once it is back, losing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_election_hands_over_while_the_primary_database_is_down() {
+    let etcd = gsb_tests::etcd::EtcdCluster::start(1).await;
+    let (mut p, b) = common::servers(common::SITE_TABLES).await;
+    let text = format!(
+        "{}\n[coordination]\netcd = {}\nlease_ttl = \"2s\"\n",
+        common::config_text(&p, &b, "batch_size = 200\n"),
+        etcd.toml_endpoints()
+    );
+    let config = Config::from_toml_str(&text).unwrap();
+    assert!(config.coordination.is_some());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gsb.toml");
+    std::fs::write(&path, &text).unwrap();
+    let http = reqwest::Client::new();
+    let holder = || {
+        let out = etcd.etcdctl(&["get", "--print-value-only", "/gsb/replicator/leader"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+
+    let mut first = spawn("replicator-1", &path);
+    let first_url = status_url(&first).await;
+    wait_until(
+        Duration::from_secs(30),
+        "first replicator active",
+        || async { active(&http, &first_url).await == Some(true) },
+    )
+    .await;
+    let second = spawn("replicator-2", &path);
+    let second_url = status_url(&second).await;
+    let first_holder = holder();
+    assert!(
+        first_holder.ends_with(&format!("-replicator-{}", first.pid())),
+        "{first_holder}"
+    );
+    assert_eq!(active(&http, &second_url).await, Some(false));
+
+    let pc = p.client("site").await;
+    let writers = common::two_way_load(&p, &b, Duration::from_millis(20)).await;
+    for w in writers {
+        w.await.unwrap();
+    }
+    drop(pc);
+    // The primary's database goes down, then the active replicator dies.
+    tokio::task::block_in_place(|| p.stop());
+    first.kill9();
+    let killed = Instant::now();
+    wait_until(TAKEOVER, "the standby holds the role on etcd", || async {
+        holder().ends_with(&format!("-replicator-{}", second.pid()))
+    })
+    .await;
+    println!(
+        "etcd role handed over after SIGKILL: {:?}",
+        killed.elapsed()
+    );
+    // The primary returns: the new active replicator catches up, nothing lost or doubled.
+    tokio::task::block_in_place(|| p.restart());
+    wait_until(
+        Duration::from_secs(30),
+        "the second replicator active",
+        || async { active(&http, &second_url).await == Some(true) },
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(60),
+        "verify equal after the takeover",
+        || async { verify(&config).await.map(|r| r.is_equal()).unwrap_or(false) },
+    )
+    .await;
+    let (pc, bc) = (p.client("site").await, b.client("site").await);
+    common::assert_no_loss_no_duplicate([&pc, &bc], 6000).await;
+    drop(second);
+}
