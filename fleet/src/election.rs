@@ -25,15 +25,19 @@ impl Election {
     /// Whether this member holds the role now, as the live view shows it (false while etcd is
     /// unreachable: a holder that cannot renew its lease must assume it lost the role).
     pub fn is_leader(&self) -> bool {
+        let (up, key) = self.key_now();
+        up && self.token.is_some() && key.map(|s| s.create_revision) == self.token
+    }
+
+    /// Whether the session is up, and the role's key as the live view shows it.
+    fn key_now(&self) -> (bool, Option<crate::Stored>) {
         let view = self.fleet.view();
         let view = view.borrow();
         let suffix = self
             .key
             .strip_prefix(&self.fleet.keys().all())
             .unwrap_or("");
-        view.up
-            && self.token.is_some()
-            && view.other.get(suffix).map(|s| s.create_revision) == self.token
+        (view.up, view.other.get(suffix).cloned())
     }
 
     /// Holds the role if it can: keeps it when held, takes it when free. Returns whether this
@@ -51,14 +55,8 @@ impl Election {
 
     /// The current holder's name, as the live view shows it.
     pub fn holder(&self) -> Option<String> {
-        let view = self.fleet.view();
-        let view = view.borrow();
-        let suffix = self
-            .key
-            .strip_prefix(&self.fleet.keys().all())
-            .unwrap_or("");
-        view.other
-            .get(suffix)
+        self.key_now()
+            .1
             .map(|s| String::from_utf8_lossy(&s.value).into_owned())
     }
 

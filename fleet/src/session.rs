@@ -178,10 +178,6 @@ impl Keys {
     pub fn all(&self) -> String {
         format!("{}/", self.prefix)
     }
-    /// Every member's vote.
-    pub fn members(&self) -> String {
-        format!("{}/members/", self.prefix)
-    }
     /// One member's vote.
     pub fn member(&self, name: &str) -> String {
         format!("{}/members/{name}", self.prefix)
@@ -216,6 +212,18 @@ impl std::fmt::Debug for Fleet {
             .field("name", &self.name)
             .field("prefix", &self.keys.prefix)
             .finish()
+    }
+}
+
+/// `f`, bounded by `timeout` (an etcd without quorum may never answer).
+async fn bounded<T>(
+    timeout: Duration,
+    what: &'static str,
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, FleetError> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(r) => r.map_err(FleetError::from),
+        Err(_) => Err(FleetError::Timeout { what, timeout }),
     }
 }
 
@@ -334,13 +342,7 @@ impl Fleet {
         what: &'static str,
         f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, FleetError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(r) => r.map_err(FleetError::from),
-            Err(_) => Err(FleetError::Timeout {
-                what,
-                timeout: self.timeout,
-            }),
-        }
+        bounded(self.timeout, what, f).await
     }
 
     /// Publishes this member's vote under its lease.
@@ -359,19 +361,8 @@ impl Fleet {
     /// Tries to become the decider: creates the leadership key on this member's lease if no
     /// one holds it. Returns the leadership token (the key's create revision) on a win.
     pub async fn campaign(&self, status: &DeciderStatus) -> Result<Option<i64>, FleetError> {
-        let (mut client, lease) = self.client()?;
-        let key = self.keys.decider();
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key,
-                serde_json::to_vec(status).expect("serializes"),
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        let resp = self.bounded("the election", client.txn(txn)).await?;
-        Ok(resp
-            .succeeded()
-            .then(|| resp.header().map_or(0, |h| h.revision())))
+        let value = serde_json::to_vec(status).expect("serializes");
+        self.create_leased(&self.keys.decider(), value).await
     }
 
     /// The decider's confirmation: in one transaction fenced by the leadership token `leader`
@@ -457,17 +448,7 @@ impl Fleet {
     /// Gives leadership up (at shutdown) so another member takes over at once rather than
     /// after the lease; only deletes the key if `leader` still holds it.
     pub async fn resign(&self, leader: i64) -> Result<(), FleetError> {
-        let (mut client, _) = self.client()?;
-        let key = self.keys.decider();
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                key.clone(),
-                CompareOp::Equal,
-                leader,
-            )])
-            .and_then([TxnOp::delete(key, None)]);
-        self.bounded("the resignation", client.txn(txn)).await?;
-        Ok(())
+        self.delete_if_created(&self.keys.decider(), leader).await
     }
 
     /// The election of another role (e.g. the replicator's) on `suffix`, on this member's lease.
@@ -475,6 +456,8 @@ impl Fleet {
         crate::Election::new(self.clone(), self.keys.other(suffix))
     }
 
+    /// Creates `key` on this member's lease if it does not exist; its create revision is the
+    /// token of whoever made it.
     pub(crate) async fn create_leased(
         &self,
         key: &str,
@@ -494,6 +477,7 @@ impl Fleet {
             .then(|| resp.header().map_or(0, |h| h.revision())))
     }
 
+    /// Deletes `key` only if it is still the one created at revision `token`.
     pub(crate) async fn delete_if_created(&self, key: &str, token: i64) -> Result<(), FleetError> {
         let (mut client, _) = self.client()?;
         let txn = Txn::new()
@@ -569,13 +553,7 @@ impl Session {
         what: &'static str,
         f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, FleetError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(r) => r.map_err(FleetError::from),
-            Err(_) => Err(FleetError::Timeout {
-                what,
-                timeout: self.timeout,
-            }),
-        }
+        bounded(self.timeout, what, f).await
     }
 
     /// One session: connect, lease, read everything, watch until something breaks.
