@@ -15,6 +15,8 @@ pub(crate) struct Metrics {
     pub lag: GaugeVec,
     pub applied: IntCounterVec,
     pub pending: IntGaugeVec,
+    pub pending_bytes: IntGaugeVec,
+    pub slot_retained: IntGaugeVec,
     pub oldest_pending_age: GaugeVec,
     pub conflicts: IntCounterVec,
     pub skew_rejected: IntCounterVec,
@@ -42,6 +44,14 @@ impl Metrics {
             )?,
             pending: IntGaugeVec::new(
                 Opts::new("gsb_replication_pending", "Changes captured on the source not yet applied on the target"),
+                &["direction"],
+            )?,
+            pending_bytes: IntGaugeVec::new(
+                Opts::new("gsb_replication_pending_wal_bytes", "Logical capture: source WAL not yet confirmed applied on the target"),
+                &["direction"],
+            )?,
+            slot_retained: IntGaugeVec::new(
+                Opts::new("gsb_replication_slot_retained_bytes", "Logical capture: WAL the source keeps for the direction's slot (restart_lsn to the WAL end)"),
                 &["direction"],
             )?,
             oldest_pending_age: GaugeVec::new(
@@ -84,6 +94,8 @@ impl Metrics {
         r.register(Box::new(m.lag.clone()))?;
         r.register(Box::new(m.applied.clone()))?;
         r.register(Box::new(m.pending.clone()))?;
+        r.register(Box::new(m.pending_bytes.clone()))?;
+        r.register(Box::new(m.slot_retained.clone()))?;
         r.register(Box::new(m.oldest_pending_age.clone()))?;
         r.register(Box::new(m.conflicts.clone()))?;
         r.register(Box::new(m.skew_rejected.clone()))?;
@@ -104,6 +116,12 @@ impl Metrics {
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct DirectionStatus {
     pub pending_rows: Option<i64>,
+    /// Logical capture: source WAL bytes not yet confirmed applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_wal_bytes: Option<i64>,
+    /// Why the direction stopped, when it needs an operator (e.g. an invalidated slot).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub oldest_pending_age_seconds: Option<f64>,
     pub lag_seconds: Option<f64>,
     pub last_apply: Option<DateTime<Utc>>,

@@ -143,6 +143,34 @@ impl Running {
     }
 }
 
+impl Running {
+    /// The value of counter `name` whose labels include all of `labels` (0 when absent).
+    pub fn counter_with(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.get_name() == name)
+            .flat_map(|f| f.get_metric())
+            .filter(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.get_name() == *k && l.get_value() == *v)
+                })
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    /// Changes applied in `direction` to `table` (`gsb_replication_applied_total`).
+    pub fn applied(&self, direction: &str, table: &str) -> u64 {
+        self.counter_with(
+            "gsb_replication_applied_total",
+            &[("direction", direction), ("table", table)],
+        )
+    }
+}
+
 /// One `bigint` from `sql`.
 pub async fn count(c: &Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap().get(0)

@@ -1,0 +1,902 @@
+//! The logical capture: per direction a publication and a `pgoutput` slot on the source,
+//! streamed over the replication protocol; whole source transactions applied on the target by
+//! `gsb.apply_changes` under the source's replication origin.
+//!
+//! Exactly once: the start position is the target's origin progress, advanced in the commit
+//! that applied the changes; the slot is acknowledged only up to what the target committed
+//! (or, when nothing is in flight, up to the walsender's keepalive position). No echo:
+//! transactions carrying an Origin message were applied by gsb and are dropped (PG15), and a
+//! 16+ server is asked for `origin = none`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value as Json};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{connect, Conn, Site};
+use crate::metrics::{with_dir, Metrics, SharedStatus};
+use crate::pgoutput::{self, Msg, Value};
+use crate::schema::{ident, qident, TableInfo};
+use crate::walstream::{fmt_lsn, parse_lsn, ReplConn, StreamMsg};
+use crate::worker::Direction;
+use crate::{sql, Config, Error};
+
+/// How often a standby status update is sent (well within the default 60s
+/// `wal_sender_timeout`) and the slot is inspected.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// The slot and the publication of a direction on its source (`gsb_primary_to_backup`).
+pub(crate) fn slot_name(d: &Direction) -> String {
+    format!("gsb_{}", d.name)
+}
+
+/// The replication origin on the target under which `source`'s changes are applied.
+pub(crate) fn origin_name(source: Site) -> String {
+    format!("gsb_from_{}", source.as_str())
+}
+
+/// Checks what the logical capture needs on a site; each failure names the setting and the fix.
+pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Error> {
+    let s = site.as_str();
+    let setting = |name: &'static str| async move {
+        c.query_one("SELECT current_setting($1)", &[&name])
+            .await
+            .map(|r| r.get::<_, String>(0))
+            .map_err(|e| Error::db(s, format!("reading {name}"), e))
+    };
+    let wal_level = setting("wal_level").await?;
+    if wal_level != "logical" {
+        return Err(Error::Prerequisite {
+            site: s,
+            setting: "wal_level",
+            found: format!("is {wal_level}"),
+            fix: "ALTER SYSTEM SET wal_level = logical; then restart the server".into(),
+        });
+    }
+    let ts = setting("track_commit_timestamp").await?;
+    if ts != "on" {
+        return Err(Error::Prerequisite {
+            site: s,
+            setting: "track_commit_timestamp",
+            found: format!("is {ts}"),
+            fix: "ALTER SYSTEM SET track_commit_timestamp = on; then restart the server".into(),
+        });
+    }
+    let r = c
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int, \
+                    (SELECT count(*)::int FROM pg_replication_slots WHERE slot_name NOT LIKE 'gsb\\_%'), \
+                    current_setting('max_wal_senders')::int, \
+                    (SELECT count(*)::int FROM pg_stat_replication WHERE application_name <> 'gsb-replicator'), \
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), \
+                    current_user::text, \
+                    has_function_privilege('pg_replication_origin_session_setup(text)', 'execute')",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::db(s, "reading the replication settings", e))?;
+    let (slots, used, senders, sending): (i32, i32, i32, i32) =
+        (r.get(0), r.get(1), r.get(2), r.get(3));
+    if slots - used < 1 {
+        return Err(Error::Prerequisite {
+            site: s,
+            setting: "max_replication_slots",
+            found: format!("is {slots} and {used} are used by others"),
+            fix: format!(
+                "ALTER SYSTEM SET max_replication_slots = {}; then restart the server",
+                used + 2
+            ),
+        });
+    }
+    if senders - sending < 1 {
+        return Err(Error::Prerequisite {
+            site: s,
+            setting: "max_wal_senders",
+            found: format!("is {senders} and {sending} are in use by others"),
+            fix: format!(
+                "ALTER SYSTEM SET max_wal_senders = {}; then restart the server",
+                sending + 2
+            ),
+        });
+    }
+    let (repl, user, origin_ok): (bool, String, bool) = (r.get(4), r.get(5), r.get(6));
+    if !repl {
+        return Err(Error::Prerequisite {
+            site: s,
+            setting: "REPLICATION",
+            found: format!("role {user} lacks it"),
+            fix: format!("ALTER ROLE {} REPLICATION", ident(&user)),
+        });
+    }
+    if !origin_ok {
+        return Err(Error::Prerequisite {
+            site: s,
+            setting: "replication origins",
+            found: format!("role {user} may not use them"),
+            fix: format!(
+                "GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_session_setup(text), \
+                 pg_replication_origin_xact_setup(pg_lsn, timestamptz), pg_replication_origin_progress(text, boolean) TO {}",
+                ident(&user)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Prepares a site as the source of direction `d`: its publication lists exactly `tables`
+/// (insert, update, delete; no TRUNCATE). A trigger capture left from schema v3 is removed
+/// once its change log is empty; a non-empty one is refused (nothing may be lost).
+pub(crate) async fn prepare_source(
+    c: &Client,
+    d: &Direction,
+    tables: &[TableInfo],
+) -> Result<(), Error> {
+    let s = d.source.as_str();
+    let pubname = slot_name(d);
+    let list = tables
+        .iter()
+        .map(|t| qident(&t.name))
+        .chain(["gsb.heartbeat".to_owned()])
+        .collect::<Vec<_>>()
+        .join(", ");
+    let triggers: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'gsb_capture'",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::db(s, "looking for trigger capture", e))?
+        .get(0);
+    if triggers > 0 {
+        let left: i64 = c
+            .query_one("SELECT count(*) FROM gsb.changes", &[])
+            .await
+            .map_err(|e| Error::db(s, "counting the trigger change log", e))?
+            .get(0);
+        if left > 0 {
+            return Err(Error::Prerequisite {
+                site: s,
+                setting: "replicator.capture",
+                found: format!(
+                    "the trigger capture's change log (gsb.changes) still holds {left} changes"
+                ),
+                fix: "run once more with capture = \"triggers\" until gsb_replication_pending is 0 in both directions, then switch to \"logical\"".into(),
+            });
+        }
+        let rows = c
+            .query(
+                "SELECT tgrelid::regclass::text FROM pg_trigger WHERE tgname = 'gsb_capture'",
+                &[],
+            )
+            .await
+            .map_err(|e| Error::db(s, "listing capture triggers", e))?;
+        for r in rows {
+            let t: String = r.get(0);
+            c.batch_execute(&format!("DROP TRIGGER gsb_capture ON {t}"))
+                .await
+                .map_err(|e| Error::db(s, format!("dropping the capture trigger on {t}"), e))?;
+            tracing::info!(site = s, table = %t, "trigger capture removed: logical capture from now on");
+        }
+    }
+    let exists: bool = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&pubname],
+        )
+        .await
+        .map_err(|e| Error::db(s, "looking up the publication", e))?
+        .get(0);
+    let q = if exists {
+        format!("ALTER PUBLICATION {} SET TABLE {list}", ident(&pubname))
+    } else {
+        format!(
+            "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish = 'insert, update, delete')",
+            ident(&pubname)
+        )
+    };
+    c.batch_execute(&q)
+        .await
+        .map_err(|e| Error::db(s, format!("setting up publication {pubname}"), e))?;
+    Ok(())
+}
+
+/// A relation as described by the stream.
+struct Rel {
+    /// `schema.table`.
+    name: String,
+    columns: Vec<pgoutput::Column>,
+}
+
+/// The source transaction being read.
+struct Txn {
+    /// Carries an Origin message: applied by gsb on the source, an echo.
+    skip: bool,
+    /// Its commit time (RFC 3339, microseconds) for each change's conflict decision.
+    ts: String,
+    changes: Vec<Json>,
+}
+
+/// Whole source transactions handed to the applier.
+#[derive(Default)]
+struct Batch {
+    /// Changes as the JSON array `gsb.apply_changes` takes (without the brackets).
+    json: String,
+    rows: usize,
+    txns: usize,
+    /// End LSN of the last transaction: the origin progress once applied.
+    end_lsn: u64,
+    /// Commit time of the last transaction.
+    commit_ts: String,
+}
+
+/// One session of direction `d`: connect, set up origin and slot (initial sync on the first
+/// start), stream and apply until `shutdown` or an error.
+pub(crate) async fn session(
+    d: &Direction,
+    cfg: &Config,
+    metrics: &Metrics,
+    status: &SharedStatus,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let (ss, ts) = (d.source.as_str(), d.target.as_str());
+    let slot = slot_name(d);
+    let origin = origin_name(d.source);
+    let src = connect(d.source, d.dsn(d.source, cfg)).await?;
+    let mut dst = connect(d.target, d.dsn(d.target, cfg)).await?;
+    let apply_name = format!("gsb-apply-{}", d.name);
+    // A session of a replicator that died may still hold the origin or the slot.
+    dst.batch_execute(&format!("SET application_name = '{apply_name}'"))
+        .await
+        .map_err(|e| Error::db(ts, "naming the apply session", e))?;
+    dst.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+        &[&apply_name],
+    )
+    .await
+    .map_err(|e| Error::db(ts, "ending a stale apply session", e))?;
+    dst.execute(
+        "SELECT pg_replication_origin_create($1) WHERE pg_replication_origin_oid($1) IS NULL",
+        &[&origin],
+    )
+    .await
+    .map_err(|e| Error::db(ts, format!("creating replication origin {origin}"), e))?;
+    setup_origin_session(&dst, ts, &origin).await?;
+    let progress: Option<String> = dst
+        .query_one(
+            "SELECT pg_replication_origin_progress($1, true)::text",
+            &[&origin],
+        )
+        .await
+        .map_err(|e| Error::db(ts, "reading the origin progress", e))?
+        .get(0);
+    let progress = progress.as_deref().and_then(parse_lsn).filter(|l| *l > 0);
+    let slot_row = src
+        .query_opt(
+            "SELECT coalesce(wal_status, ''), active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| Error::db(ss, "looking up the slot", e))?;
+    if let Some(r) = &slot_row {
+        let wal_status: String = r.get(0);
+        if wal_status == "lost" {
+            return Err(Error::SlotInvalidated {
+                site: ss,
+                slot: slot.clone(),
+            });
+        }
+        let pid: Option<i32> = r.get(1);
+        if let Some(pid) = pid {
+            tracing::info!(
+                direction = d.name,
+                pid,
+                "ending the walsender still holding the slot"
+            );
+            src.execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+                .map_err(|e| Error::db(ss, "ending a stale walsender", e))?;
+            wait_slot_free(&src, ss, &slot).await?;
+        }
+    }
+    let mut repl = ReplConn::connect(ss, d.dsn(d.source, cfg)).await?;
+    let start = match (progress, slot_row.is_some()) {
+        (Some(p), true) => p,
+        (Some(_), false) => {
+            return Err(Error::SlotInvalidated {
+                site: ss,
+                slot: slot.clone(),
+            })
+        }
+        (None, exists) => {
+            if exists {
+                // Created, but the initial sync never committed: do both again.
+                src.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                    .await
+                    .map_err(|e| Error::db(ss, "dropping an unsynced slot", e))?;
+            }
+            let rows = repl
+                .simple_query(&format!(
+                    "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput (SNAPSHOT 'export')"
+                ))
+                .await?;
+            let row = rows.first().ok_or_else(|| Error::Replication {
+                site: ss,
+                what: "CREATE_REPLICATION_SLOT returned no row".into(),
+            })?;
+            let cp = row
+                .get(1)
+                .cloned()
+                .flatten()
+                .as_deref()
+                .and_then(parse_lsn)
+                .ok_or_else(|| Error::Replication {
+                    site: ss,
+                    what: "CREATE_REPLICATION_SLOT returned no consistent point".into(),
+                })?;
+            let snapshot = row.get(2).cloned().flatten().unwrap_or_default();
+            let n = initial_sync(d, cfg, &snapshot, &mut dst, cp, metrics).await?;
+            tracing::info!(direction = d.name, slot = %slot, rows = n, consistent_point = %fmt_lsn(cp), "slot created, existing rows synced");
+            cp
+        }
+    };
+    let version: i32 = src
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|e| Error::db(ss, "reading the server version", e))?
+        .get(0);
+    let mut opts = vec![("proto_version", "1"), ("publication_names", slot.as_str())];
+    if version >= 160_000 {
+        opts.push(("origin", "none"));
+    }
+    repl.start_replication(&slot, start, &opts).await?;
+    tracing::info!(direction = d.name, slot = %slot, start = %fmt_lsn(start), "streaming");
+    let stmt = dst
+        .prepare(sql::APPLY_CHANGES)
+        .await
+        .map_err(|e| Error::db(ts, "preparing apply", e))?;
+    let (tx, rx) = mpsc::channel::<Batch>(1);
+    let (applied_tx, applied_rx) = watch::channel(start);
+    let reader = read_stream(
+        d, cfg, &mut repl, &src, start, tx, applied_rx, metrics, status, shutdown,
+    );
+    let applier = apply_batches(
+        d, cfg, &dst, &stmt, &origin, rx, applied_tx, metrics, status,
+    );
+    // The reader ends on shutdown (dropping the channel ends the applier after its batch).
+    let (r, a) = tokio::join!(reader, applier);
+    a.and(r)
+}
+
+async fn setup_origin_session(dst: &Conn, ts: &'static str, origin: &str) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match dst
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+        {
+            Ok(_) => return Ok(()),
+            // Still held by a session being terminated.
+            Err(e) if Instant::now() < deadline && e.code().is_some() => {
+                tracing::debug!(error = %e, "origin busy; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(Error::db(ts, format!("setting up origin {origin}"), e)),
+        }
+    }
+}
+
+async fn wait_slot_free(src: &Conn, ss: &'static str, slot: &str) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let busy: bool = src
+            .query_one(
+                "SELECT coalesce((SELECT active FROM pg_replication_slots WHERE slot_name = $1), false)",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| Error::db(ss, "checking the slot", e))?
+            .get(0);
+        if !busy {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Copies the rows the source held at the slot's snapshot to the target, in one transaction
+/// under the origin that records `cp` as the progress. Primary -> backup replaces the
+/// backup's version of a row; backup -> primary only adds rows the primary lacks (ties to
+/// the primary). Heartbeats too: a heartbeat row written before the slot existed would
+/// otherwise only ever arrive as updates of a row the target lacks.
+async fn initial_sync(
+    d: &Direction,
+    cfg: &Config,
+    snapshot: &str,
+    dst: &mut Conn,
+    cp: u64,
+    metrics: &Metrics,
+) -> Result<u64, Error> {
+    let mut counted = Vec::new();
+    let (ss, ts) = (d.source.as_str(), d.target.as_str());
+    let mut snap = connect(d.source, d.dsn(d.source, cfg)).await?;
+    let stx = snap
+        .client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(|e| Error::db(ss, "starting the initial snapshot", e))?;
+    stx.batch_execute(&format!(
+        "SET TRANSACTION SNAPSHOT '{}'",
+        snapshot.replace('\'', "''")
+    ))
+    .await
+    .map_err(|e| Error::db(ss, "importing the slot's snapshot", e))?;
+    let dtx = dst
+        .client
+        .transaction()
+        .await
+        .map_err(|e| Error::db(ts, "starting the initial sync", e))?;
+    dtx.execute(
+        "SELECT set_config('gsb.applying', 'on', true), pg_current_xact_id()::text, \
+         pg_replication_origin_xact_setup($1::text::pg_lsn, now())",
+        &[&fmt_lsn(cp)],
+    )
+    .await
+    .map_err(|e| Error::db(ts, "starting the initial sync", e))?;
+    let mut total = 0u64;
+    for t in &d.tables {
+        let q = qident(t);
+        let rows: String = stx
+            .query_one(
+                &format!("SELECT coalesce(jsonb_agg(to_jsonb(x)), '[]')::text FROM {q} x"),
+                &[],
+            )
+            .await
+            .map_err(|e| Error::db(ss, format!("reading existing rows of {t}"), e))?
+            .get(0);
+        let pk: Vec<String> = dtx
+            .query_one("SELECT pk_cols FROM gsb.tables WHERE tbl = $1", &[t])
+            .await
+            .map_err(|e| Error::db(ts, format!("reading the key of {t}"), e))?
+            .get(0);
+        // Each site writes only its own heartbeat row: the source's is the newest.
+        let on_conflict = if d.source == Site::Primary || t == "gsb.heartbeat" {
+            let set = dtx
+                .query(
+                    "SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = $1::text::regclass \
+                     AND attnum > 0 AND NOT attisdropped AND attgenerated = '' AND NOT attname = ANY($2)",
+                    &[&q, &pk],
+                )
+                .await
+                .map_err(|e| Error::db(ts, format!("reading the columns of {t}"), e))?
+                .iter()
+                .map(|r| {
+                    let c: String = r.get(0);
+                    format!("{c} = EXCLUDED.{c}")
+                })
+                .collect::<Vec<_>>();
+            if set.is_empty() {
+                "DO NOTHING".to_owned()
+            } else {
+                format!("DO UPDATE SET {}", set.join(", "))
+            }
+        } else {
+            "DO NOTHING".to_owned()
+        };
+        let keys = pk.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", ");
+        let n = dtx
+            .execute(
+                &format!(
+                    "INSERT INTO {q} SELECT * FROM jsonb_populate_recordset(NULL::{q}, $1::text::jsonb) \
+                     ON CONFLICT ({keys}) {on_conflict}"
+                ),
+                &[&rows],
+            )
+            .await
+            .map_err(|e| Error::db(ts, format!("copying existing rows of {t}"), e))?;
+        total += n;
+        counted.push((t, n));
+    }
+    dtx.commit()
+        .await
+        .map_err(|e| Error::db(ts, "committing the initial sync", e))?;
+    let _ = stx.rollback().await;
+    for (t, n) in counted {
+        let label = t.strip_prefix("public.").unwrap_or(t);
+        metrics
+            .applied
+            .with_label_values(&[d.name, label])
+            .inc_by(n);
+    }
+    Ok(total)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_stream(
+    d: &Direction,
+    cfg: &Config,
+    repl: &mut ReplConn,
+    src: &Conn,
+    start: u64,
+    tx: mpsc::Sender<Batch>,
+    applied: watch::Receiver<u64>,
+    metrics: &Metrics,
+    status: &SharedStatus,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let ss = d.source.as_str();
+    let slot = slot_name(d);
+    let mut rels: HashMap<u32, Rel> = HashMap::new();
+    let mut cur: Option<Txn> = None;
+    let mut pending = Batch::default();
+    let mut received = start;
+    let mut acked = start;
+    // End of the last batch handed to the applier.
+    let mut sent_end = start;
+    // The walsender's position from its last keepalive: safe to acknowledge when nothing is
+    // in flight (every transaction that committed before it has reached us).
+    let mut idle_pos = 0u64;
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let max_rows = cfg.batch_size as usize;
+    loop {
+        let ready = pending.txns > 0;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            permit = tx.reserve(), if ready => {
+                let Ok(permit) = permit else {
+                    return Ok(()); // the applier stopped; its error is reported
+                };
+                sent_end = pending.end_lsn;
+                permit.send(std::mem::take(&mut pending));
+            }
+            msg = repl.recv(), if pending.rows < max_rows => {
+                let Some(msg) = msg? else {
+                    return Err(Error::Replication { site: ss, what: "the server ended the stream".into() });
+                };
+                match msg {
+                    StreamMsg::Keepalive { wal_end, reply } => {
+                        idle_pos = idle_pos.max(wal_end);
+                        if reply {
+                            let flushed = ack_pos(&applied, sent_end, cur.is_none() && pending.txns == 0, idle_pos).max(acked);
+                            repl.send_status(received.max(flushed), flushed).await?;
+                            acked = flushed;
+                        }
+                    }
+                    StreamMsg::XLogData { start: at, data } => {
+                        received = received.max(at);
+                        let m = pgoutput::decode(data).map_err(|e| Error::Replication { site: ss, what: e.to_string() })?;
+                        on_message(d, m, &mut rels, &mut cur, &mut pending, start)?;
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let idle = cur.is_none() && pending.txns == 0;
+                let flushed = ack_pos(&applied, sent_end, idle, idle_pos).max(acked);
+                repl.send_status(received.max(flushed), flushed).await?;
+                acked = flushed;
+                let buffered = pending.rows + cur.as_ref().map_or(0, |t| t.changes.len());
+                observe_slot(d, src, &slot, buffered, metrics, status).await?;
+            }
+        }
+    }
+}
+
+/// What may be acknowledged: what the target committed; when nothing is in flight, the
+/// walsender's keepalive position.
+fn ack_pos(applied: &watch::Receiver<u64>, sent_end: u64, idle: bool, idle_pos: u64) -> u64 {
+    let a = *applied.borrow();
+    if idle && a >= sent_end {
+        a.max(idle_pos)
+    } else {
+        a
+    }
+}
+
+/// Slot health and backlog: retained WAL, WAL not yet confirmed, invalidation.
+async fn observe_slot(
+    d: &Direction,
+    src: &Conn,
+    slot: &str,
+    buffered: usize,
+    metrics: &Metrics,
+    status: &SharedStatus,
+) -> Result<(), Error> {
+    let ss = d.source.as_str();
+    let r = src
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, \
+                    (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, coalesce(wal_status, '') \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| Error::db(ss, "reading the slot", e))?;
+    let Some(r) = r else {
+        return Err(Error::SlotInvalidated {
+            site: ss,
+            slot: slot.to_owned(),
+        });
+    };
+    let retained: Option<i64> = r.get(0);
+    let behind: Option<i64> = r.get(1);
+    let wal_status: String = r.get(2);
+    if wal_status == "lost" {
+        return Err(Error::SlotInvalidated {
+            site: ss,
+            slot: slot.to_owned(),
+        });
+    }
+    metrics
+        .slot_retained
+        .with_label_values(&[d.name])
+        .set(retained.unwrap_or(0));
+    let behind = behind.unwrap_or(0).max(0);
+    // Rows read but not yet applied; while the stream is more than a few pages behind the
+    // source's WAL end, at least one change may be waiting there.
+    let pending = buffered as i64 + i64::from(buffered == 0 && behind > 64 * 1024);
+    metrics.pending.with_label_values(&[d.name]).set(pending);
+    metrics
+        .pending_bytes
+        .with_label_values(&[d.name])
+        .set(behind);
+    with_dir(status, d.name, |s| {
+        s.pending_rows = Some(pending);
+        s.pending_wal_bytes = Some(behind);
+    });
+    Ok(())
+}
+
+/// Folds one pgoutput message into the transaction being read and the pending batch.
+fn on_message(
+    d: &Direction,
+    m: Msg,
+    rels: &mut HashMap<u32, Rel>,
+    cur: &mut Option<Txn>,
+    pending: &mut Batch,
+    start: u64,
+) -> Result<(), Error> {
+    let ss = d.source.as_str();
+    let err = |what: String| Error::Replication { site: ss, what };
+    match m {
+        Msg::Begin { commit_ts_us, .. } => {
+            let ts = chrono::DateTime::from_timestamp_micros(commit_ts_us)
+                .unwrap_or_default()
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            *cur = Some(Txn {
+                skip: false,
+                ts,
+                changes: Vec::new(),
+            });
+        }
+        Msg::Origin { .. } => {
+            if let Some(t) = cur.as_mut() {
+                t.skip = true;
+            }
+        }
+        Msg::Commit { end_lsn, .. } => {
+            let t = cur
+                .take()
+                .ok_or_else(|| err("Commit without Begin".into()))?;
+            // Already applied (the origin progress is at or past it) or an echo: nothing to do,
+            // acknowledged with the next idle status.
+            if t.skip || end_lsn <= start || t.changes.is_empty() {
+                return Ok(());
+            }
+            for c in t.changes {
+                if !pending.json.is_empty() {
+                    pending.json.push(',');
+                }
+                pending.json.push_str(&c.to_string());
+                pending.rows += 1;
+            }
+            pending.txns += 1;
+            pending.end_lsn = end_lsn;
+            pending.commit_ts = t.ts;
+        }
+        Msg::Relation {
+            oid,
+            namespace,
+            name,
+            columns,
+        } => {
+            rels.insert(
+                oid,
+                Rel {
+                    name: format!("{namespace}.{name}"),
+                    columns,
+                },
+            );
+        }
+        Msg::Insert { oid, new } => {
+            let (t, rel) = txn_rel(cur, rels, oid, &err)?;
+            if t.skip {
+                return Ok(());
+            }
+            let row = row_json(rel, &new);
+            let key = key_json(rel, &new)?;
+            t.changes.push(change(rel, "I", key, Some(row), &t.ts));
+        }
+        Msg::Update { oid, old_key, new } => {
+            let (t, rel) = txn_rel(cur, rels, oid, &err)?;
+            if t.skip {
+                return Ok(());
+            }
+            let key = key_json(rel, &new)?;
+            let row = row_json(rel, &new);
+            match old_key.map(|o| key_json(rel, &o)).transpose()? {
+                Some(old) if old != key => {
+                    // A key change ships as a delete of the old key, then an insert.
+                    t.changes.push(change(rel, "D", old, None, &t.ts));
+                    t.changes.push(change(rel, "I", key, Some(row), &t.ts));
+                }
+                _ => t.changes.push(change(rel, "U", key, Some(row), &t.ts)),
+            }
+        }
+        Msg::Delete { oid, old_key } => {
+            let (t, rel) = txn_rel(cur, rels, oid, &err)?;
+            if t.skip {
+                return Ok(());
+            }
+            let key = key_json(rel, &old_key)?;
+            t.changes.push(change(rel, "D", key, None, &t.ts));
+        }
+        Msg::Truncate => {
+            tracing::warn!(
+                direction = d.name,
+                "TRUNCATE on the source is not replicated (the publication excludes it)"
+            );
+        }
+        Msg::Type | Msg::Message => {}
+    }
+    Ok(())
+}
+
+fn txn_rel<'a>(
+    cur: &'a mut Option<Txn>,
+    rels: &'a HashMap<u32, Rel>,
+    oid: u32,
+    err: &dyn Fn(String) -> Error,
+) -> Result<(&'a mut Txn, &'a Rel), Error> {
+    let t = cur
+        .as_mut()
+        .ok_or_else(|| err("change outside a transaction".into()))?;
+    let rel = rels.get(&oid).ok_or_else(|| {
+        err(format!(
+            "change for relation {oid} before its Relation message"
+        ))
+    })?;
+    Ok((t, rel))
+}
+
+fn change(rel: &Rel, op: &str, key: Json, row: Option<Json>, ts: &str) -> Json {
+    let mut m = Map::new();
+    m.insert("t".into(), Json::String(rel.name.clone()));
+    m.insert("o".into(), Json::String(op.into()));
+    m.insert("k".into(), key);
+    if let Some(r) = row {
+        m.insert("r".into(), r);
+    }
+    m.insert("ts".into(), Json::String(ts.to_owned()));
+    Json::Object(m)
+}
+
+/// JSON and JSONB values are embedded as JSON; every other value as its text form.
+fn json_value(col: &pgoutput::Column, v: &str) -> Json {
+    const JSON: u32 = 114;
+    const JSONB: u32 = 3802;
+    if col.type_oid == JSON || col.type_oid == JSONB {
+        if let Ok(j) = serde_json::from_str(v) {
+            return j;
+        }
+    }
+    Json::String(v.to_owned())
+}
+
+/// The row as JSON; unchanged TOAST columns are left out, so the apply leaves them as they are.
+fn row_json(rel: &Rel, vals: &[Value]) -> Json {
+    let mut m = Map::new();
+    for (c, v) in rel.columns.iter().zip(vals) {
+        match v {
+            Value::Null => {
+                m.insert(c.name.clone(), Json::Null);
+            }
+            Value::Text(s) => {
+                m.insert(c.name.clone(), json_value(c, s));
+            }
+            Value::UnchangedToast => {}
+        }
+    }
+    Json::Object(m)
+}
+
+/// The replica identity (primary key) columns as JSON.
+fn key_json(rel: &Rel, vals: &[Value]) -> Result<Json, Error> {
+    let mut m = Map::new();
+    for (c, v) in rel.columns.iter().zip(vals) {
+        if c.key {
+            if let Value::Text(s) = v {
+                m.insert(c.name.clone(), json_value(c, s));
+            }
+        }
+    }
+    if m.is_empty() {
+        return Err(Error::Protocol(format!(
+            "{}: a change without key columns (the table needs a primary key as replica identity)",
+            rel.name
+        )));
+    }
+    Ok(Json::Object(m))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn apply_batches(
+    d: &Direction,
+    cfg: &Config,
+    dst: &Conn,
+    stmt: &tokio_postgres::Statement,
+    origin: &str,
+    mut rx: mpsc::Receiver<Batch>,
+    applied: watch::Sender<u64>,
+    metrics: &Metrics,
+    status: &SharedStatus,
+) -> Result<(), Error> {
+    let (ss, ts) = (d.source.as_str(), d.target.as_str());
+    let skew_ms = cfg.max_clock_skew.as_millis() as i64;
+    while let Some(b) = rx.recv().await {
+        let t0 = Instant::now();
+        let span = tracing::info_span!(
+            "batch",
+            direction = d.name,
+            rows = b.rows,
+            txns = b.txns,
+            lag = tracing::field::Empty,
+            conflicts = tracing::field::Empty
+        );
+        let json = format!("[{}]", b.json);
+        let lsn = fmt_lsn(b.end_lsn);
+        let res: String = dst
+            .query_one(
+                stmt,
+                &[
+                    &ss,
+                    &ts,
+                    &origin,
+                    &lsn,
+                    &b.commit_ts,
+                    &json,
+                    &skew_ms,
+                    &"primary",
+                ],
+            )
+            .await
+            .map_err(|e| Error::db(ts, format!("applying {} changes", b.rows), e))?
+            .get(0);
+        let _ = applied.send(b.end_lsn);
+        metrics
+            .batch_seconds
+            .with_label_values(&[d.name])
+            .observe(t0.elapsed().as_secs_f64());
+        let res: serde_json::Value = serde_json::from_str(&res)
+            .map_err(|e| Error::Protocol(format!("apply_changes returned bad JSON: {e}")))?;
+        let conflicts = crate::worker::record_result(d, cfg, &res, metrics);
+        span.record("lag", res["max_lag"].as_f64().unwrap_or(0.0));
+        span.record("conflicts", conflicts);
+        span.in_scope(|| tracing::debug!("batch applied"));
+        if let Some(hb) = res["heartbeat_lag"].as_f64() {
+            let hb = hb.max(0.0);
+            metrics.lag.with_label_values(&[d.name]).set(hb);
+            with_dir(status, d.name, |s| s.lag_seconds = Some(hb));
+        }
+        with_dir(status, d.name, |s| s.last_apply = Some(chrono::Utc::now()));
+    }
+    Ok(())
+}
