@@ -360,11 +360,12 @@ pub(crate) async fn session(
         .map_err(|e| Error::db(ts, "preparing apply", e))?;
     let (tx, rx) = mpsc::channel::<Batch>(1);
     let (applied_tx, applied_rx) = watch::channel(start);
+    let last_hb = LastHeartbeat::default();
     let reader = read_stream(
-        d, cfg, &mut repl, &src, start, tx, applied_rx, metrics, status, shutdown,
+        d, cfg, &mut repl, &src, start, tx, applied_rx, &last_hb, metrics, status, shutdown,
     );
     let applier = apply_batches(
-        d, cfg, &dst, &stmt, &origin, rx, applied_tx, metrics, status,
+        d, cfg, &dst, &stmt, &origin, rx, applied_tx, &last_hb, metrics, status,
     );
     // The reader ends on shutdown (dropping the channel ends the applier after its batch).
     let (r, a) = tokio::join!(reader, applier);
@@ -527,6 +528,7 @@ async fn read_stream(
     start: u64,
     tx: mpsc::Sender<Batch>,
     applied: watch::Receiver<u64>,
+    last_hb: &LastHeartbeat,
     metrics: &Metrics,
     status: &SharedStatus,
     shutdown: &CancellationToken,
@@ -546,6 +548,11 @@ async fn read_stream(
     let mut tick = tokio::time::interval(STATUS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let max_rows = cfg.batch_size as usize;
+    // Batches handed to the applier and not yet committed: (end LSN, rows).
+    let mut inflight: std::collections::VecDeque<(u64, usize)> = Default::default();
+    // The source's WAL end at the previous status tick: once everything up to it is applied
+    // (or skipped), nothing committed before that tick is pending.
+    let mut probe: Option<u64> = None;
     loop {
         let ready = pending.txns > 0;
         tokio::select! {
@@ -556,6 +563,7 @@ async fn read_stream(
                     return Ok(()); // the applier stopped; its error is reported
                 };
                 sent_end = pending.end_lsn;
+                inflight.push_back((pending.end_lsn, pending.rows));
                 permit.send(std::mem::take(&mut pending));
             }
             msg = repl.recv(), if pending.rows < max_rows => {
@@ -583,8 +591,29 @@ async fn read_stream(
                 let flushed = ack_pos(&applied, sent_end, idle, idle_pos).max(acked);
                 repl.send_status(received.max(flushed), flushed).await?;
                 acked = flushed;
-                let buffered = pending.rows + cur.as_ref().map_or(0, |t| t.changes.len());
-                observe_slot(d, src, &slot, buffered, metrics, status).await?;
+                let done = *applied.borrow();
+                while inflight.front().is_some_and(|(end, _)| *end <= done) {
+                    inflight.pop_front();
+                }
+                let known = pending.rows
+                    + cur.as_ref().map_or(0, |t| t.changes.len())
+                    + inflight.iter().map(|(_, n)| n).sum::<usize>();
+                let drained = idle && done >= sent_end && probe.is_some_and(|p| acked >= p);
+                // Rows known to be on their way; at least one while the stream has not shown
+                // everything committed before the last tick to be applied.
+                let rows = if drained { known as i64 } else { known.max(1) as i64 };
+                let (wal_now, behind) = observe_slot(d, src, &slot, metrics).await?;
+                probe = Some(wal_now);
+                metrics.pending.with_label_values(&[d.name]).set(rows);
+                with_dir(status, d.name, |s| {
+                    s.pending_rows = Some(rows);
+                    s.pending_wal_bytes = Some(behind);
+                });
+                let lag = lag_now(last_hb, cfg.heartbeat_interval);
+                if let Some(lag) = lag {
+                    metrics.lag.with_label_values(&[d.name]).set(lag);
+                    with_dir(status, d.name, |s| s.lag_seconds = Some(lag));
+                }
             }
         }
     }
@@ -601,20 +630,35 @@ fn ack_pos(applied: &watch::Receiver<u64>, sent_end: u64, idle: bool, idle_pos: 
     }
 }
 
-/// Slot health and backlog: retained WAL, WAL not yet confirmed, invalidation.
+/// Lag from the last applied heartbeat, growing while no heartbeat arrives.
+fn lag_now(last_hb: &LastHeartbeat, every: Duration) -> Option<f64> {
+    let hb = *last_hb.lock().unwrap_or_else(|p| p.into_inner());
+    hb.map(|(at, lag)| {
+        if at.elapsed() > every * 2 {
+            lag + at.elapsed().as_secs_f64()
+        } else {
+            lag
+        }
+    })
+}
+
+/// When the last heartbeat was applied, and its lag then.
+type LastHeartbeat = std::sync::Mutex<Option<(Instant, f64)>>;
+
+/// Slot health: retained WAL, WAL not yet confirmed, invalidation. Returns the source's
+/// current WAL end and the WAL bytes not yet confirmed applied.
 async fn observe_slot(
     d: &Direction,
     src: &Conn,
     slot: &str,
-    buffered: usize,
     metrics: &Metrics,
-    status: &SharedStatus,
-) -> Result<(), Error> {
+) -> Result<(u64, i64), Error> {
     let ss = d.source.as_str();
     let r = src
         .query_opt(
             "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, \
-                    (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, coalesce(wal_status, '') \
+                    (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, coalesce(wal_status, ''), \
+                    pg_current_wal_lsn()::text \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -629,6 +673,7 @@ async fn observe_slot(
     let retained: Option<i64> = r.get(0);
     let behind: Option<i64> = r.get(1);
     let wal_status: String = r.get(2);
+    let wal_now: String = r.get(3);
     if wal_status == "lost" {
         return Err(Error::SlotInvalidated {
             site: ss,
@@ -640,19 +685,11 @@ async fn observe_slot(
         .with_label_values(&[d.name])
         .set(retained.unwrap_or(0));
     let behind = behind.unwrap_or(0).max(0);
-    // Rows read but not yet applied; while the stream is more than a few pages behind the
-    // source's WAL end, at least one change may be waiting there.
-    let pending = buffered as i64 + i64::from(buffered == 0 && behind > 64 * 1024);
-    metrics.pending.with_label_values(&[d.name]).set(pending);
     metrics
         .pending_bytes
         .with_label_values(&[d.name])
         .set(behind);
-    with_dir(status, d.name, |s| {
-        s.pending_rows = Some(pending);
-        s.pending_wal_bytes = Some(behind);
-    });
-    Ok(())
+    Ok((parse_lsn(&wal_now).unwrap_or(0), behind))
 }
 
 /// Folds one pgoutput message into the transaction being read and the pending batch.
@@ -846,6 +883,7 @@ async fn apply_batches(
     origin: &str,
     mut rx: mpsc::Receiver<Batch>,
     applied: watch::Sender<u64>,
+    last_hb: &LastHeartbeat,
     metrics: &Metrics,
     status: &SharedStatus,
 ) -> Result<(), Error> {
@@ -893,6 +931,7 @@ async fn apply_batches(
         span.in_scope(|| tracing::debug!("batch applied"));
         if let Some(hb) = res["heartbeat_lag"].as_f64() {
             let hb = hb.max(0.0);
+            *last_hb.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), hb));
             metrics.lag.with_label_values(&[d.name]).set(hb);
             with_dir(status, d.name, |s| s.lag_seconds = Some(hb));
         }

@@ -37,6 +37,8 @@ async fn insert_update_delete_both_ways_without_echo() {
     let t = pair().await;
     let (p, b) = (t.p.client("site").await, t.b.client("site").await);
     let r = start(&t.config);
+    // Counted below: every write goes through the stream (none through the initial sync).
+    common::wait_streaming(&p, &b).await;
     p.batch_execute("INSERT INTO users (id, email, name) VALUES ('00000000-0000-0000-0000-000000000001', 'a@x', 'Ann')").await.unwrap();
     b.batch_execute("INSERT INTO meetings (id, topic, status) VALUES ('10000000-0000-0000-0000-000000000001', 'standup', 'scheduled')").await.unwrap();
     wait_until(WAIT, "user on backup and meeting on primary", || async {

@@ -171,6 +171,28 @@ impl Running {
     }
 }
 
+/// Waits until each site holds the other's heartbeat: both directions are replicating (with
+/// the logical capture, both slots exist and their initial syncs are done).
+pub async fn wait_streaming(p: &Client, b: &Client) {
+    gsb_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "heartbeats crossed both ways",
+        || async {
+            // The schema may not be installed yet.
+            let n = |c: &'static str| async move {
+                let q = format!("SELECT count(*) FROM gsb.heartbeat WHERE site = '{c}'");
+                (if c == "backup" { p } else { b })
+                    .query_one(&q, &[])
+                    .await
+                    .map(|r| r.get::<_, i64>(0))
+                    .unwrap_or(0)
+            };
+            n("backup").await == 1 && n("primary").await == 1
+        },
+    )
+    .await;
+}
+
 /// One `bigint` from `sql`.
 pub async fn count(c: &Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap().get(0)
