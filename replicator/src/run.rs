@@ -207,8 +207,8 @@ pub(crate) async fn setup(config: &Config) -> Result<(), Error> {
     install(&mut b.client, Site::Backup, &b_capture, &b_two, !logical).await?;
     if logical {
         let (p2b, b2p) = directions(config);
-        crate::logical::prepare_source(&p, &p2b, &p_two).await?;
-        crate::logical::prepare_source(&b, &b2p, &b_capture).await?;
+        crate::logical::prepare_source(&p, &b, &p2b, &p_two).await?;
+        crate::logical::prepare_source(&b, &p, &b2p, &b_capture).await?;
     }
     Ok(())
 }

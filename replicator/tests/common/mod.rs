@@ -162,6 +162,21 @@ impl Running {
             .sum()
     }
 
+    /// The value of gauge `name` for `direction` (None when not set yet).
+    pub fn gauge(&self, name: &str, direction: &str) -> Option<f64> {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.get_name() == name)
+            .flat_map(|f| f.get_metric())
+            .find(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.get_name() == "direction" && l.get_value() == direction)
+            })
+            .map(|m| m.get_gauge().get_value())
+    }
+
     /// Changes applied in `direction` to `table` (`gsb_replication_applied_total`).
     pub fn applied(&self, direction: &str, table: &str) -> u64 {
         self.counter_with(
