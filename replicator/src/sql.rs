@@ -96,6 +96,8 @@ ALTER TABLE gsb.row_versions SET (fillfactor = 80);
 pub const MIGRATION_4: &str = r#"
 ALTER TABLE gsb.tables ADD COLUMN pk_cols text[];
 ALTER TABLE gsb.conflicts ADD COLUMN winner_ts timestamptz, ADD COLUMN loser_ts timestamptz;
+-- one change of the logical capture as shipped in a batch; n is its position in commit order
+CREATE TYPE gsb.lchange AS (n int, tbl text, op text, key jsonb, r jsonb, ts timestamptz);
 "#;
 
 /// One captured write (`p_tbl`, `p_op`, `p_pk`, `p_row` in scope): stamp it above the row's
@@ -368,14 +370,81 @@ DECLARE
     v_hb float8; v_lag float8; v_cols jsonb := '{}';
     v_q text; v_key text; v_tcols text[]; v_set text[]; v_local jsonb; v_mine boolean;
     v_lts timestamptz; v_lorig oid; v_win boolean; v_new jsonb; v_lsite text; v_pk jsonb;
+    v_all gsb.lchange[]; v_slow gsb.lchange[]; v_fast int[]; v_ns int[]; v_here int[];
+    v_match text;
 BEGIN
     -- a trigger capture left installed (an upgrade) must not capture what is applied here
     PERFORM set_config('gsb.applying', 'on', true);
     PERFORM pg_replication_origin_xact_setup(p_lsn, p_commit_ts);
-    FOR c IN SELECT x->>'t' AS tbl, x->>'o' AS op, x->'k' AS key, x->'r' AS r,
-                    (x->>'ts')::timestamptz AS ts
-             FROM jsonb_array_elements(p_changes) WITH ORDINALITY AS e(x, n) ORDER BY n LOOP
-        v_lag := greatest(v_lag, extract(epoch FROM clock_timestamp() - c.ts));
+    -- Decoded once; n is the change's position in source commit order.
+    v_all := ARRAY(SELECT ROW(e.n, x->>'t', x->>'o', x->'k', x->'r', (x->>'ts')::timestamptz)::gsb.lchange
+                   FROM jsonb_array_elements(p_changes) WITH ORDINALITY AS e(x, n) ORDER BY e.n);
+    SELECT max(extract(epoch FROM clock_timestamp() - x.ts)) INTO v_lag FROM unnest(v_all) x;
+    v_slow := v_all;
+    -- Under backlog, set-based per table: the changes to keys changed once in the batch whose
+    -- local row is absent (inserts) or last written by this source take one INSERT, one
+    -- UPDATE (rows carrying every column) and one DELETE per table; the rest (concurrent
+    -- writes, keys changed twice, unchanged TOAST, skewed stamps) go the per-row way in
+    -- commit order. If a set-based statement fails (e.g. a unique key only row order
+    -- satisfies) its effects are rolled back and the whole batch goes per row.
+    IF cardinality(v_all) >= 32 THEN
+        BEGIN
+            v_fast := '{}';
+            FOR g IN SELECT t.* FROM gsb.tables t WHERE t.tbl IN (SELECT DISTINCT x.tbl FROM unnest(v_all) x) ORDER BY t.tbl LOOP
+                IF g.pk_cols IS NULL THEN
+                    RAISE EXCEPTION 'gsb: table % is not set up for replication on this site', g.tbl;
+                END IF;
+                v_q := (SELECT string_agg(quote_ident(p), '.') FROM unnest(string_to_array(g.tbl, '.')) p);
+                v_tcols := ARRAY(SELECT attname::text FROM pg_attribute WHERE attrelid = v_q::regclass
+                                 AND attnum > 0 AND NOT attisdropped AND attgenerated = '');
+                v_match := format('(%s) = (%s)',
+                    (SELECT string_agg('t.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k),
+                    (SELECT string_agg('r.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k));
+                -- lock what this batch may replace, in key order (no deadlock between batches)
+                EXECUTE format('SELECT 1 FROM %1$s t, jsonb_populate_recordset(NULL::%1$s, $1) r WHERE %2$s '
+                               'ORDER BY %3$s FOR UPDATE OF t', v_q, v_match,
+                               (SELECT string_agg('t.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k))
+                    USING (SELECT jsonb_agg(x.key) FROM unnest(v_all) x WHERE x.tbl = g.tbl);
+                EXECUTE format('SELECT coalesce(array_agg(k.n), ''{}''), '
+                    'coalesce(array_agg(k.n) FILTER (WHERE k.here), ''{}'') FROM ('
+                    'SELECT x.n, x.op, x.r, x.ts, count(*) OVER (PARTITION BY x.key) AS times, '
+                    '       t.ctid IS NOT NULL AS here, o.roident '
+                    'FROM unnest($1::gsb.lchange[]) x '
+                    'LEFT JOIN %1$s t ON (%2$s) = (SELECT %3$s FROM jsonb_populate_record(NULL::%1$s, x.key) r) '
+                    'LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) o ON t.ctid IS NOT NULL '
+                    'WHERE x.tbl = $2) k '
+                    'WHERE k.times = 1 AND k.ts <= $3 '
+                    'AND ((NOT k.here AND k.op = ''I'') '
+                    '  OR (k.here AND k.roident = $4 AND (k.op = ''D'' OR k.r ?& $5)))',
+                    v_q,
+                    (SELECT string_agg('t.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k),
+                    (SELECT string_agg('r.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k))
+                    INTO v_ns, v_here USING v_all, g.tbl, v_limit, v_origin_id, v_tcols;
+                CONTINUE WHEN cardinality(v_ns) = 0;
+                v_set := ARRAY(SELECT quote_ident(k) FROM unnest(v_tcols) k WHERE NOT k = ANY(g.pk_cols));
+                -- deletes, then updates, then inserts (keys are distinct within these sets)
+                EXECUTE format('DELETE FROM %1$s t USING jsonb_populate_recordset(NULL::%1$s, $1) r WHERE %2$s', v_q, v_match)
+                    USING (SELECT jsonb_agg(x.key) FROM unnest(v_all) x WHERE x.n = ANY(v_ns) AND x.op = 'D');
+                IF cardinality(v_set) > 0 THEN
+                    EXECUTE format('UPDATE %1$s t SET (%2$s) = (%3$s) FROM jsonb_populate_recordset(NULL::%1$s, $1) r WHERE %4$s',
+                        v_q, array_to_string(v_set, ', '),
+                        (SELECT string_agg('r.' || s, ', ') FROM unnest(v_set) s), v_match)
+                        USING (SELECT jsonb_agg(x.r) FROM unnest(v_all) x WHERE x.n = ANY(v_here) AND x.op <> 'D');
+                END IF;
+                EXECUTE format('INSERT INTO %1$s SELECT * FROM jsonb_populate_recordset(NULL::%1$s, $1)', v_q)
+                    USING (SELECT jsonb_agg(x.r ORDER BY x.n) FROM unnest(v_all) x
+                           WHERE x.n = ANY(v_ns) AND NOT x.n = ANY(v_here) AND x.op = 'I');
+                v_applied := v_applied || jsonb_build_object(g.tbl, cardinality(v_ns));
+                v_fast := v_fast || v_ns;
+            END LOOP;
+            v_slow := ARRAY(SELECT x FROM unnest(v_all) x WHERE NOT x.n = ANY(v_fast) ORDER BY x.n);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE NOTICE 'gsb: set-based apply fell back to per-row: %', SQLERRM;
+            v_applied := '{}';
+            v_slow := v_all;
+        END;
+    END IF;
+    FOR c IN SELECT * FROM unnest(v_slow) x ORDER BY x.n LOOP
         IF c.ts > v_limit THEN
             INSERT INTO gsb.conflicts (tbl, pk, reason, loser_origin, loser_ts, loser_row)
                 VALUES (c.tbl, c.key, 'clock_skew', p_source, c.ts, coalesce(c.r, c.key));
@@ -469,10 +538,9 @@ BEGIN
         END IF;
         v_applied := jsonb_set(v_applied, ARRAY[c.tbl],
             to_jsonb(coalesce((v_applied ->> c.tbl)::int, 0) + 1));
-        IF c.tbl = 'gsb.heartbeat' AND c.op <> 'D' THEN
-            v_hb := extract(epoch FROM clock_timestamp() - (c.r ->> 'at')::timestamptz);
-        END IF;
     END LOOP;
+    SELECT extract(epoch FROM clock_timestamp() - (x.r ->> 'at')::timestamptz) INTO v_hb
+        FROM unnest(v_all) x WHERE x.tbl = 'gsb.heartbeat' AND x.op <> 'D' ORDER BY x.n DESC LIMIT 1;
     RETURN jsonb_build_object('applied', v_applied, 'conflicts', v_conflicts,
         'skew_rejected', v_skew, 'max_lag', v_lag, 'heartbeat_lag', v_hb);
 END $f$;
