@@ -27,5 +27,6 @@ pub use config::{Capture, Config, ConfigError};
 pub use copy::{copy_config, CopiedTable, CopyReport};
 pub use db::Site;
 pub use error::Error;
+pub use logical::{resync, ResyncReport};
 pub use run::run;
 pub use verify::{verify, TableReport, VerifyReport};

@@ -392,6 +392,7 @@ pub(crate) async fn session(
     }
     repl.start_replication(&slot, start, &opts).await?;
     tracing::info!(direction = d.name, slot = %slot, start = %fmt_lsn(start), "streaming");
+    with_dir(status, d.name, |s| s.error = None);
     let stmt = dst
         .prepare(sql::APPLY_CHANGES)
         .await
@@ -976,4 +977,107 @@ async fn apply_batches(
         with_dir(status, d.name, |s| s.last_apply = Some(chrono::Utc::now()));
     }
     Ok(())
+}
+
+/// What `gsb resync` reset, per direction.
+#[derive(Debug, Clone)]
+pub struct ResyncReport {
+    /// Per direction: `(name, what was done)`.
+    pub directions: Vec<(String, String)>,
+}
+
+impl std::fmt::Display for ResyncReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (d, what) in &self.directions {
+            writeln!(f, "{d}: {what}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Rebuilds both directions of the logical capture: drops each source's slot and the target's
+/// origin progress, so the replicator (running, or at its next start) creates a new slot from a
+/// consistent snapshot and merges the existing rows (the primary's version wins, the backup's
+/// rows the primary lacks are added) before streaming again. Run `gsb verify` after it.
+/// Changes lost with an invalidated slot cannot be replayed: a row deleted on one site while
+/// its slot was lost comes back from the other.
+pub async fn resync(cfg: &Config) -> Result<ResyncReport, Error> {
+    let (p2b, b2p) = crate::run::directions(cfg);
+    let mut report = ResyncReport {
+        directions: Vec::new(),
+    };
+    for d in [p2b, b2p] {
+        let (ss, ts) = (d.source.as_str(), d.target.as_str());
+        let src = connect(d.source, d.dsn(d.source, cfg)).await?;
+        let dst = connect(d.target, d.dsn(d.target, cfg)).await?;
+        let slot = slot_name(&d);
+        let origin = origin_name(d.source);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut what = Vec::new();
+        // The slot: a walsender still using it is ended first.
+        loop {
+            let r = src
+                .query_opt(
+                    "SELECT active_pid, coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .map_err(|e| Error::db(ss, "looking up the slot", e))?;
+            let Some(r) = r else { break };
+            let (pid, wal): (Option<i32>, String) = (r.get(0), r.get(1));
+            if let Some(pid) = pid {
+                src.execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await
+                    .map_err(|e| Error::db(ss, "ending the walsender", e))?;
+            }
+            match src
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+            {
+                Ok(_) => {
+                    what.push(format!("slot {slot} on the {ss} dropped (was {wal})"));
+                    break;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "slot busy; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(Error::db(ss, format!("dropping slot {slot}"), e)),
+            }
+        }
+        loop {
+            let r = dst
+                .execute(
+                    "SELECT pg_replication_origin_drop($1) WHERE pg_replication_origin_oid($1) IS NOT NULL",
+                    &[&origin],
+                )
+                .await;
+            match r {
+                Ok(n) => {
+                    if n > 0 {
+                        what.push(format!("origin {origin} on the {ts} reset"));
+                    }
+                    break;
+                }
+                // In use by an apply session: end it (the replicator reconnects).
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "origin busy; ending its session");
+                    dst.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                        &[&format!("gsb-apply-{}", d.name)],
+                    )
+                    .await
+                    .map_err(|e| Error::db(ts, "ending the apply session", e))?;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(Error::db(ts, format!("resetting origin {origin}"), e)),
+            }
+        }
+        if what.is_empty() {
+            what.push("nothing to reset".into());
+        }
+        report.directions.push((d.name.to_owned(), what.join("; ")));
+    }
+    Ok(report)
 }

@@ -371,3 +371,70 @@ async fn switching_from_the_trigger_capture_keeps_what_its_change_log_holds() {
     }
     r.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_is_reported_and_resync_rebuilds_the_pair() {
+    let (ps, bs, config) = common::pair(SCHEMA, "").await;
+    let (p, b) = (ps.client("site").await, bs.client("site").await);
+    // The primary keeps at most 1MB of WAL for a slot.
+    p.batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        .await
+        .unwrap();
+    p.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    let r = start(&config);
+    common::wait_streaming(&p, &b).await;
+    r.shutdown().await;
+    // Far more WAL than that while the replicator is down, then a checkpoint: the slot is lost.
+    for i in 0..4 {
+        p.batch_execute(&format!("INSERT INTO users (id, email, bio) SELECT gen_random_uuid(), 'w{i}-' || g, repeat('x', 1000) FROM generate_series(1, 10000) g"))
+            .await
+            .unwrap();
+        p.batch_execute("SELECT pg_switch_wal(); CHECKPOINT")
+            .await
+            .unwrap();
+    }
+    wait_until(WAIT, "the slot invalidated", || async {
+        text(&p, "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = 'gsb_primary_to_backup'").await.as_deref() == Some("lost")
+    })
+    .await;
+    // Reported: /status names the direction's error, with the fix.
+    let port = gsb_tests::free_port();
+    let text_cfg =
+        common::config_text(&ps, &bs, "").replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let config = Config::from_toml_str(&text_cfg).unwrap();
+    let r = start(&config);
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/status");
+    wait_until(WAIT, "the invalidated slot on /status", || async {
+        let v: serde_json::Value = match http.get(&url).send().await {
+            Ok(resp) => resp.json().await.unwrap_or_default(),
+            Err(_) => return false,
+        };
+        v["directions"]["primary_to_backup"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("invalidated") && e.contains("gsb resync"))
+    })
+    .await;
+    // gsb resync while the replicator runs: it rebuilds the pair.
+    let report = gsb_replicator::resync(&config).await.unwrap();
+    assert!(
+        report
+            .to_string()
+            .contains("slot gsb_primary_to_backup on the primary dropped (was lost)"),
+        "{report}"
+    );
+    wait_until(Duration::from_secs(60), "verify equal after resync", || {
+        equal(&config)
+    })
+    .await;
+    assert_eq!(count(&b, "SELECT count(*) FROM users").await, 40_000);
+    // And it streams again.
+    p.batch_execute("INSERT INTO users (id, email) VALUES (gen_random_uuid(), 'after')")
+        .await
+        .unwrap();
+    wait_until(WAIT, "a new write on the backup", || async {
+        count(&b, "SELECT count(*) FROM users WHERE email = 'after'").await == 1
+    })
+    .await;
+    r.shutdown().await;
+}
