@@ -264,6 +264,9 @@ struct Batch {
     json: String,
     rows: usize,
     txns: usize,
+    /// Rows and transactions of the application's tables (not heartbeats).
+    data_rows: usize,
+    data_txns: usize,
     /// End LSN of the last transaction: the origin progress once applied.
     end_lsn: u64,
     /// Commit time of the last transaction.
@@ -400,11 +403,29 @@ pub(crate) async fn session(
     let (tx, rx) = mpsc::channel::<Batch>(1);
     let (applied_tx, applied_rx) = watch::channel(start);
     let last_hb = LastHeartbeat::default();
+    // The recovery window: what the source had committed when we (re)connected.
+    let window_end: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| Error::db(ss, "reading the WAL position", e))?
+        .get(0);
+    let conflict_floor: i64 = dst
+        .query_one("SELECT coalesce(max(id), 0) FROM gsb.conflicts", &[])
+        .await
+        .map_err(|e| Error::db(ts, "reading the conflict log", e))?
+        .get(0);
+    let window = Window {
+        end: parse_lsn(&window_end).unwrap_or(0),
+        conflict_floor,
+        txns: Default::default(),
+        rows: Default::default(),
+    };
     let reader = read_stream(
-        d, cfg, &mut repl, &src, start, tx, applied_rx, &last_hb, metrics, status, shutdown,
+        d, cfg, &mut repl, &src, start, tx, applied_rx, &last_hb, &window, metrics, status,
+        shutdown,
     );
     let applier = apply_batches(
-        d, cfg, &dst, &stmt, &origin, rx, applied_tx, &last_hb, metrics, status,
+        d, cfg, &dst, &stmt, &origin, rx, applied_tx, &last_hb, &window, metrics, status,
     );
     // The reader ends on shutdown (dropping the channel ends the applier after its batch).
     let (r, a) = tokio::join!(reader, applier);
@@ -568,6 +589,7 @@ async fn read_stream(
     tx: mpsc::Sender<Batch>,
     applied: watch::Receiver<u64>,
     last_hb: &LastHeartbeat,
+    window: &Window,
     metrics: &Metrics,
     status: &SharedStatus,
     shutdown: &CancellationToken,
@@ -592,6 +614,7 @@ async fn read_stream(
     // The source's WAL end at the previous status tick: once everything up to it is applied
     // (or skipped), nothing committed before that tick is pending.
     let mut probe: Option<u64> = None;
+    let mut window_open = true;
     loop {
         let ready = pending.txns > 0;
         tokio::select! {
@@ -641,6 +664,10 @@ async fn read_stream(
                 // Rows known to be on their way; at least one while the stream has not shown
                 // everything committed before the last tick to be applied.
                 let rows = if drained { known as i64 } else { known.max(1) as i64 };
+                if window_open && ((done >= window.end) || (idle && done >= sent_end && acked >= window.end)) {
+                    window_open = false;
+                    report_window(d, cfg, window, metrics, status).await?;
+                }
                 let (wal_now, behind) = observe_slot(d, src, &slot, metrics).await?;
                 probe = Some(wal_now);
                 metrics.pending.with_label_values(&[d.name]).set(rows);
@@ -667,6 +694,69 @@ fn ack_pos(applied: &watch::Receiver<u64>, sent_end: u64, idle: bool, idle_pos: 
     } else {
         a
     }
+}
+
+/// What the source had committed when the session (re)connected, counted as it is applied.
+struct Window {
+    /// The source's WAL end at the reconnect.
+    end: u64,
+    /// `gsb.conflicts` ids on the target above this were logged since the reconnect.
+    conflict_floor: i64,
+    txns: std::sync::atomic::AtomicU64,
+    rows: std::sync::atomic::AtomicU64,
+}
+
+/// Reports a closed recovery window: a log line, the metric and `/status`. Nothing when the
+/// source had nothing pending (the usual restart).
+async fn report_window(
+    d: &Direction,
+    cfg: &Config,
+    window: &Window,
+    metrics: &Metrics,
+    status: &SharedStatus,
+) -> Result<(), Error> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (txns, rows) = (window.txns.load(Relaxed), window.rows.load(Relaxed));
+    if txns == 0 {
+        return Ok(());
+    }
+    let ts = d.target.as_str();
+    let dst = connect(d.target, d.dsn(d.target, cfg)).await?;
+    let ids: Vec<i64> = dst
+        .query(
+            "SELECT id FROM gsb.conflicts WHERE id > $1 AND loser_origin = $2 ORDER BY id",
+            &[&window.conflict_floor, &d.source.as_str()],
+        )
+        .await
+        .map_err(|e| Error::db(ts, "reading the conflict log", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    tracing::warn!(
+        direction = d.name,
+        transactions = txns,
+        rows,
+        lost_conflicts = ids.len(),
+        conflict_ids = ?ids,
+        "the {} had committed changes the {} only received after the reconnect (e.g. the primary back after a failover); the listed gsb.conflicts rows on the {} are those that lost",
+        d.source.as_str(), ts, ts
+    );
+    for (kind, v) in [
+        ("transactions", txns as i64),
+        ("rows", rows as i64),
+        ("lost_conflicts", ids.len() as i64),
+    ] {
+        metrics.late.with_label_values(&[d.name, kind]).set(v);
+    }
+    with_dir(status, d.name, |s| {
+        s.last_recovery = Some(crate::metrics::RecoveryWindow {
+            at: chrono::Utc::now(),
+            transactions: txns,
+            rows,
+            lost_conflict_ids: ids,
+        })
+    });
+    Ok(())
 }
 
 /// Lag from the last applied heartbeat, growing while no heartbeat arrives.
@@ -767,6 +857,11 @@ fn on_message(
             if t.skip || end_lsn <= start || t.changes.is_empty() {
                 return Ok(());
             }
+            let data = t
+                .changes
+                .iter()
+                .filter(|c| c["t"] != "gsb.heartbeat")
+                .count();
             for c in t.changes {
                 if !pending.json.is_empty() {
                     pending.json.push(',');
@@ -775,6 +870,8 @@ fn on_message(
                 pending.rows += 1;
             }
             pending.txns += 1;
+            pending.data_rows += data;
+            pending.data_txns += usize::from(data > 0);
             pending.end_lsn = end_lsn;
             pending.commit_ts = t.ts;
         }
@@ -923,6 +1020,7 @@ async fn apply_batches(
     mut rx: mpsc::Receiver<Batch>,
     applied: watch::Sender<u64>,
     last_hb: &LastHeartbeat,
+    window: &Window,
     metrics: &Metrics,
     status: &SharedStatus,
 ) -> Result<(), Error> {
@@ -958,6 +1056,11 @@ async fn apply_batches(
             .map_err(|e| Error::db(ts, format!("applying {} changes", b.rows), e))?
             .get(0);
         let _ = applied.send(b.end_lsn);
+        if b.end_lsn <= window.end {
+            use std::sync::atomic::Ordering::Relaxed;
+            window.txns.fetch_add(b.data_txns as u64, Relaxed);
+            window.rows.fetch_add(b.data_rows as u64, Relaxed);
+        }
         metrics
             .batch_seconds
             .with_label_values(&[d.name])

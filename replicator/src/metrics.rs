@@ -17,6 +17,7 @@ pub(crate) struct Metrics {
     pub pending: IntGaugeVec,
     pub pending_bytes: IntGaugeVec,
     pub slot_retained: IntGaugeVec,
+    pub late: IntGaugeVec,
     pub oldest_pending_age: GaugeVec,
     pub conflicts: IntCounterVec,
     pub skew_rejected: IntCounterVec,
@@ -53,6 +54,10 @@ impl Metrics {
             slot_retained: IntGaugeVec::new(
                 Opts::new("gsb_replication_slot_retained_bytes", "Logical capture: WAL the source keeps for the direction's slot (restart_lsn to the WAL end)"),
                 &["direction"],
+            )?,
+            late: IntGaugeVec::new(
+                Opts::new("gsb_replication_recovery_window", "Last reconnect to a source: what it had committed that was shipped only after the reconnect (kind = transactions, rows, lost_conflicts)"),
+                &["direction", "kind"],
             )?,
             oldest_pending_age: GaugeVec::new(
                 Opts::new("gsb_replication_oldest_pending_age_seconds", "Age of the oldest change not yet applied"),
@@ -96,6 +101,7 @@ impl Metrics {
         r.register(Box::new(m.pending.clone()))?;
         r.register(Box::new(m.pending_bytes.clone()))?;
         r.register(Box::new(m.slot_retained.clone()))?;
+        r.register(Box::new(m.late.clone()))?;
         r.register(Box::new(m.oldest_pending_age.clone()))?;
         r.register(Box::new(m.conflicts.clone()))?;
         r.register(Box::new(m.skew_rejected.clone()))?;
@@ -119,12 +125,29 @@ pub(crate) struct DirectionStatus {
     /// Logical capture: source WAL bytes not yet confirmed applied.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pending_wal_bytes: Option<i64>,
+    /// The last reconnect to the source (e.g. the primary back after a failover): what it had
+    /// committed that reached the target only then, and which of it lost a conflict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_recovery: Option<RecoveryWindow>,
     /// Why the direction stopped, when it needs an operator (e.g. an invalidated slot).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub oldest_pending_age_seconds: Option<f64>,
     pub lag_seconds: Option<f64>,
     pub last_apply: Option<DateTime<Utc>>,
+}
+
+/// What a source had committed that was shipped only after a reconnect.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct RecoveryWindow {
+    /// When the window closed (everything committed before the reconnect applied).
+    pub at: DateTime<Utc>,
+    /// Source transactions shipped late.
+    pub transactions: u64,
+    /// Rows shipped late.
+    pub rows: u64,
+    /// `gsb.conflicts` ids (on the target) where a late version lost.
+    pub lost_conflict_ids: Vec<i64>,
 }
 
 /// Result of the last verify in `/status`.

@@ -492,3 +492,75 @@ async fn a_change_committed_beyond_the_clock_skew_is_rejected_and_logged() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_source_committed_before_it_was_cut_off_is_reported_on_return() {
+    let (ps, bs) = common::servers(SCHEMA).await;
+    let (p, b) = (ps.client("site").await, bs.client("site").await);
+    let port = gsb_tests::free_port();
+    let config = Config::from_toml_str(
+        &common::config_text(&ps, &bs, "").replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+    )
+    .unwrap();
+    let r = start(&config);
+    common::wait_streaming(&p, &b).await;
+    p.batch_execute(
+        "INSERT INTO users (id, email, name) VALUES ('00000000-0000-0000-0000-000000000001', 'x@x', 'v0')",
+    )
+    .await
+    .unwrap();
+    wait_until(WAIT, "the user on the backup", || async {
+        count(&b, "SELECT count(*) FROM users").await == 1
+    })
+    .await;
+    // The primary is cut off: what it commits now does not reach the backup, which takes
+    // the users meanwhile and edits the same row later.
+    r.shutdown().await;
+    for i in 0..3 {
+        p.batch_execute(&format!("INSERT INTO users (id, email) SELECT gen_random_uuid(), 'late{i}-' || g FROM generate_series(1, 3) g"))
+            .await
+            .unwrap();
+    }
+    p.batch_execute("UPDATE users SET name = 'p-late' WHERE email = 'x@x'")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    b.batch_execute("UPDATE users SET name = 'b-wins' WHERE email = 'x@x'")
+        .await
+        .unwrap();
+    // Back: the window is reported on /status (and logged, and as a metric).
+    let r = start(&config);
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/status");
+    let w = gsb_tests::wait_for(WAIT, "the recovery window on /status", || async {
+        let v: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+        let w = v["directions"]["primary_to_backup"]["last_recovery"].clone();
+        w.is_object().then_some(w)
+    })
+    .await;
+    assert_eq!(
+        (w["transactions"].as_u64(), w["rows"].as_u64()),
+        (Some(4), Some(10)),
+        "{w}"
+    );
+    let ids = w["lost_conflict_ids"].as_array().unwrap();
+    assert_eq!(ids.len(), 1, "{w}");
+    let id = ids[0].as_i64().unwrap();
+    assert_eq!(
+        text(
+            &b,
+            &format!("SELECT loser_row->>'name' FROM gsb.conflicts WHERE id = {id}")
+        )
+        .await
+        .as_deref(),
+        Some("p-late")
+    );
+    wait_until(WAIT, "converged", || equal(&config)).await;
+    assert_eq!(
+        text(&p, "SELECT name FROM users WHERE email = 'x@x'")
+            .await
+            .as_deref(),
+        Some("b-wins")
+    );
+    r.shutdown().await;
+}
