@@ -47,6 +47,15 @@ pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Er
             .map(|r| r.get::<_, String>(0))
             .map_err(|e| Error::db(s, format!("reading {name}"), e))
     };
+    let version = setting("server_version_num").await?;
+    if version.parse::<i32>().unwrap_or(0) < 150_000 {
+        return Err(Error::Prerequisite {
+            site: s,
+            setting: "server_version",
+            found: format!("is {version} (server_version_num)"),
+            fix: "upgrade the server to PostgreSQL 15 or newer".into(),
+        });
+    }
     let wal_level = setting("wal_level").await?;
     if wal_level != "logical" {
         return Err(Error::Prerequisite {

@@ -367,11 +367,11 @@ DECLARE
     v_xid xid := pg_current_xact_id()::xid;
     v_limit timestamptz := clock_timestamp() + p_max_skew_ms * interval '1 millisecond';
     v_applied jsonb := '{}'; v_conflicts jsonb := '{}'; v_skew int := 0;
-    v_hb float8; v_lag float8; v_cols jsonb := '{}';
+    v_hb float8; v_lag float8;
     v_q text; v_key text; v_tcols text[]; v_set text[]; v_local jsonb; v_mine boolean;
     v_lts timestamptz; v_lorig oid; v_win boolean; v_new jsonb; v_lsite text; v_pk jsonb;
     v_all gsb.lchange[]; v_slow gsb.lchange[]; v_fast int[]; v_ns int[]; v_here int[];
-    v_match text;
+    v_match text; v_ctbl text;
 BEGIN
     -- a trigger capture left installed (an upgrade) must not capture what is applied here
     PERFORM set_config('gsb.applying', 'on', true);
@@ -410,7 +410,8 @@ BEGIN
                     'SELECT x.n, x.op, x.r, x.ts, count(*) OVER (PARTITION BY x.key) AS times, '
                     '       t.ctid IS NOT NULL AS here, o.roident '
                     'FROM unnest($1::gsb.lchange[]) x '
-                    'LEFT JOIN %1$s t ON (%2$s) = (SELECT %3$s FROM jsonb_populate_record(NULL::%1$s, x.key) r) '
+                    'CROSS JOIN LATERAL jsonb_populate_record(NULL::%1$s, x.key) r '
+                    'LEFT JOIN %1$s t ON (%2$s) = (%3$s) '
                     'LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) o ON t.ctid IS NOT NULL '
                     'WHERE x.tbl = $2) k '
                     'WHERE k.times = 1 AND k.ts <= $3 '
@@ -424,20 +425,20 @@ BEGIN
                 v_set := ARRAY(SELECT quote_ident(k) FROM unnest(v_tcols) k WHERE NOT k = ANY(g.pk_cols));
                 -- deletes, then updates, then inserts (keys are distinct within these sets)
                 EXECUTE format('DELETE FROM %1$s t USING jsonb_populate_recordset(NULL::%1$s, $1) r WHERE %2$s', v_q, v_match)
-                    USING (SELECT jsonb_agg(x.key) FROM unnest(v_all) x WHERE x.n = ANY(v_ns) AND x.op = 'D');
+                    USING (SELECT jsonb_agg(x.key) FROM unnest(v_all) x WHERE x.n IN (SELECT unnest(v_ns)) AND x.op = 'D');
                 IF cardinality(v_set) > 0 THEN
                     EXECUTE format('UPDATE %1$s t SET (%2$s) = (%3$s) FROM jsonb_populate_recordset(NULL::%1$s, $1) r WHERE %4$s',
                         v_q, array_to_string(v_set, ', '),
                         (SELECT string_agg('r.' || s, ', ') FROM unnest(v_set) s), v_match)
-                        USING (SELECT jsonb_agg(x.r) FROM unnest(v_all) x WHERE x.n = ANY(v_here) AND x.op <> 'D');
+                        USING (SELECT jsonb_agg(x.r) FROM unnest(v_all) x WHERE x.n IN (SELECT unnest(v_here)) AND x.op <> 'D');
                 END IF;
                 EXECUTE format('INSERT INTO %1$s SELECT * FROM jsonb_populate_recordset(NULL::%1$s, $1)', v_q)
                     USING (SELECT jsonb_agg(x.r ORDER BY x.n) FROM unnest(v_all) x
-                           WHERE x.n = ANY(v_ns) AND NOT x.n = ANY(v_here) AND x.op = 'I');
+                           WHERE x.n IN (SELECT unnest(v_ns)) AND x.n NOT IN (SELECT unnest(v_here)) AND x.op = 'I');
                 v_applied := v_applied || jsonb_build_object(g.tbl, cardinality(v_ns));
                 v_fast := v_fast || v_ns;
             END LOOP;
-            v_slow := ARRAY(SELECT x FROM unnest(v_all) x WHERE NOT x.n = ANY(v_fast) ORDER BY x.n);
+            v_slow := ARRAY(SELECT x FROM unnest(v_all) x WHERE x.n NOT IN (SELECT unnest(v_fast)) ORDER BY x.n);
         EXCEPTION WHEN OTHERS THEN
             RAISE NOTICE 'gsb: set-based apply fell back to per-row: %', SQLERRM;
             v_applied := '{}';
@@ -451,20 +452,21 @@ BEGIN
             v_skew := v_skew + 1;
             CONTINUE;
         END IF;
-        SELECT * INTO g FROM gsb.tables WHERE tbl = c.tbl;
-        IF NOT FOUND OR g.pk_cols IS NULL THEN
-            RAISE EXCEPTION 'gsb: table % is not set up for replication on this site', c.tbl;
+        -- per-table statements, derived once for a run of changes to one table
+        IF v_ctbl IS DISTINCT FROM c.tbl THEN
+            SELECT * INTO g FROM gsb.tables WHERE tbl = c.tbl;
+            IF NOT FOUND OR g.pk_cols IS NULL THEN
+                RAISE EXCEPTION 'gsb: table % is not set up for replication on this site', c.tbl;
+            END IF;
+            v_q := (SELECT string_agg(quote_ident(p), '.') FROM unnest(string_to_array(c.tbl, '.')) p);
+            -- the target's columns now (a column added while running is picked up)
+            v_tcols := ARRAY(SELECT attname::text FROM pg_attribute WHERE attrelid = v_q::regclass
+                             AND attnum > 0 AND NOT attisdropped AND attgenerated = '');
+            v_key := format('(%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $1) r)',
+                (SELECT string_agg('t.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k),
+                (SELECT string_agg('r.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k), v_q);
+            v_ctbl := c.tbl;
         END IF;
-        v_q := (SELECT string_agg(quote_ident(p), '.') FROM unnest(string_to_array(c.tbl, '.')) p);
-        -- the target's columns now (a column added while running is picked up)
-        IF NOT v_cols ? c.tbl THEN
-            v_cols := v_cols || jsonb_build_object(c.tbl, (SELECT jsonb_agg(attname) FROM pg_attribute
-                WHERE attrelid = v_q::regclass AND attnum > 0 AND NOT attisdropped AND attgenerated = ''));
-        END IF;
-        v_tcols := ARRAY(SELECT jsonb_array_elements_text(v_cols -> c.tbl));
-        v_key := format('(%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $1) r)',
-            (SELECT string_agg('t.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k),
-            (SELECT string_agg('r.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k), v_q);
         EXECUTE format('SELECT to_jsonb(t), t.xmin = $2, o.timestamp, o.roident FROM %s t '
                        'LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) o ON true '
                        'WHERE %s FOR UPDATE OF t', v_q, v_key)

@@ -457,9 +457,13 @@ async fn a_change_committed_beyond_the_clock_skew_is_rejected_and_logged() {
          "r": {"id": "00000000-0000-0000-0000-000000000003", "email": "ok"}, "ts": now},
     ])
     .to_string();
-    b.batch_execute("SELECT pg_replication_origin_session_setup('gsb_from_primary')")
-        .await
-        .unwrap();
+    // The stopped replicator's apply session may take a moment to release the origin.
+    wait_until(WAIT, "the origin free", || async {
+        b.batch_execute("SELECT pg_replication_origin_session_setup('gsb_from_primary')")
+            .await
+            .is_ok()
+    })
+    .await;
     let lsn: String = b
         .query_one(
             "SELECT (pg_replication_origin_progress('gsb_from_primary', true) + 1)::text",

@@ -609,20 +609,28 @@ async fn pglogical(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let s = |k: &str, v: &str| (k.to_owned(), v.to_owned());
-    let pair = Pair::start(vec![
+    let mut settings = vec![
         s("wal_level", "logical"),
         s("shared_preload_libraries", "pglogical"),
         s("max_worker_processes", "16"),
         s("max_replication_slots", "10"),
         s("max_wal_senders", "10"),
         s("track_commit_timestamp", "on"),
-        // This Debian build only loads trusted output plugins; pglogical brings its own.
-        s(
+    ];
+    // Some Debian builds only load trusted output plugins (pglogical brings its own); others
+    // do not know the setting and refuse to start with it.
+    let knows = Command::new(Cluster::find_bin_dir()?.join("postgres"))
+        .arg("--describe-config")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("output_plugin_libraries"))
+        .unwrap_or(false);
+    if knows {
+        settings.push(s(
             "output_plugin_libraries",
             "pgoutput, test_decoding, pglogical_output",
-        ),
-    ])
-    .await?;
+        ));
+    }
+    let pair = Pair::start(settings).await?;
     pglogical_setup(&pair).await?;
     for c in [&pair.primary, &pair.backup] {
         connect(&c.dsn("site"))
