@@ -1,4 +1,4 @@
-//! `gsb replicator`, `gsb verify`, `gsb copy-config` and the replicator half of `gsb check-config`.
+//! `gsb replicator`, `gsb verify`, `gsb copy-config`, `gsb resync` and the replicator half of `gsb check-config`.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -45,6 +45,18 @@ pub async fn copy_config(config_path: &Path) -> anyhow::Result<()> {
     let config = load(config_path)?;
     let report = gsb_replicator::copy_config(&config).await?;
     print!("{report}");
+    Ok(())
+}
+
+/// Resets the logical capture of both directions; the replicator rebuilds them.
+pub async fn resync(config_path: &Path) -> anyhow::Result<()> {
+    let config = load(config_path)?;
+    let report = gsb_replicator::resync(&config).await?;
+    print!("{report}");
+    println!(
+        "the replicator (running, or at its next start) now creates new slots and merges the rows; then run `gsb verify --config {}`",
+        config_path.display()
+    );
     Ok(())
 }
 

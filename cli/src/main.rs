@@ -121,6 +121,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Rebuild the logical replication of the pair (after an invalidated slot): new slots
+    /// from a consistent snapshot, existing rows merged; then run `gsb verify`.
+    Resync {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Copy the configuration tables primary -> backup now.
     CopyConfig {
         #[arg(long, short)]
@@ -303,6 +309,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Auto { admin } => return cmd_admin::auto(&admin).await,
         Command::Verify { config } => return cmd_replicator::verify(&config).await,
         Command::CopyConfig { config } => cmd_replicator::copy_config(&config).await?,
+        Command::Resync { config } => cmd_replicator::resync(&config).await?,
         Command::CheckConfig { config } => return check_config(&config),
         Command::Site {
             role,

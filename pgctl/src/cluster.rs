@@ -242,6 +242,13 @@ impl Cluster {
             ("max_connections".into(), "100".into()),
             ("shared_buffers".into(), "32MB".into()),
             ("logging_collector".into(), "off".into()),
+            // The replicator's logical capture: decoding from the WAL, the remote commit
+            // timestamp and origin of every row version, a slot and a sender per direction
+            // (plus headroom for `gsb resync` and a second replicator).
+            ("wal_level".into(), "logical".into()),
+            ("track_commit_timestamp".into(), "on".into()),
+            ("max_replication_slots".into(), "10".into()),
+            ("max_wal_senders".into(), "10".into()),
         ];
         // fsync=off survives a process crash (kill -9), not an OS crash: fine for tests.
         // synchronous_commit stays on, so an acknowledged commit survives `kill`.

@@ -22,11 +22,24 @@ const OTHER_SECTIONS: &[&str] = &[
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// How changes are captured on the sites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capture {
+    /// From the WAL by logical decoding (`pgoutput`), the default: no trigger on the
+    /// application's tables; needs `wal_level = logical` and `track_commit_timestamp = on`.
+    Logical,
+    /// Row triggers into the `gsb.changes` log, for databases where logical decoding cannot
+    /// be enabled.
+    Triggers,
+}
+
 /// The validated `[replicator]` section.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// libpq-style connection string of the primary site's database.
     pub primary_dsn: String,
+    /// `capture`: "logical" (default) or "triggers".
+    pub capture: Capture,
     /// Connection string of the backup site's database.
     pub backup_dsn: String,
     /// Tables replicated both ways (default users, meetings); `schema.table` or `table` (public).
@@ -67,6 +80,7 @@ pub struct Config {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
+    capture: Option<String>,
     primary_dsn: Option<String>,
     backup_dsn: Option<String>,
     two_way: Option<Vec<String>>,
@@ -197,7 +211,17 @@ impl Config {
             }
             Ok(d)
         };
+        let capture = match raw.capture.as_deref() {
+            None | Some("logical") => Capture::Logical,
+            Some("triggers") => Capture::Triggers,
+            Some(other) => {
+                return Err(ConfigError(format!(
+                    "replicator.capture: expected \"logical\" (from the WAL, needs wal_level = logical) or \"triggers\", got {other:?}"
+                )))
+            }
+        };
         Ok(Config {
+            capture,
             primary_dsn,
             backup_dsn,
             two_way,
@@ -256,6 +280,13 @@ mod tests {
         assert_eq!(c.config_copy_timezone, chrono_tz::UTC);
         assert_eq!(c.metrics_listen, "127.0.0.1:9091".parse().unwrap());
         assert_eq!(c.poll_interval, Duration::from_millis(100));
+        assert_eq!(c.capture, Capture::Logical);
+        let c = Config::from_toml_str(&format!("{MIN}capture = \"triggers\"\n")).unwrap();
+        assert_eq!(c.capture, Capture::Triggers);
+        let e = Config::from_toml_str(&format!("{MIN}capture = \"wal\"\n"))
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("replicator.capture: expected"), "{e}");
         assert_eq!(c.tombstone_retention, Duration::from_secs(7 * 24 * 3600));
         let e = Config::from_toml_str(&format!("{MIN}tombstone_retention = \"0s\"\n"))
             .unwrap_err()

@@ -91,6 +91,36 @@ pub enum Error {
     /// A metric could not be registered (duplicate name in the registry).
     #[error("registering replicator metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The replication stream (logical capture) failed: connection, protocol or walsender
+    /// error (retried by `run`).
+    #[error("{site}: replication stream: {what}")]
+    Replication {
+        /// `primary` or `backup`.
+        site: &'static str,
+        /// What happened.
+        what: String,
+    },
+    /// A server setting or privilege the logical capture needs is missing.
+    #[error("{site}: {setting}: {found}; the logical capture needs it: {fix} (or set replicator.capture = \"triggers\" where logical decoding cannot be enabled)")]
+    Prerequisite {
+        /// `primary` or `backup`.
+        site: &'static str,
+        /// The setting or privilege, e.g. `wal_level`.
+        setting: &'static str,
+        /// What the server has now.
+        found: String,
+        /// The exact fix.
+        fix: String,
+    },
+    /// A source's slot was invalidated (its WAL was removed): changes were lost from the
+    /// stream, the pair must be rebuilt with `gsb resync`.
+    #[error("{site}: replication slot {slot} is invalidated (its WAL was removed, max_slot_wal_keep_size exceeded); run `gsb resync --config FILE` to rebuild the pair")]
+    SlotInvalidated {
+        /// The source site.
+        site: &'static str,
+        /// The slot.
+        slot: String,
+    },
     /// The database answered something unexpected.
     #[error("{0}")]
     Protocol(String),
@@ -106,6 +136,8 @@ impl Error {
                 | Error::Permission { .. }
                 | Error::SchemaTooNew { .. }
                 | Error::WrongSite { .. }
+                | Error::Prerequisite { .. }
+                | Error::SlotInvalidated { .. }
                 | Error::Listen { .. }
                 | Error::Metrics(_)
         )

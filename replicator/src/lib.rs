@@ -1,11 +1,11 @@
-//! gsb-replicator: two-way real-time sync of the two sites' databases (capture by row triggers
-//! into `gsb.changes`, read by transaction visibility, applied in batches with the cursor in the
-//! same transaction), hybrid-logical-clock conflicts with a conflict log, daily config copy
-//! primary -> backup, usage merge backup -> primary, and `verify`.
+//! gsb-replicator: two-way real-time sync of the two sites' databases, conflicts with a
+//! conflict log, daily config copy primary -> backup, usage merge backup -> primary, and
+//! `verify`. Two captures: from the WAL by logical decoding (`pgoutput` over the replication
+//! protocol, the default) or by row triggers into `gsb.changes` (the fallback).
 //!
-//! Invariants: a change applied by the replicator is never captured again (`gsb.applying`);
-//! a cursor only moves in the transaction that applied what it covers; only changes of
-//! finished transactions (xid below the snapshot's xmin) are read.
+//! Invariants: a change applied by the replicator is never captured again (replication
+//! origins for the logical capture, `gsb.applying` for the triggers); the restart position
+//! (origin progress / cursor) only moves in the transaction that applied what it covers.
 #![forbid(unsafe_code)]
 
 mod config;
@@ -14,16 +14,20 @@ mod db;
 mod elect;
 mod error;
 mod http;
+mod logical;
 mod metrics;
+mod pgoutput;
 mod run;
 mod schema;
 mod sql;
 mod verify;
+mod walstream;
 mod worker;
 
-pub use config::{Config, ConfigError};
+pub use config::{Capture, Config, ConfigError};
 pub use copy::{copy_config, CopiedTable, CopyReport};
 pub use db::Site;
 pub use error::Error;
+pub use logical::{resync, ResyncReport};
 pub use run::run;
 pub use verify::{verify, TableReport, VerifyReport};

@@ -15,6 +15,9 @@ pub(crate) struct Metrics {
     pub lag: GaugeVec,
     pub applied: IntCounterVec,
     pub pending: IntGaugeVec,
+    pub pending_bytes: IntGaugeVec,
+    pub slot_retained: IntGaugeVec,
+    pub late: IntGaugeVec,
     pub oldest_pending_age: GaugeVec,
     pub conflicts: IntCounterVec,
     pub skew_rejected: IntCounterVec,
@@ -43,6 +46,18 @@ impl Metrics {
             pending: IntGaugeVec::new(
                 Opts::new("gsb_replication_pending", "Changes captured on the source not yet applied on the target"),
                 &["direction"],
+            )?,
+            pending_bytes: IntGaugeVec::new(
+                Opts::new("gsb_replication_pending_wal_bytes", "Logical capture: source WAL not yet confirmed applied on the target"),
+                &["direction"],
+            )?,
+            slot_retained: IntGaugeVec::new(
+                Opts::new("gsb_replication_slot_retained_bytes", "Logical capture: WAL the source keeps for the direction's slot (restart_lsn to the WAL end)"),
+                &["direction"],
+            )?,
+            late: IntGaugeVec::new(
+                Opts::new("gsb_replication_recovery_window", "Last reconnect to a source: what it had committed that was shipped only after the reconnect (kind = transactions, rows, lost_conflicts)"),
+                &["direction", "kind"],
             )?,
             oldest_pending_age: GaugeVec::new(
                 Opts::new("gsb_replication_oldest_pending_age_seconds", "Age of the oldest change not yet applied"),
@@ -84,6 +99,9 @@ impl Metrics {
         r.register(Box::new(m.lag.clone()))?;
         r.register(Box::new(m.applied.clone()))?;
         r.register(Box::new(m.pending.clone()))?;
+        r.register(Box::new(m.pending_bytes.clone()))?;
+        r.register(Box::new(m.slot_retained.clone()))?;
+        r.register(Box::new(m.late.clone()))?;
         r.register(Box::new(m.oldest_pending_age.clone()))?;
         r.register(Box::new(m.conflicts.clone()))?;
         r.register(Box::new(m.skew_rejected.clone()))?;
@@ -104,9 +122,32 @@ impl Metrics {
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct DirectionStatus {
     pub pending_rows: Option<i64>,
+    /// Logical capture: source WAL bytes not yet confirmed applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_wal_bytes: Option<i64>,
+    /// The last reconnect to the source (e.g. the primary back after a failover): what it had
+    /// committed that reached the target only then, and which of it lost a conflict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_recovery: Option<RecoveryWindow>,
+    /// Why the direction stopped, when it needs an operator (e.g. an invalidated slot).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub oldest_pending_age_seconds: Option<f64>,
     pub lag_seconds: Option<f64>,
     pub last_apply: Option<DateTime<Utc>>,
+}
+
+/// What a source had committed that was shipped only after a reconnect.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct RecoveryWindow {
+    /// When the window closed (everything committed before the reconnect applied).
+    pub at: DateTime<Utc>,
+    /// Source transactions shipped late.
+    pub transactions: u64,
+    /// Rows shipped late.
+    pub rows: u64,
+    /// `gsb.conflicts` ids (on the target) where a late version lost.
+    pub lost_conflict_ids: Vec<i64>,
 }
 
 /// Result of the last verify in `/status`.

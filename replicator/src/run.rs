@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::qualify;
+use crate::config::Capture;
 use crate::db::{connect, Site};
 use crate::metrics::{Metrics, SharedStatus, Status};
 use crate::schema::{install, table_info, TableInfo};
@@ -101,21 +102,7 @@ async fn lead_once(
     set_active(metrics, status, true);
     let work = shutdown.child_token();
     let tasks = TaskTracker::new();
-    let two_way: Vec<String> = config.two_way.iter().map(|t| qualify(t)).collect();
-    let usage: Vec<String> = config.usage_tables.iter().map(|t| qualify(t)).collect();
-    let hb = "gsb.heartbeat".to_owned();
-    let p2b = Direction {
-        name: "primary_to_backup",
-        source: Site::Primary,
-        target: Site::Backup,
-        tables: two_way.iter().cloned().chain([hb.clone()]).collect(),
-    };
-    let b2p = Direction {
-        name: "backup_to_primary",
-        source: Site::Backup,
-        target: Site::Primary,
-        tables: two_way.iter().chain(&usage).cloned().chain([hb]).collect(),
-    };
+    let (p2b, b2p) = directions(config);
     for d in [p2b, b2p] {
         tasks.spawn(run_direction(
             d,
@@ -171,10 +158,16 @@ fn set_active(metrics: &Metrics, status: &SharedStatus, active: bool) {
 }
 
 /// Installs the schema on both sites: the primary captures two_way tables and applies two_way
-/// and usage tables; the backup captures both and applies two_way.
+/// and usage tables; the backup captures both and applies two_way. The logical capture
+/// checks its prerequisites first and sets up each source's publication instead of triggers.
 pub(crate) async fn setup(config: &Config) -> Result<(), Error> {
     let mut p = connect(Site::Primary, &config.primary_dsn).await?;
     let mut b = connect(Site::Backup, &config.backup_dsn).await?;
+    let logical = config.capture == Capture::Logical;
+    if logical {
+        crate::logical::check_prerequisites(&p, Site::Primary).await?;
+        crate::logical::check_prerequisites(&b, Site::Backup).await?;
+    }
     let p_two = infos(&p.client, Site::Primary, &config.two_way).await?;
     let p_usage = infos(&p.client, Site::Primary, &config.usage_tables).await?;
     let b_two = infos(&b.client, Site::Backup, &config.two_way).await?;
@@ -183,9 +176,34 @@ pub(crate) async fn setup(config: &Config) -> Result<(), Error> {
     infos(&b.client, Site::Backup, &config.config_tables).await?;
     let p_apply: Vec<TableInfo> = p_two.iter().chain(&p_usage).cloned().collect();
     let b_capture: Vec<TableInfo> = b_two.iter().chain(&b_usage).cloned().collect();
-    install(&mut p.client, Site::Primary, &p_two, &p_apply).await?;
-    install(&mut b.client, Site::Backup, &b_capture, &b_two).await?;
+    install(&mut p.client, Site::Primary, &p_two, &p_apply, !logical).await?;
+    install(&mut b.client, Site::Backup, &b_capture, &b_two, !logical).await?;
+    if logical {
+        let (p2b, b2p) = directions(config);
+        crate::logical::prepare_source(&p, &b, &p2b, &p_two).await?;
+        crate::logical::prepare_source(&b, &p, &b2p, &b_capture).await?;
+    }
     Ok(())
+}
+
+/// The two directions and the tables each ships (heartbeats included).
+pub(crate) fn directions(config: &Config) -> (Direction, Direction) {
+    let two_way: Vec<String> = config.two_way.iter().map(|t| qualify(t)).collect();
+    let usage: Vec<String> = config.usage_tables.iter().map(|t| qualify(t)).collect();
+    let hb = "gsb.heartbeat".to_owned();
+    let p2b = Direction {
+        name: "primary_to_backup",
+        source: Site::Primary,
+        target: Site::Backup,
+        tables: two_way.iter().cloned().chain([hb.clone()]).collect(),
+    };
+    let b2p = Direction {
+        name: "backup_to_primary",
+        source: Site::Backup,
+        target: Site::Primary,
+        tables: two_way.iter().chain(&usage).cloned().chain([hb]).collect(),
+    };
+    (p2b, b2p)
 }
 
 async fn verify_loop(

@@ -96,12 +96,14 @@ async fn columns(
 
 /// Installs or upgrades the schema in one transaction: tables, functions, this site's name,
 /// apply statements for `apply` tables and capture triggers (with an initial snapshot of the
-/// existing rows, for the initial sync) on `capture` tables.
+/// existing rows, for the initial sync) on `capture` tables when `triggers` (the trigger
+/// capture; the logical capture installs no trigger).
 pub(crate) async fn install(
     client: &mut Client,
     site: Site,
     capture: &[TableInfo],
     apply: &[TableInfo],
+    triggers: bool,
 ) -> Result<(), Error> {
     let s = site.as_str();
     let db = |ctx: &'static str| move |e| Error::db(s, ctx, e);
@@ -159,6 +161,15 @@ pub(crate) async fn install(
             .await
             .map_err(db("recording the schema version"))?;
         tracing::info!(site = s, version = 3, "upgraded gsb schema");
+    }
+    if version < 4 {
+        tx.batch_execute(sql::MIGRATION_4)
+            .await
+            .map_err(db("upgrading the gsb schema to version 4"))?;
+        tx.execute("INSERT INTO gsb.schema_version (version) VALUES (4)", &[])
+            .await
+            .map_err(db("recording the schema version"))?;
+        tracing::info!(site = s, version = 4, "upgraded gsb schema");
     }
     tx.batch_execute(&sql::functions(s))
         .await
@@ -229,17 +240,22 @@ pub(crate) async fn install(
             "SELECT to_jsonb(t) FROM {q} t WHERE ({t_list}) = (SELECT {r_list} FROM jsonb_populate_record(NULL::{q}, $1) r)"
         );
         tx.execute(
-            "INSERT INTO gsb.tables (tbl, upsert_sql, delete_sql, select_sql, upsert_many_sql, delete_many_sql) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
+            "INSERT INTO gsb.tables (tbl, upsert_sql, delete_sql, select_sql, upsert_many_sql, delete_many_sql, pk_cols) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (tbl) DO UPDATE SET upsert_sql = EXCLUDED.upsert_sql, \
              delete_sql = EXCLUDED.delete_sql, select_sql = EXCLUDED.select_sql, \
-             upsert_many_sql = EXCLUDED.upsert_many_sql, delete_many_sql = EXCLUDED.delete_many_sql",
-            &[&t.name, &upsert, &delete, &select, &upsert_many, &delete_many],
+             upsert_many_sql = EXCLUDED.upsert_many_sql, delete_many_sql = EXCLUDED.delete_many_sql, \
+             pk_cols = EXCLUDED.pk_cols",
+            &[&t.name, &upsert, &delete, &select, &upsert_many, &delete_many, &t.pk],
         )
         .await
         .map_err(db("registering apply statements"))?;
     }
-    for t in capture.iter().chain(std::iter::once(&heartbeat)) {
+    let capture = if triggers { capture } else { &[] };
+    for t in capture
+        .iter()
+        .chain(std::iter::once(&heartbeat).filter(|_| triggers))
+    {
         let has: bool = tx
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1::text) AND tgname = 'gsb_capture')",

@@ -1,7 +1,7 @@
 //! The SQL installed in each site database (schema `gsb`), and the statements the workers run.
 
 /// Current schema version recorded in `gsb.schema_version`.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Version 1 of the `gsb` schema (run once, inside the install transaction).
 pub const MIGRATION_1: &str = r#"
@@ -91,6 +91,15 @@ CREATE INDEX row_versions_tombstones ON gsb.row_versions (tbl) WHERE deleted;
 ALTER TABLE gsb.row_versions SET (fillfactor = 80);
 "#;
 
+/// Version 4: the logical capture. Apply needs each table's key columns; conflicts carry the
+/// commit timestamps the logical capture decides by.
+pub const MIGRATION_4: &str = r#"
+ALTER TABLE gsb.tables ADD COLUMN pk_cols text[];
+ALTER TABLE gsb.conflicts ADD COLUMN winner_ts timestamptz, ADD COLUMN loser_ts timestamptz;
+-- one change of the logical capture as shipped in a batch; n is its position in commit order
+CREATE TYPE gsb.lchange AS (n int, tbl text, op text, key jsonb, r jsonb, ts timestamptz);
+"#;
+
 /// One captured write (`p_tbl`, `p_op`, `p_pk`, `p_row` in scope): stamp it above the row's
 /// current version and the HLC floor, record the new version and append it to the change log.
 /// One statement (one executor run per captured row); the site name is baked in at install.
@@ -165,7 +174,7 @@ pub fn functions(site: &str) -> String {
     let capture = CAPTURE_FUNCTIONS
         .replace("{{record}}", RECORD.trim())
         .replace("{{site}}", site);
-    format!("{capture}\n{FUNCTIONS}")
+    format!("{capture}\n{FUNCTIONS}\n{APPLY_CHANGES_FUNCTION}")
 }
 
 /// Functions (re)created on every install that do not depend on the site.
@@ -334,6 +343,213 @@ BEGIN
         'skew_rejected', v_skew, 'max_lag', v_lag, 'heartbeat_lag', v_hb);
 END $f$;
 "#;
+
+/// The logical capture's apply (functions (re)created on every install). One call applies a
+/// batch of whole source transactions in one target transaction under the source's
+/// replication origin, recording `p_lsn` (the last transaction's end) as the origin's progress
+/// and `p_commit_ts` as the commit time: both commit with the changes, exactly once.
+///
+/// Each change (`t` table, `o` op, `k` key, `r` row as text values, unchanged TOAST columns
+/// absent, `ts` its own source commit time) is decided against the local row's version,
+/// `pg_xact_commit_timestamp_origin(xmin)`: a row last written by the same source (or earlier
+/// in this batch) takes the change; a row written here (or elsewhere) is a concurrent write:
+/// a delete wins, otherwise the later commit time wins, ties to the primary, and the losing
+/// version goes to `gsb.conflicts`. An update of a row that is gone is skipped and logged (a
+/// delete beats a concurrent update). Stamps beyond `p_max_skew_ms` are rejected and logged.
+pub const APPLY_CHANGES_FUNCTION: &str = r#"
+CREATE OR REPLACE FUNCTION gsb.apply_changes(
+    p_source text, p_target text, p_origin text, p_lsn pg_lsn, p_commit_ts timestamptz,
+    p_changes jsonb, p_max_skew_ms bigint, p_primary text)
+RETURNS jsonb LANGUAGE plpgsql AS $f$
+DECLARE
+    c record; g record;
+    v_origin_id oid := pg_replication_origin_oid(p_origin);
+    v_xid xid := pg_current_xact_id()::xid;
+    v_limit timestamptz := clock_timestamp() + p_max_skew_ms * interval '1 millisecond';
+    v_applied jsonb := '{}'; v_conflicts jsonb := '{}'; v_skew int := 0;
+    v_hb float8; v_lag float8;
+    v_q text; v_key text; v_tcols text[]; v_set text[]; v_local jsonb; v_mine boolean;
+    v_lts timestamptz; v_lorig oid; v_win boolean; v_new jsonb; v_lsite text; v_pk jsonb;
+    v_all gsb.lchange[]; v_slow gsb.lchange[]; v_fast int[]; v_ns int[]; v_here int[];
+    v_match text; v_ctbl text;
+BEGIN
+    -- a trigger capture left installed (an upgrade) must not capture what is applied here
+    PERFORM set_config('gsb.applying', 'on', true);
+    PERFORM pg_replication_origin_xact_setup(p_lsn, p_commit_ts);
+    -- Decoded once; n is the change's position in source commit order.
+    v_all := ARRAY(SELECT ROW(e.n, x->>'t', x->>'o', x->'k', x->'r', (x->>'ts')::timestamptz)::gsb.lchange
+                   FROM jsonb_array_elements(p_changes) WITH ORDINALITY AS e(x, n) ORDER BY e.n);
+    SELECT max(extract(epoch FROM clock_timestamp() - x.ts)) INTO v_lag FROM unnest(v_all) x;
+    v_slow := v_all;
+    -- Under backlog, set-based per table: the changes to keys changed once in the batch whose
+    -- local row is absent (inserts) or last written by this source take one INSERT, one
+    -- UPDATE (rows carrying every column) and one DELETE per table; the rest (concurrent
+    -- writes, keys changed twice, unchanged TOAST, skewed stamps) go the per-row way in
+    -- commit order. If a set-based statement fails (e.g. a unique key only row order
+    -- satisfies) its effects are rolled back and the whole batch goes per row.
+    IF cardinality(v_all) >= 32 THEN
+        BEGIN
+            v_fast := '{}';
+            FOR g IN SELECT t.* FROM gsb.tables t WHERE t.tbl IN (SELECT DISTINCT x.tbl FROM unnest(v_all) x) ORDER BY t.tbl LOOP
+                IF g.pk_cols IS NULL THEN
+                    RAISE EXCEPTION 'gsb: table % is not set up for replication on this site', g.tbl;
+                END IF;
+                v_q := (SELECT string_agg(quote_ident(p), '.') FROM unnest(string_to_array(g.tbl, '.')) p);
+                v_tcols := ARRAY(SELECT attname::text FROM pg_attribute WHERE attrelid = v_q::regclass
+                                 AND attnum > 0 AND NOT attisdropped AND attgenerated = '');
+                v_match := format('(%s) = (%s)',
+                    (SELECT string_agg('t.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k),
+                    (SELECT string_agg('r.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k));
+                -- lock what this batch may replace, in key order (no deadlock between batches)
+                EXECUTE format('SELECT 1 FROM %1$s t, jsonb_populate_recordset(NULL::%1$s, $1) r WHERE %2$s '
+                               'ORDER BY %3$s FOR UPDATE OF t', v_q, v_match,
+                               (SELECT string_agg('t.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k))
+                    USING (SELECT jsonb_agg(x.key) FROM unnest(v_all) x WHERE x.tbl = g.tbl);
+                EXECUTE format('SELECT coalesce(array_agg(k.n), ''{}''), '
+                    'coalesce(array_agg(k.n) FILTER (WHERE k.here), ''{}'') FROM ('
+                    'SELECT x.n, x.op, x.r, x.ts, count(*) OVER (PARTITION BY x.key) AS times, '
+                    '       t.ctid IS NOT NULL AS here, o.roident '
+                    'FROM unnest($1::gsb.lchange[]) x '
+                    'CROSS JOIN LATERAL jsonb_populate_record(NULL::%1$s, x.key) r '
+                    'LEFT JOIN %1$s t ON (%2$s) = (%3$s) '
+                    'LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) o ON t.ctid IS NOT NULL '
+                    'WHERE x.tbl = $2) k '
+                    'WHERE k.times = 1 AND k.ts <= $3 '
+                    'AND ((NOT k.here AND k.op = ''I'') '
+                    '  OR (k.here AND k.roident = $4 AND (k.op = ''D'' OR k.r ?& $5)))',
+                    v_q,
+                    (SELECT string_agg('t.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k),
+                    (SELECT string_agg('r.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k))
+                    INTO v_ns, v_here USING v_all, g.tbl, v_limit, v_origin_id, v_tcols;
+                CONTINUE WHEN cardinality(v_ns) = 0;
+                v_set := ARRAY(SELECT quote_ident(k) FROM unnest(v_tcols) k WHERE NOT k = ANY(g.pk_cols));
+                -- deletes, then updates, then inserts (keys are distinct within these sets)
+                EXECUTE format('DELETE FROM %1$s t USING jsonb_populate_recordset(NULL::%1$s, $1) r WHERE %2$s', v_q, v_match)
+                    USING (SELECT jsonb_agg(x.key) FROM unnest(v_all) x WHERE x.n IN (SELECT unnest(v_ns)) AND x.op = 'D');
+                IF cardinality(v_set) > 0 THEN
+                    EXECUTE format('UPDATE %1$s t SET (%2$s) = (%3$s) FROM jsonb_populate_recordset(NULL::%1$s, $1) r WHERE %4$s',
+                        v_q, array_to_string(v_set, ', '),
+                        (SELECT string_agg('r.' || s, ', ') FROM unnest(v_set) s), v_match)
+                        USING (SELECT jsonb_agg(x.r) FROM unnest(v_all) x WHERE x.n IN (SELECT unnest(v_here)) AND x.op <> 'D');
+                END IF;
+                EXECUTE format('INSERT INTO %1$s SELECT * FROM jsonb_populate_recordset(NULL::%1$s, $1)', v_q)
+                    USING (SELECT jsonb_agg(x.r ORDER BY x.n) FROM unnest(v_all) x
+                           WHERE x.n IN (SELECT unnest(v_ns)) AND x.n NOT IN (SELECT unnest(v_here)) AND x.op = 'I');
+                v_applied := v_applied || jsonb_build_object(g.tbl, cardinality(v_ns));
+                v_fast := v_fast || v_ns;
+            END LOOP;
+            v_slow := ARRAY(SELECT x FROM unnest(v_all) x WHERE x.n NOT IN (SELECT unnest(v_fast)) ORDER BY x.n);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE NOTICE 'gsb: set-based apply fell back to per-row: %', SQLERRM;
+            v_applied := '{}';
+            v_slow := v_all;
+        END;
+    END IF;
+    FOR c IN SELECT * FROM unnest(v_slow) x ORDER BY x.n LOOP
+        IF c.ts > v_limit THEN
+            INSERT INTO gsb.conflicts (tbl, pk, reason, loser_origin, loser_ts, loser_row)
+                VALUES (c.tbl, c.key, 'clock_skew', p_source, c.ts, coalesce(c.r, c.key));
+            v_skew := v_skew + 1;
+            CONTINUE;
+        END IF;
+        -- per-table statements, derived once for a run of changes to one table
+        IF v_ctbl IS DISTINCT FROM c.tbl THEN
+            SELECT * INTO g FROM gsb.tables WHERE tbl = c.tbl;
+            IF NOT FOUND OR g.pk_cols IS NULL THEN
+                RAISE EXCEPTION 'gsb: table % is not set up for replication on this site', c.tbl;
+            END IF;
+            v_q := (SELECT string_agg(quote_ident(p), '.') FROM unnest(string_to_array(c.tbl, '.')) p);
+            -- the target's columns now (a column added while running is picked up)
+            v_tcols := ARRAY(SELECT attname::text FROM pg_attribute WHERE attrelid = v_q::regclass
+                             AND attnum > 0 AND NOT attisdropped AND attgenerated = '');
+            v_key := format('(%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $1) r)',
+                (SELECT string_agg('t.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k),
+                (SELECT string_agg('r.' || quote_ident(k), ', ') FROM unnest(g.pk_cols) k), v_q);
+            v_ctbl := c.tbl;
+        END IF;
+        EXECUTE format('SELECT to_jsonb(t), t.xmin = $2, o.timestamp, o.roident FROM %s t '
+                       'LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) o ON true '
+                       'WHERE %s FOR UPDATE OF t', v_q, v_key)
+            INTO v_local, v_mine, v_lts, v_lorig USING c.key, v_xid;
+        v_set := ARRAY(SELECT quote_ident(k) FROM jsonb_object_keys(coalesce(c.r, '{}')) k
+                       WHERE k = ANY(v_tcols) AND NOT k = ANY(g.pk_cols));
+        IF v_local IS NULL THEN
+            IF c.op = 'I' THEN
+                EXECUTE format('INSERT INTO %s SELECT * FROM jsonb_populate_record(NULL::%s, $1)', v_q, v_q)
+                    USING c.r;
+            ELSIF c.op = 'U' THEN
+                -- the row is gone here: the delete beats this concurrent update
+                EXECUTE format('SELECT to_jsonb(r) FROM jsonb_populate_record(NULL::%s, $1) r', v_q)
+                    INTO v_new USING c.r;
+                INSERT INTO gsb.conflicts (tbl, pk, reason, winner_origin, loser_origin, loser_ts, loser_row)
+                    VALUES (c.tbl, (SELECT jsonb_object_agg(k, v_new -> k) FROM unnest(g.pk_cols) k),
+                            'concurrent_write', p_target, p_source, c.ts, v_new);
+                v_conflicts := jsonb_set(v_conflicts, ARRAY[c.tbl],
+                    to_jsonb(coalesce((v_conflicts ->> c.tbl)::int, 0) + 1));
+                CONTINUE;
+            ELSE
+                CONTINUE; -- already gone
+            END IF;
+        ELSIF v_mine OR v_lorig = v_origin_id THEN
+            -- last written by this source (or earlier in this batch): its successor
+            IF c.op = 'D' THEN
+                EXECUTE format('DELETE FROM %s t WHERE %s', v_q, v_key) USING c.key;
+            ELSIF cardinality(v_set) > 0 THEN
+                EXECUTE format('UPDATE %s t SET (%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $2) r) WHERE %s',
+                    v_q, array_to_string(v_set, ', '),
+                    (SELECT string_agg('r.' || s, ', ') FROM unnest(v_set) s), v_q, v_key)
+                    USING c.key, c.r;
+            END IF;
+        ELSE
+            -- a concurrent write: the local version was written here (or by another origin)
+            v_lsite := CASE WHEN coalesce(v_lorig, 0) = 0 THEN p_target ELSE 'origin ' || v_lorig END;
+            v_pk := (SELECT jsonb_object_agg(k, v_local -> k) FROM unnest(g.pk_cols) k);
+            IF c.op = 'D' THEN
+                EXECUTE format('DELETE FROM %s t WHERE %s', v_q, v_key) USING c.key;
+                INSERT INTO gsb.conflicts (tbl, pk, reason, winner_origin, winner_ts, loser_origin, loser_ts, loser_row)
+                    VALUES (c.tbl, v_pk, 'concurrent_write', p_source, c.ts, v_lsite, v_lts, v_local);
+                v_conflicts := jsonb_set(v_conflicts, ARRAY[c.tbl],
+                    to_jsonb(coalesce((v_conflicts ->> c.tbl)::int, 0) + 1));
+            ELSE
+                EXECUTE format('SELECT to_jsonb(r) FROM jsonb_populate_record(NULL::%s, $1) r', v_q)
+                    INTO v_new USING v_local || c.r;
+                IF v_new IS DISTINCT FROM v_local THEN
+                    v_win := v_lts IS NULL OR c.ts > v_lts OR (c.ts = v_lts AND p_source = p_primary);
+                    IF v_win THEN
+                        IF cardinality(v_set) > 0 THEN
+                            EXECUTE format('UPDATE %s t SET (%s) = (SELECT %s FROM jsonb_populate_record(NULL::%s, $2) r) WHERE %s',
+                                v_q, array_to_string(v_set, ', '),
+                                (SELECT string_agg('r.' || s, ', ') FROM unnest(v_set) s), v_q, v_key)
+                                USING c.key, c.r;
+                        END IF;
+                        INSERT INTO gsb.conflicts (tbl, pk, reason, winner_origin, winner_ts, winner_row,
+                            loser_origin, loser_ts, loser_row)
+                            VALUES (c.tbl, v_pk, 'concurrent_write', p_source, c.ts, v_new, v_lsite, v_lts, v_local);
+                    ELSE
+                        INSERT INTO gsb.conflicts (tbl, pk, reason, winner_origin, winner_ts, winner_row,
+                            loser_origin, loser_ts, loser_row)
+                            VALUES (c.tbl, v_pk, 'concurrent_write', v_lsite, v_lts, v_local, p_source, c.ts, v_new);
+                    END IF;
+                    v_conflicts := jsonb_set(v_conflicts, ARRAY[c.tbl],
+                        to_jsonb(coalesce((v_conflicts ->> c.tbl)::int, 0) + 1));
+                    IF NOT v_win THEN
+                        CONTINUE;
+                    END IF;
+                END IF;
+            END IF;
+        END IF;
+        v_applied := jsonb_set(v_applied, ARRAY[c.tbl],
+            to_jsonb(coalesce((v_applied ->> c.tbl)::int, 0) + 1));
+    END LOOP;
+    SELECT extract(epoch FROM clock_timestamp() - (x.r ->> 'at')::timestamptz) INTO v_hb
+        FROM unnest(v_all) x WHERE x.tbl = 'gsb.heartbeat' AND x.op <> 'D' ORDER BY x.n DESC LIMIT 1;
+    RETURN jsonb_build_object('applied', v_applied, 'conflicts', v_conflicts,
+        'skew_rejected', v_skew, 'max_lag', v_lag, 'heartbeat_lag', v_hb);
+END $f$;
+"#;
+
+/// Applies a batch of the logical capture (see `gsb.apply_changes`).
+pub const APPLY_CHANGES: &str = "SELECT gsb.apply_changes($1::text, $2::text, $3::text, $4::text::pg_lsn, $5::text::timestamptz, $6::text::jsonb, $7::int8, $8::text)::text";
 
 /// Reads the next batch from a source: only changes of finished transactions (xid below the
 /// snapshot's xmin) after the cursor, in (xid, id) order. Returns count, last xid, last id, json.

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::config::Capture;
 use crate::db::{connect, Site};
 use crate::metrics::{with_dir, Metrics, SharedStatus};
 use crate::{sql, Config, Error};
@@ -27,7 +28,8 @@ pub(crate) struct Direction {
 }
 
 impl Direction {
-    fn dsn<'a>(&self, site: Site, cfg: &'a Config) -> &'a str {
+    /// The connection string of `site`.
+    pub(crate) fn dsn<'a>(&self, site: Site, cfg: &'a Config) -> &'a str {
         match site {
             Site::Primary => &cfg.primary_dsn,
             Site::Backup => &cfg.backup_dsn,
@@ -46,8 +48,21 @@ pub(crate) async fn run_direction(
     let mut backoff = Duration::from_millis(200);
     loop {
         let started = Instant::now();
-        match session(&d, &cfg, &metrics, &status, &shutdown).await {
+        let res = match cfg.capture {
+            Capture::Logical => {
+                crate::logical::session(&d, &cfg, &metrics, &status, &shutdown).await
+            }
+            Capture::Triggers => session(&d, &cfg, &metrics, &status, &shutdown).await,
+        };
+        match res {
             Ok(()) => return,
+            Err(e) if e.is_permanent() => {
+                metrics.errors.with_label_values(&[d.name]).inc();
+                tracing::error!(direction = d.name, error = %e, "replication stopped: this needs an operator");
+                with_dir(&status, d.name, |s| s.error = Some(e.to_string()));
+                // Retried slowly: the operator's fix (e.g. `gsb resync`) is picked up.
+                backoff = MAX_BACKOFF;
+            }
             Err(e) => {
                 metrics.errors.with_label_values(&[d.name]).inc();
                 tracing::warn!(direction = d.name, error = %e, retry_in = ?backoff, "replication session failed; retrying");
@@ -159,31 +174,7 @@ async fn session(
                 .observe(t0.elapsed().as_secs_f64());
             let res: serde_json::Value = serde_json::from_str(&res)
                 .map_err(|e| Error::Protocol(format!("apply_batch returned bad JSON: {e}")))?;
-            let mut n_conflicts = 0;
-            if let Some(m) = res["applied"].as_object() {
-                for (t, v) in m {
-                    metrics
-                        .applied
-                        .with_label_values(&[d.name, label(t)])
-                        .inc_by(v.as_u64().unwrap_or(0));
-                }
-            }
-            if let Some(m) = res["conflicts"].as_object() {
-                for (t, v) in m {
-                    let c = v.as_u64().unwrap_or(0);
-                    n_conflicts += c;
-                    metrics.conflicts.with_label_values(&[label(t)]).inc_by(c);
-                }
-            }
-            let skew = res["skew_rejected"].as_u64().unwrap_or(0);
-            if skew > 0 {
-                metrics
-                    .skew_rejected
-                    .with_label_values(&[d.name])
-                    .inc_by(skew);
-                tracing::error!(direction = d.name, rejected = skew, max_clock_skew = ?cfg.max_clock_skew,
-                    "rejected changes stamped beyond the maximum clock skew (see gsb.conflicts reason clock_skew); check NTP on both sites");
-            }
+            let n_conflicts = record_result(d, cfg, &res, metrics);
             if let Some(hb) = res["heartbeat_lag"].as_f64() {
                 last_hb = Some((Instant::now(), hb.max(0.0)));
             }
@@ -255,6 +246,42 @@ async fn session(
             _ = tokio::time::sleep(cfg.poll_interval) => {}
         }
     }
+}
+
+/// Counts what an apply function reported (applied and conflicts per table, clock-skew
+/// rejections); returns the number of conflicts. Shared by both captures.
+pub(crate) fn record_result(
+    d: &Direction,
+    cfg: &Config,
+    res: &serde_json::Value,
+    metrics: &Metrics,
+) -> u64 {
+    let mut n_conflicts = 0;
+    if let Some(m) = res["applied"].as_object() {
+        for (t, v) in m {
+            metrics
+                .applied
+                .with_label_values(&[d.name, label(t)])
+                .inc_by(v.as_u64().unwrap_or(0));
+        }
+    }
+    if let Some(m) = res["conflicts"].as_object() {
+        for (t, v) in m {
+            let c = v.as_u64().unwrap_or(0);
+            n_conflicts += c;
+            metrics.conflicts.with_label_values(&[label(t)]).inc_by(c);
+        }
+    }
+    let skew = res["skew_rejected"].as_u64().unwrap_or(0);
+    if skew > 0 {
+        metrics
+            .skew_rejected
+            .with_label_values(&[d.name])
+            .inc_by(skew);
+        tracing::error!(direction = d.name, rejected = skew, max_clock_skew = ?cfg.max_clock_skew,
+            "rejected changes stamped beyond the maximum clock skew (see gsb.conflicts reason clock_skew); check NTP on both sites");
+    }
+    n_conflicts
 }
 
 /// One fetched batch.

@@ -28,6 +28,24 @@ impl PgServer {
         PgServer { cluster }
     }
 
+    /// Starts a server like [`PgServer::start`] with extra `name=value` settings applied after
+    /// the defaults (e.g. `wal_level=replica` for a server the logical capture must refuse).
+    pub fn start_with(settings: &[(&str, &str)]) -> PgServer {
+        let mut cluster = Cluster::init(ClusterOptions {
+            fsync: false,
+            settings: settings
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..ClusterOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("test PostgreSQL server: initdb failed: {e}"));
+        cluster
+            .start()
+            .unwrap_or_else(|e| panic!("test PostgreSQL server: start failed: {e}"));
+        PgServer { cluster }
+    }
+
     /// Starts `n` servers concurrently.
     pub fn start_many(n: usize) -> Vec<PgServer> {
         let handles: Vec<_> = (0..n)

@@ -143,6 +143,71 @@ impl Running {
     }
 }
 
+impl Running {
+    /// The value of counter `name` whose labels include all of `labels` (0 when absent).
+    pub fn counter_with(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.get_name() == name)
+            .flat_map(|f| f.get_metric())
+            .filter(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.get_name() == *k && l.get_value() == *v)
+                })
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    /// The value of gauge `name` for `direction` (None when not set yet).
+    pub fn gauge(&self, name: &str, direction: &str) -> Option<f64> {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.get_name() == name)
+            .flat_map(|f| f.get_metric())
+            .find(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.get_name() == "direction" && l.get_value() == direction)
+            })
+            .map(|m| m.get_gauge().get_value())
+    }
+
+    /// Changes applied in `direction` to `table` (`gsb_replication_applied_total`).
+    pub fn applied(&self, direction: &str, table: &str) -> u64 {
+        self.counter_with(
+            "gsb_replication_applied_total",
+            &[("direction", direction), ("table", table)],
+        )
+    }
+}
+
+/// Waits until each site holds the other's heartbeat: both directions are replicating (with
+/// the logical capture, both slots exist and their initial syncs are done).
+pub async fn wait_streaming(p: &Client, b: &Client) {
+    gsb_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "heartbeats crossed both ways",
+        || async {
+            // The schema may not be installed yet.
+            let n = |c: &'static str| async move {
+                let q = format!("SELECT count(*) FROM gsb.heartbeat WHERE site = '{c}'");
+                (if c == "backup" { p } else { b })
+                    .query_one(&q, &[])
+                    .await
+                    .map(|r| r.get::<_, i64>(0))
+                    .unwrap_or(0)
+            };
+            n("backup").await == 1 && n("primary").await == 1
+        },
+    )
+    .await;
+}
+
 /// One `bigint` from `sql`.
 pub async fn count(c: &Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap().get(0)
