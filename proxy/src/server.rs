@@ -466,6 +466,8 @@ async fn serve_plain(tcp: TcpStream, info: ConnInfo, ctx: &ServerCtx, accepted: 
             false => Bytes::copy_from_slice(&parts.read_buf),
         };
         svc = parts.service;
+        // Now, not at the end of the loop body: it would be held while parked.
+        drop(parts.read_buf);
         state.parking.store(false, Ordering::Relaxed);
         if stream.prefix.is_empty() && !wait_parked(&stream.inner, &state, ctx).await {
             return;

@@ -113,7 +113,17 @@ pub async fn start(
                 Kind::GsbBaseline => baseline_bin().unwrap_or_else(gsb_bin),
                 _ => gsb_bin(),
             };
-            let p = start_gsb(&bin, dir.path(), port, primary, backup, probe, workers)?;
+            // A baseline build may predate `proxy.workers`: it gets the runtime threads only.
+            let key = kind == Kind::Gsb;
+            let p = start_gsb(
+                &bin,
+                dir.path(),
+                port,
+                primary,
+                backup,
+                probe,
+                (workers, key),
+            )?;
             Some(p)
         }
         Kind::Haproxy => Some(start_haproxy(
@@ -174,7 +184,7 @@ fn start_gsb(
     primary: &UpstreamProc,
     backup: &UpstreamProc,
     probe: Option<Probe>,
-    workers: usize,
+    (workers, with_key): (usize, bool),
 ) -> anyhow::Result<Proc> {
     let health = match probe {
         Some(p) => format!(
@@ -184,10 +194,14 @@ fn start_gsb(
         None => String::new(),
     };
     let cfg = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nworkers = {workers}\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\n{workers}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
          [sites.primary]\nurl = \"{p}\"\n[sites.backup]\nurl = \"{b}\"\n\n{health}\n\
          [failover]\nstate_file = \"{state}\"\n",
         admin = free_port(),
+        workers = match with_key {
+            true => format!("workers = {workers}\n"),
+            false => String::new(),
+        },
         p = primary.url(),
         b = backup.url(),
         state = dir.join("gsb-proxy.state").display(),
