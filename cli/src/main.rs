@@ -15,6 +15,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc rather than glibc's malloc: the proxy's per-request buffers are freed and taken
+/// again at a high rate from worker threads, where glibc trims and refaults arena pages
+/// (measured: page faults and `madvise` per request, CPU per request; BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for a configuration the command cannot run with (as linkerd: EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
 

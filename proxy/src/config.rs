@@ -106,6 +106,26 @@ pub struct ListenerConfig {
     pub retry_budget: f64,
     /// Log one line per request (common log format fields). Default false.
     pub request_log: bool,
+    /// Largest request head a client may send (request line and headers, in bytes); a larger
+    /// one is answered 431 and never forwarded. Default 32768 (nginx's 4 x 8k, HAProxy's
+    /// 16k buffer minus its reserve sit near it).
+    pub max_header_bytes: usize,
+    /// Most request headers a client may send; more are answered 431 and never forwarded.
+    /// Default 100 (HAProxy's and hyper's default).
+    pub max_headers: usize,
+    /// Threads serving the public listeners, each with its own runtime, listening socket
+    /// (`SO_REUSEPORT`) and upstream connections; nothing but the route is shared between
+    /// them. Default: the number of cores.
+    pub workers: Option<usize>,
+}
+
+impl ListenerConfig {
+    /// `workers`, or the number of cores when it is not set.
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
 }
 
 impl Default for ListenerConfig {
@@ -120,6 +140,9 @@ impl Default for ListenerConfig {
             idle_timeout: Duration::from_secs(60),
             retry_budget: 0.2,
             request_log: false,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            workers: None,
         }
     }
 }
@@ -432,6 +455,24 @@ impl Config {
             return Err(invalid(
                 "proxy.retry_budget",
                 "must be between 0.0 and 1.0 (0.2 = at most 20% of requests retried)",
+            ));
+        }
+        if !(1024..=1024 * 1024).contains(&self.proxy.max_header_bytes) {
+            return Err(invalid(
+                "proxy.max_header_bytes",
+                "must be between 1024 and 1048576 (bytes of request line and headers), e.g. 32768",
+            ));
+        }
+        if !(1..=10_000).contains(&self.proxy.max_headers) {
+            return Err(invalid(
+                "proxy.max_headers",
+                "must be between 1 and 10000, e.g. 100",
+            ));
+        }
+        if self.proxy.workers.is_some_and(|w| !(1..=1024).contains(&w)) {
+            return Err(invalid(
+                "proxy.workers",
+                "must be between 1 and 1024; remove the key to use one worker per core",
             ));
         }
         let h = &self.health;

@@ -87,6 +87,10 @@ pub enum ProxyError {
     /// The client's request cannot be forwarded.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request head has more headers than `proxy.max_headers` (HTTP/1 heads larger than
+    /// `proxy.max_header_bytes` are answered 431 by hyper before they reach the proxy).
+    #[error("request headers too large (proxy.max_headers)")]
+    HeadersTooLarge,
     /// A bug or resource problem in the proxy.
     #[error("internal error: {0}")]
     Internal(String),
@@ -102,7 +106,7 @@ impl ProxyError {
             | ProxyError::Drained { .. }
             | ProxyError::Moved { .. }
             | ProxyError::NoSite(_) => ErrorSource::Upstream,
-            ProxyError::BadRequest(_) => ErrorSource::Downstream,
+            ProxyError::BadRequest(_) | ProxyError::HeadersTooLarge => ErrorSource::Downstream,
             ProxyError::Internal(_) => ErrorSource::Internal,
         }
     }
@@ -128,6 +132,7 @@ impl ProxyError {
             ProxyError::Moved { .. } => "moved",
             ProxyError::NoSite(_) => "no_site",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::HeadersTooLarge => "headers_too_large",
             ProxyError::Internal(_) => "internal",
         }
     }
@@ -154,6 +159,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -216,6 +222,9 @@ pub enum Error {
     /// The upstream client could not be built.
     #[error("upstream client: {0}")]
     Client(String),
+    /// A worker thread or its runtime could not be started.
+    #[error("starting a proxy worker: {0}")]
+    Worker(#[source] std::io::Error),
 }
 
 #[cfg(test)]

@@ -59,17 +59,21 @@ pub struct ConnInfo {
     /// The client's IP as a header value, formatted once per connection rather than once per
     /// request (cloning it only bumps a reference count).
     peer_ip: HeaderValue,
+    /// The worker serving the connection: its requests use that worker's upstream pools.
+    worker: usize,
 }
 
 impl ConnInfo {
-    /// The connection from `peer` accepted on the `proto` (`http` or `https`) listener.
-    pub fn new(peer: SocketAddr, proto: &'static str) -> ConnInfo {
+    /// The connection from `peer` accepted on the `proto` (`http` or `https`) listener of
+    /// worker `worker`.
+    pub fn new(peer: SocketAddr, proto: &'static str, worker: usize) -> ConnInfo {
         let peer_ip = HeaderValue::try_from(peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ConnInfo {
             peer,
             proto,
             peer_ip,
+            worker,
         }
     }
 }
@@ -136,6 +140,9 @@ type UpstreamClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
 struct ClientOptions {
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// `proxy.workers`: every worker gets pools of its own, so a request never waits on a
+    /// connection driven by another thread.
+    workers: usize,
 }
 
 /// The pooled clients of one site.
@@ -253,8 +260,9 @@ pub struct Forwarder {
 #[derive(Debug)]
 pub struct Settings {
     targets: [Target; 2],
-    /// Per site; rebuilt on reload only when the site's `url` or `ca_file` changed.
-    clients: [SiteClients; 2],
+    /// Per site, one per worker; rebuilt on reload only when the site's `url` or `ca_file`
+    /// changed.
+    clients: [Vec<SiteClients>; 2],
     mode: Mode,
     upstream_timeout: Duration,
     request_log: bool,
@@ -273,8 +281,10 @@ impl Settings {
         let clients = |i: usize, key: &str, site: &crate::config::SiteConfig| {
             let trust = site.trust_key();
             match previous.map(|prev| &prev.clients[i]) {
-                Some(c) if c.built_for == trust => Ok(c.clone()),
-                _ => SiteClients::build(key, site, trust, opts),
+                Some(c) if c.first().is_some_and(|c| c.built_for == trust) => Ok(c.clone()),
+                _ => (0..opts.workers)
+                    .map(|_| SiteClients::build(key, site, trust.clone(), opts))
+                    .collect::<Result<Vec<_>, _>>(),
             }
         };
         Ok(Settings {
@@ -310,6 +320,8 @@ struct Outgoing {
     headers: HeaderMap,
     /// An `Upgrade` request: sent on the HTTP/1.1-only client.
     upgrade: bool,
+    /// The client connection's worker (whose pools are used).
+    worker: usize,
 }
 
 impl Forwarder {
@@ -327,6 +339,7 @@ impl Forwarder {
         let client_opts = ClientOptions {
             connect_timeout: p.connect_timeout,
             idle_timeout: p.idle_timeout,
+            workers: p.workers(),
         };
         let settings = ArcSwap::from_pointee(Settings::build(config, client_opts, None)?);
         let durations =
@@ -446,6 +459,7 @@ impl Forwarder {
         let upgrade = upgrade_protocol(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
+        let conn_worker = conn.worker;
         let mut headers = parts.headers;
         let host = parts.uri.authority().map(|a| a.as_str().to_owned());
         prepare_request_headers(&mut headers, conn, host.as_deref(), upgrade.as_ref())?;
@@ -463,6 +477,7 @@ impl Forwarder {
             pq: parts.uri.path_and_query().cloned(),
             headers,
             upgrade: upgrade.is_some(),
+            worker: conn_worker,
         };
 
         let first = route.active;
@@ -568,7 +583,7 @@ impl Forwarder {
         // Sites are spoken to in HTTP/1.1 whatever the client used.
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
-        let clients = &settings.clients[site.index()];
+        let clients = &settings.clients[site.index()][out.worker];
         let client = if out.upgrade {
             &clients.upgrade
         } else {
@@ -763,7 +778,7 @@ mod tests {
     use super::*;
 
     fn conn() -> ConnInfo {
-        ConnInfo::new("10.1.2.3:5555".parse().expect("addr"), "https")
+        ConnInfo::new("10.1.2.3:5555".parse().expect("addr"), "https", 0)
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<String> {
         ),
         ("proxy.idle_timeout", a.idle_timeout != b.idle_timeout),
         ("proxy.retry_budget", a.retry_budget != b.retry_budget),
+        (
+            "proxy.max_header_bytes",
+            a.max_header_bytes != b.max_header_bytes,
+        ),
+        ("proxy.max_headers", a.max_headers != b.max_headers),
+        ("proxy.workers", a.workers != b.workers),
         // The fleet session (endpoints, name, lease) is set up once, before serving.
         ("coordination", running.coordination != new.coordination),
     ]

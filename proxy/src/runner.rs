@@ -85,9 +85,10 @@ async fn run_inner(
         hard_stop.clone(),
     )?);
 
-    let public = server::bind(config.proxy.listen, "proxy.listen").await?;
-    let tls_listener = match &config.proxy.tls {
-        Some(t) => Some(server::bind(t.listen, "proxy.tls.listen").await?),
+    let workers = config.proxy.workers();
+    let public = server::bind_workers(config.proxy.listen, "proxy.listen", workers).await?;
+    let tls_listeners = match &config.proxy.tls {
+        Some(t) => Some(server::bind_workers(t.listen, "proxy.tls.listen", workers).await?),
         None => None,
     };
     let admin = server::bind(config.admin.listen, "admin.listen").await?;
@@ -144,27 +145,30 @@ async fn run_inner(
 
     let ctx = Arc::new(ServerCtx::new(
         forwarder,
-        config.proxy.header_read_timeout,
-        config.proxy.idle_timeout,
+        &config.proxy,
         metrics.client_connections.clone(),
         shutdown.clone(),
         hard_stop.clone(),
     ));
-    tracker.spawn(server::serve(
-        public,
-        "http",
-        None,
-        ctx.clone(),
-        tracker.clone(),
-    ));
-    if let (Some(listener), Some(tls_config), Some(certs)) = (tls_listener, tls_config, certs) {
-        tracker.spawn(server::serve(
-            listener,
-            "https",
-            Some(TlsAcceptor::from(tls_config)),
-            ctx,
+    // The public listeners: one thread per worker with its own current-thread runtime,
+    // listening sockets and upstream pools (see `server::spawn_worker`).
+    let acceptor = tls_config.map(TlsAcceptor::from);
+    let mut tls_listeners = tls_listeners.map(Vec::into_iter);
+    let mut threads = Vec::with_capacity(workers);
+    for (index, plain) in public.into_iter().enumerate() {
+        let tls = match (tls_listeners.as_mut().and_then(Iterator::next), &acceptor) {
+            (Some(l), Some(a)) => Some((l, a.clone())),
+            _ => None,
+        };
+        threads.push(server::spawn_worker(
+            index,
+            plain,
+            tls,
+            ctx.clone(),
             tracker.clone(),
-        ));
+        )?);
+    }
+    if let Some(certs) = certs {
         tracker.spawn(certs.watch(RELOAD_POLL, shutdown.clone()));
     }
 
@@ -179,6 +183,13 @@ async fn run_inner(
         hard_stop.cancel();
         tracker.wait().await;
     }
+    // The workers leave their runtimes once the tracker is empty.
+    let joined = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    });
+    let _ = joined.await;
     tracing::info!("proxy stopped");
     Ok(())
 }

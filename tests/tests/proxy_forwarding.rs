@@ -752,6 +752,159 @@ async fn both_sites_dead_answers_503_with_retry_after() {
     check().await;
 }
 
+/// A request for `path` with `n` extra headers of `size` bytes of value each.
+fn request_with_headers(path: &str, n: usize, size: usize) -> String {
+    let mut r = format!("GET {path} HTTP/1.1\r\nHost: meet.example\r\nConnection: close\r\n");
+    for i in 0..n {
+        r.push_str(&format!("X-Fill-{i}: {}\r\n", "v".repeat(size)));
+    }
+    r.push_str("\r\n");
+    r
+}
+
+/// Sends `request` on a fresh connection; the status line's code.
+async fn status_of(port: u16, request: String) -> u16 {
+    let (head, _) = tokio::task::spawn_blocking(move || raw_request(port, &request))
+        .await
+        .expect("join");
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_or_too_many_request_headers_get_431_and_never_reach_the_site() {
+    let (primary, backup) = upstream::start_pair().await;
+    let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+    let port = gsb.port;
+    // Defaults: 32 KiB of head, 100 headers.
+    for (what, path, n, size, want) in [
+        ("one 100 KB header", "/echo/huge", 1, 100_000, 431),
+        ("150 small headers", "/echo/many", 150, 8, 431),
+        ("20 KB of headers", "/echo/fits", 20, 1000, 200),
+        ("90 small headers", "/echo/fits-count", 90, 8, 200),
+    ] {
+        let got = status_of(port, request_with_headers(path, n, size)).await;
+        assert_eq!(got, want, "{what}");
+        let reached = primary.requests_to(path) + backup.requests_to(path);
+        assert_eq!(
+            reached,
+            u64::from(want == 200),
+            "{what}: forwarded {reached} times"
+        );
+    }
+    // The proxy still serves others.
+    assert_eq!(
+        reqwest::get(gsb.url("/x")).await.expect("get").status(),
+        200
+    );
+
+    // Configured lower: both limits apply, and HTTP/2 clients get 431 too.
+    let gsb = Gsb::start(
+        &primary,
+        &backup,
+        Opts {
+            proxy: "max_header_bytes = 4096\nmax_headers = 20".into(),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let port = gsb.port;
+    for (what, path, n, size, want) in [
+        ("8 KB of headers", "/echo/big8k", 8, 1000, 431),
+        ("30 headers", "/echo/thirty", 30, 8, 431),
+        ("2 KB in 10 headers", "/echo/ok", 10, 200, 200),
+    ] {
+        let got = status_of(port, request_with_headers(path, n, size)).await;
+        assert_eq!(got, want, "{what} (max_header_bytes 4096, max_headers 20)");
+        let reached = primary.requests_to(path) + backup.requests_to(path);
+        assert_eq!(
+            reached,
+            u64::from(want == 200),
+            "{what}: forwarded {reached} times"
+        );
+    }
+    let h2: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    for (what, path, n, size, want) in [
+        ("h2: 30 headers", "/echo/h2-thirty", 30, 8, 431),
+        ("h2: 8 KB of headers", "/echo/h2-big", 8, 1000, 431),
+        ("h2: 10 headers", "/echo/h2-ok", 10, 8, 200),
+    ] {
+        let mut req = hyper::Request::get(gsb.url(path));
+        for i in 0..n {
+            req = req.header(format!("x-fill-{i}"), "v".repeat(size));
+        }
+        let req = req.body(http_body_util::Empty::new()).expect("request");
+        let resp = h2.request(req).await.expect("h2 request");
+        assert_eq!(resp.version(), hyper::Version::HTTP_2, "{what}");
+        assert_eq!(resp.status().as_u16(), want, "{what}");
+        let reached = primary.requests_to(path) + backup.requests_to(path);
+        assert_eq!(
+            reached,
+            u64::from(want == 200),
+            "{what}: forwarded {reached} times"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keep_alive_connection_serves_requests_after_idling_and_pipelined_ones() {
+    let (primary, backup) = upstream::start_pair().await;
+    let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+    let port = gsb.port;
+    let text = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut text = String::new();
+        // Reads until `n` answers (each echo body names its path once) have arrived in all.
+        let mut read_answers = |s: &mut TcpStream, n: usize| {
+            let mut tmp = [0u8; 4096];
+            while text.matches("\"path\"").count() < n {
+                let k = s.read(&mut tmp).expect("read");
+                assert!(k > 0, "closed by the proxy after: {text}");
+                text.push_str(&String::from_utf8_lossy(&tmp[..k]));
+            }
+        };
+        for i in 0..3 {
+            s.write_all(format!("GET /echo/seq{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .expect("write");
+            read_answers(&mut s, i + 1);
+            // Idle between requests: the connection is parked, not closed.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        // Two requests in one write (pipelined), then one sent in two halves.
+        s.write_all(
+            b"GET /echo/p1 HTTP/1.1\r\nHost: x\r\n\r\nGET /echo/p2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .expect("write");
+        read_answers(&mut s, 5);
+        s.write_all(b"GET /echo/half HTTP/1.1\r\nHo")
+            .expect("write");
+        std::thread::sleep(Duration::from_millis(200));
+        s.write_all(b"st: x\r\n\r\n").expect("write");
+        read_answers(&mut s, 6);
+        text
+    })
+    .await
+    .expect("join");
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 6, "{text}");
+    for path in [
+        "/echo/seq0",
+        "/echo/seq1",
+        "/echo/seq2",
+        "/echo/p1",
+        "/echo/p2",
+        "/echo/half",
+    ] {
+        assert_eq!(primary.requests_to(path), 1, "{path} forwarded once");
+    }
+}
+
 /// Throughput and latency through the proxy vs. straight to the site, with `wrk` (ignored: a
 /// measurement, not a check). Run:
 /// `cargo test -p gsb-tests --test proxy_forwarding -- --ignored --nocapture measure_with_wrk`

@@ -69,6 +69,7 @@ fn main() -> anyhow::Result<()> {
     let mut scale = Scale(1.0);
     let mut install = false;
     let mut rows = false;
+    let mut workers = vec![1];
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -76,10 +77,20 @@ fn main() -> anyhow::Result<()> {
                 scale = Scale(it.next().and_then(|s| s.parse().ok()).unwrap_or(1.0));
             }
             "--install" => install = true,
+            // Worker threads/processes each proxy gets in the proxy benchmark, e.g. "1,2".
+            "--workers" => {
+                workers = it
+                    .next()
+                    .map(|s| s.split(',').filter_map(|w| w.trim().parse().ok()).collect())
+                    .unwrap_or_default();
+                if workers.is_empty() || workers.contains(&0) {
+                    bail!("--workers takes a list of counts like 1,2");
+                }
+            }
             // A child run (the failover benchmark inside a network namespace) hands back rows.
             "--rows" => rows = true,
             "proxy" | "failover" | "fleet" | "replication" | "pglogical" | "config" | "all" => what = a.clone(),
-            other => bail!("unknown argument {other:?}: bench [proxy|failover|fleet|replication|config|all] [--scale X] [--install]"),
+            other => bail!("unknown argument {other:?}: bench [proxy|failover|fleet|replication|config|all] [--scale X] [--workers 1,2] [--install]"),
         }
     }
     if install {
@@ -95,7 +106,7 @@ fn main() -> anyhow::Result<()> {
         let all = what == "all";
         if all || what == "proxy" {
             eprintln!("== proxy data path");
-            if let Err(e) = proxybench::data_path(&scale, &mut report).await {
+            if let Err(e) = proxybench::data_path(&scale, &mut report, &workers).await {
                 report.note(&format!("proxy benchmark aborted: {e:#}"));
             }
         }

@@ -48,7 +48,7 @@ async fn start_fleet(
         std::fs::write(
             &path,
             format!(
-                "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+                "[proxy]\nlisten = \"127.0.0.1:{port}\"\nworkers = 1\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
                  token_file = \"admin.token\"\n[sites.primary]\nurl = \"{p}\"\n[sites.backup]\n\
                  url = \"{b}\"\n[failover]\nstate_file = \"p{i}.state\"\n\
                  [coordination]\netcd = {etcd}\nname = \"p{i}\"\n",
@@ -200,7 +200,7 @@ pub async fn fleet(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
     let single = {
         let primary = upstream::spawn("primary")?;
         let backup = upstream::spawn("backup")?;
-        let single = proxies::start(Kind::Gsb, &primary, &backup, None).await?;
+        let single = proxies::start(Kind::Gsb, &primary, &backup, None, 1).await?;
         let port: u16 = single.addr.rsplit(':').next().unwrap_or("0").parse()?;
         primary_killed(&[port], &primary, None, secs).await?
     };

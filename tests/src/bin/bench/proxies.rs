@@ -46,6 +46,8 @@ pub enum Kind {
     Direct,
     /// `gsb proxy`.
     Gsb,
+    /// Another `gsb` binary (`BENCH_GSB_BASELINE`, e.g. the main branch's) for an A/B in one run.
+    GsbBaseline,
     /// HAProxy 2.6.
     Haproxy,
     /// nginx 1.22.
@@ -58,6 +60,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Gsb => "gsb",
+            Kind::GsbBaseline => "gsb-baseline",
             Kind::Haproxy => "haproxy",
             Kind::Nginx => "nginx",
         }
@@ -83,12 +86,19 @@ impl Running {
     }
 }
 
-/// Starts `kind` in front of `primary` (active) and `backup`; `probe` None = the proxy's defaults.
+/// The baseline binary of [`Kind::GsbBaseline`], when `BENCH_GSB_BASELINE` names one.
+pub fn baseline_bin() -> Option<std::path::PathBuf> {
+    std::env::var_os("BENCH_GSB_BASELINE").map(Into::into)
+}
+
+/// Starts `kind` in front of `primary` (active) and `backup` with `workers` worker threads or
+/// processes; `probe` None = the proxy's defaults.
 pub async fn start(
     kind: Kind,
     primary: &UpstreamProc,
     backup: &UpstreamProc,
     probe: Option<Probe>,
+    workers: usize,
 ) -> anyhow::Result<Running> {
     let dir = tempfile::tempdir()?;
     let port = if kind == Kind::Direct {
@@ -98,9 +108,33 @@ pub async fn start(
     };
     let proc = match kind {
         Kind::Direct => None,
-        Kind::Gsb => Some(start_gsb(dir.path(), port, primary, backup, probe)?),
-        Kind::Haproxy => Some(start_haproxy(dir.path(), port, primary, backup, probe)?),
-        Kind::Nginx => Some(start_nginx(dir.path(), port, primary)?),
+        Kind::Gsb | Kind::GsbBaseline => {
+            let bin = match kind {
+                Kind::GsbBaseline => baseline_bin().unwrap_or_else(gsb_bin),
+                _ => gsb_bin(),
+            };
+            // A baseline build may predate `proxy.workers`: it gets the runtime threads only.
+            let key = kind == Kind::Gsb;
+            let p = start_gsb(
+                &bin,
+                dir.path(),
+                port,
+                primary,
+                backup,
+                probe,
+                (workers, key),
+            )?;
+            Some(p)
+        }
+        Kind::Haproxy => Some(start_haproxy(
+            dir.path(),
+            port,
+            primary,
+            backup,
+            probe,
+            workers,
+        )?),
+        Kind::Nginx => Some(start_nginx(dir.path(), port, primary, workers)?),
     };
     let r = Running {
         proc,
@@ -144,11 +178,13 @@ async fn wait_ready(r: &Running, kind: Kind) -> anyhow::Result<()> {
 }
 
 fn start_gsb(
+    bin: &Path,
     dir: &Path,
     port: u16,
     primary: &UpstreamProc,
     backup: &UpstreamProc,
     probe: Option<Probe>,
+    (workers, with_key): (usize, bool),
 ) -> anyhow::Result<Proc> {
     let health = match probe {
         Some(p) => format!(
@@ -158,10 +194,14 @@ fn start_gsb(
         None => String::new(),
     };
     let cfg = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{port}\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\n{workers}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
          [sites.primary]\nurl = \"{p}\"\n[sites.backup]\nurl = \"{b}\"\n\n{health}\n\
          [failover]\nstate_file = \"{state}\"\n",
         admin = free_port(),
+        workers = match with_key {
+            true => format!("workers = {workers}\n"),
+            false => String::new(),
+        },
         p = primary.url(),
         b = backup.url(),
         state = dir.join("gsb-proxy.state").display(),
@@ -170,11 +210,13 @@ fn start_gsb(
     std::fs::write(&path, cfg)?;
     Ok(Proc::spawn(
         "gsb-proxy",
-        Command::new(gsb_bin())
+        Command::new(bin)
             .args(["proxy", "--config"])
             .arg(&path)
-            // One runtime worker: the same budget as nginx's worker_processes 1 / HAProxy nbthread 1.
-            .env("TOKIO_WORKER_THREADS", "1")
+            // `workers` request-path threads: the budget of nginx's worker_processes and
+            // HAProxy's nbthread. The main runtime (probes, admin; the request path too in a
+            // build before `proxy.workers`) gets as many.
+            .env("TOKIO_WORKER_THREADS", workers.to_string())
             .env("RUST_LOG", "warn"),
     ))
 }
@@ -185,6 +227,7 @@ fn start_haproxy(
     primary: &UpstreamProc,
     backup: &UpstreamProc,
     probe: Option<Probe>,
+    workers: usize,
 ) -> anyhow::Result<Proc> {
     let (check, tcheck) = match probe {
         Some(p) => (
@@ -200,7 +243,7 @@ fn start_haproxy(
         None => ("check".to_owned(), String::new()),
     };
     let cfg = format!(
-        "global\n    nbthread 1\n    maxconn 9990\n\n\
+        "global\n    nbthread {workers}\n    maxconn 9990\n\n\
          defaults\n    mode http\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n\
          \n    timeout http-keep-alive 60s\n{tcheck}\n\
          frontend fe\n    bind 127.0.0.1:{port}\n    default_backend be\n\n\
@@ -217,10 +260,15 @@ fn start_haproxy(
     ))
 }
 
-fn start_nginx(dir: &Path, port: u16, primary: &UpstreamProc) -> anyhow::Result<Proc> {
+fn start_nginx(
+    dir: &Path,
+    port: u16,
+    primary: &UpstreamProc,
+    workers: usize,
+) -> anyhow::Result<Proc> {
     let d = dir.display();
     let cfg = format!(
-        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+        "daemon off;\nworker_processes {workers};\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
          worker_rlimit_nofile 20000;\nevents {{ worker_connections 12000; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\

@@ -11,8 +11,25 @@ use crate::proxies::{self, Kind, Probe, FAST, GSB_DEFAULT};
 use crate::report::Report;
 use crate::{procstat, upstream, Scale};
 
-/// Runs the data-path benchmark for direct, gsb, HAProxy and nginx.
-pub async fn data_path(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
+/// Runs the data-path benchmark for direct, gsb, HAProxy and nginx (and a baseline gsb binary
+/// when `BENCH_GSB_BASELINE` names one) once per entry of `workers` (worker threads or
+/// processes each proxy gets; metrics of runs other than 1 worker are suffixed `[N workers]`).
+pub async fn data_path(
+    scale: &Scale,
+    report: &mut Report,
+    workers: &[usize],
+) -> anyhow::Result<()> {
+    for &w in workers {
+        data_path_with(scale, report, w).await?;
+    }
+    Ok(())
+}
+
+async fn data_path_with(scale: &Scale, report: &mut Report, workers: usize) -> anyhow::Result<()> {
+    let suffix = match workers {
+        1 => String::new(),
+        n => format!(" [{n} workers]"),
+    };
     let primary = upstream::spawn("primary")?;
     let backup = upstream::spawn("backup")?;
     let secs = scale.secs(5) as u32;
@@ -24,8 +41,9 @@ pub async fn data_path(scale: &Scale, report: &mut Report) -> anyhow::Result<()>
     report.setup(
         "proxy",
         &format!(
-            "loopback upstream (hyper, 1 thread, separate process); each proxy 1 worker \
-             (gsb TOKIO_WORKER_THREADS=1, haproxy nbthread 1, nginx worker_processes 1), \
+            "loopback upstream (hyper, 1 thread, separate process); each proxy N workers \
+             (gsb proxy.workers=N and TOKIO_WORKER_THREADS=N, haproxy nbthread N, nginx \
+             worker_processes N; N=1 unless the metric says `[N workers]`), \
              keep-alive to upstream, no cache, no access log. Saturation: wrk -t1 -c{conns} \
              -d{secs}s. Fixed rate: open-loop client, {fixed:?} at 2000 req/s (100 B) and \
              100 req/s (1 MiB), latency from the intended send time. CPU = user+sys of the \
@@ -33,8 +51,13 @@ pub async fn data_path(scale: &Scale, report: &mut Report) -> anyhow::Result<()>
              connections after one request each, RSS delta."
         ),
     );
-    for kind in [Kind::Direct, Kind::Gsb, Kind::Haproxy, Kind::Nginx] {
-        let r = match proxies::start(kind, &primary, &backup, None).await {
+    let mut kinds = vec![Kind::Direct, Kind::Gsb];
+    if proxies::baseline_bin().is_some() {
+        kinds.push(Kind::GsbBaseline);
+    }
+    kinds.extend([Kind::Haproxy, Kind::Nginx]);
+    for kind in kinds {
+        let r = match proxies::start(kind, &primary, &backup, None, workers).await {
             Ok(r) => r,
             Err(e) => {
                 report.note(&format!("proxy: {} could not start: {e:#}", kind.name()));
@@ -44,6 +67,7 @@ pub async fn data_path(scale: &Scale, report: &mut Report) -> anyhow::Result<()>
         let k = kind.name();
         for (body, rate) in [("small", 2000.0), ("large", 100.0)] {
             let label = if body == "small" { "100 B" } else { "1 MiB" };
+            let label = format!("{label}{suffix}");
             let url = format!("{}/{body}", r.url);
             let cpu0 = r.pid().map(procstat::cpu_seconds);
             let w = tokio::task::spawn_blocking({
@@ -123,7 +147,7 @@ pub async fn data_path(scale: &Scale, report: &mut Report) -> anyhow::Result<()>
         if let Some(pid) = r.pid() {
             report.put(
                 "proxy",
-                "peak RSS after load",
+                &format!("peak RSS after load{suffix}"),
                 "MiB",
                 true,
                 k,
@@ -138,7 +162,7 @@ pub async fn data_path(scale: &Scale, report: &mut Report) -> anyhow::Result<()>
                     let delta = after.saturating_sub(before);
                     report.put(
                         "proxy",
-                        &format!("{idle_n} idle conns: RSS growth"),
+                        &format!("{idle_n} idle conns: RSS growth{suffix}"),
                         "MiB",
                         true,
                         k,
@@ -146,7 +170,15 @@ pub async fn data_path(scale: &Scale, report: &mut Report) -> anyhow::Result<()>
                     );
                     report.put(
                         "proxy",
-                        &format!("{idle_n} idle conns: RSS total"),
+                        &format!("idle conn: RSS each{suffix}"),
+                        "KiB",
+                        true,
+                        k,
+                        delta as f64 / 1024.0 / conns.len().max(1) as f64,
+                    );
+                    report.put(
+                        "proxy",
+                        &format!("{idle_n} idle conns: RSS total{suffix}"),
                         "MiB",
                         true,
                         k,
@@ -307,7 +339,7 @@ async fn failover_case(
 ) -> anyhow::Result<(Option<f64>, Option<f64>, u64, u64)> {
     let primary = upstream::spawn("primary")?;
     let backup = upstream::spawn("backup")?;
-    let r = proxies::start(kind, &primary, &backup, probe).await?;
+    let r = proxies::start(kind, &primary, &backup, probe, 1).await?;
     let url = format!("{}/small", r.url);
     let dur = Duration::from_secs(secs);
     let timeout = Duration::from_secs(3);
