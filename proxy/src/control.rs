@@ -460,7 +460,7 @@ pub async fn start(
         none_available: false,
         generation,
     });
-    let control = Control {
+    let mut control = Control {
         health: [
             SiteHealth::new(&cc.specs, cc.rise, cc.fall),
             SiteHealth::new(&cc.specs, cc.rise, cc.fall),
@@ -478,7 +478,6 @@ pub async fn start(
         timeline: VecDeque::new(),
         active_since: Utc::now(),
         status: Arc::new(ArcSwap::from_pointee(placeholder_status())),
-
         policy: cc.policy,
         specs: cc.specs,
         urls: cc.urls,
@@ -492,7 +491,6 @@ pub async fn start(
         backlog_reading: None,
         ready: (true, None),
     };
-    let mut control = control;
     if let (Some(fleet), Some(coordination)) = (fleet, &config.coordination) {
         let fleet_metrics = control
             .metrics

@@ -432,9 +432,16 @@ async fn bad_input_is_rejected_naming_the_field() {
         .header("content-type", "application/json")
         .body(big)
         .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        .await;
+    // The site answers 413 as soon as the limit is passed and closes; a client still writing the
+    // rest of the body may see that close (broken pipe) before it reads the answer.
+    match r {
+        Ok(r) => assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE),
+        Err(e) => assert!(
+            format!("{e:?}").contains("BodyWrite"),
+            "only a refused body write may fail the request: {e:?}"
+        ),
+    }
 
     // Nothing invalid was stored.
     let users: Vec<Value> = site.get("/api/users").await.json().await.unwrap();

@@ -836,7 +836,7 @@ impl Control {
     }
 }
 
-/// Unused-time guard: the decision's timeline bound must not exceed the status timeline's.
+// The decision's timeline must fit in the status timeline it is adopted into.
 const _: () = assert!(DECISION_TIMELINE <= TIMELINE_LEN);
 
 #[cfg(test)]
