@@ -45,6 +45,25 @@ async fn active(http: &reqwest::Client, url: &str) -> Option<bool> {
     v["active"].as_bool()
 }
 
+/// Starts one replicator, waits until it is active, then starts a second one (a standby);
+/// returns both with their `/status` URLs.
+async fn active_then_standby(
+    http: &reqwest::Client,
+    config: &Path,
+) -> (Proc, String, Proc, String) {
+    let first = spawn("replicator-1", config);
+    let first_url = status_url(&first).await;
+    wait_until(
+        Duration::from_secs(30),
+        "first replicator active",
+        || async { active(http, &first_url).await == Some(true) },
+    )
+    .await;
+    let second = spawn("replicator-2", config);
+    let second_url = status_url(&second).await;
+    (first, first_url, second, second_url)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_takes_over_after_sigkill_of_the_active_replicator_losing_nothing() {
     let (p, b) = common::servers(common::SITE_TABLES).await;
@@ -55,16 +74,7 @@ async fn standby_takes_over_after_sigkill_of_the_active_replicator_losing_nothin
     std::fs::write(&path, &text).unwrap();
     let http = reqwest::Client::new();
 
-    let mut first = spawn("replicator-1", &path);
-    let first_url = status_url(&first).await;
-    wait_until(
-        Duration::from_secs(30),
-        "first replicator active",
-        || async { active(&http, &first_url).await == Some(true) },
-    )
-    .await;
-    let second = spawn("replicator-2", &path);
-    let second_url = status_url(&second).await;
+    let (mut first, first_url, second, second_url) = active_then_standby(&http, &path).await;
     // It answers, and keeps saying standby while the first holds the lock.
     for _ in 0..5 {
         let a = wait_for(Duration::from_secs(10), "second replicator status", || {
@@ -123,16 +133,7 @@ async fn etcd_election_hands_over_while_the_primary_database_is_down() {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
 
-    let mut first = spawn("replicator-1", &path);
-    let first_url = status_url(&first).await;
-    wait_until(
-        Duration::from_secs(30),
-        "first replicator active",
-        || async { active(&http, &first_url).await == Some(true) },
-    )
-    .await;
-    let second = spawn("replicator-2", &path);
-    let second_url = status_url(&second).await;
+    let (mut first, _, second, second_url) = active_then_standby(&http, &path).await;
     let first_holder = holder();
     assert!(
         first_holder.ends_with(&format!("-replicator-{}", first.pid())),

@@ -98,6 +98,44 @@ async fn start_fleet(
     Ok(out)
 }
 
+/// A fleet of 3 on a fresh 3-member etcd in front of two fresh upstreams; with `cut_off`, the
+/// second proxy reaches the primary through a relay that can drop its traffic.
+struct Rig {
+    etcd: EtcdCluster,
+    primary: UpstreamProc,
+    _backup: UpstreamProc,
+    relay: Option<Relay>,
+    members: Vec<Member>,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn start(cut_off: bool) -> anyhow::Result<Rig> {
+        let etcd = EtcdCluster::start(3).await;
+        let primary = upstream::spawn("primary")?;
+        let backup = upstream::spawn("backup")?;
+        let relay = match cut_off {
+            true => Some(Relay::start(format!("127.0.0.1:{}", primary.port).parse()?).await),
+            false => None,
+        };
+        let dir = tempfile::tempdir()?;
+        let via = [None, relay.as_ref().map(Relay::url), None];
+        let members = start_fleet(&etcd, &primary.url(), &backup, dir.path(), via).await?;
+        Ok(Rig {
+            etcd,
+            primary,
+            _backup: backup,
+            relay,
+            members,
+            _dir: dir,
+        })
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        self.members.iter().map(|m| m.port).collect()
+    }
+}
+
 async fn detect(http: &reqwest::Client, port: u16) -> Option<String> {
     let r = http
         .get(format!("http://127.0.0.1:{port}/detectbackup"))
@@ -207,20 +245,10 @@ pub async fn fleet(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
     // The fleet: primary killed, then with the etcd leader killed at the same time.
     let mut fleet = Vec::new();
     for kill_leader in [false, true] {
-        let mut etcd = EtcdCluster::start(3).await;
-        let primary = upstream::spawn("primary")?;
-        let backup = upstream::spawn("backup")?;
-        let dir = tempfile::tempdir()?;
-        let members = start_fleet(
-            &etcd,
-            &primary.url(),
-            &backup,
-            dir.path(),
-            [None, None, None],
-        )
-        .await?;
-        let ports: Vec<u16> = members.iter().map(|m| m.port).collect();
-        fleet.push(primary_killed(&ports, &primary, kill_leader.then_some(&mut etcd), secs).await?);
+        let mut rig = Rig::start(false).await?;
+        let ports = rig.ports();
+        let etcd = kill_leader.then_some(&mut rig.etcd);
+        fleet.push(primary_killed(&ports, &rig.primary, etcd, secs).await?);
     }
     let rows = [
         ("primary killed", &fleet[0], "single proxy", &single),
@@ -260,18 +288,8 @@ pub async fn fleet(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
 
     // Manual failover through one proxy: until the last proxy answers the new site.
     {
-        let etcd = EtcdCluster::start(3).await;
-        let primary = upstream::spawn("primary")?;
-        let backup = upstream::spawn("backup")?;
-        let dir = tempfile::tempdir()?;
-        let members = start_fleet(
-            &etcd,
-            &primary.url(),
-            &backup,
-            dir.path(),
-            [None, None, None],
-        )
-        .await?;
+        let rig = Rig::start(false).await?;
+        let members = &rig.members;
         let http = reqwest::Client::new();
         let tries = scale.count(20).max(10);
         let mut h = hdrhistogram::Histogram::<u64>::new(3)?;
@@ -329,19 +347,8 @@ pub async fn fleet(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
 
     // One proxy cut off from the primary.
     {
-        let etcd = EtcdCluster::start(3).await;
-        let primary = upstream::spawn("primary")?;
-        let backup = upstream::spawn("backup")?;
-        let relay = Relay::start(format!("127.0.0.1:{}", primary.port).parse()?).await;
-        let dir = tempfile::tempdir()?;
-        let members = start_fleet(
-            &etcd,
-            &primary.url(),
-            &backup,
-            dir.path(),
-            [None, Some(relay.url()), None],
-        )
-        .await?;
+        let rig = Rig::start(true).await?;
+        let (members, relay) = (&rig.members, rig.relay.as_ref().expect("cut-off rig"));
         let http = reqwest::Client::new();
         relay.drop_traffic(true);
         let cut = Duration::from_secs(scale.secs(60));
@@ -349,7 +356,7 @@ pub async fn fleet(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
         let (mut samples, mut split) = (0u64, 0u64);
         while started.elapsed() < cut {
             let mut seen = Vec::new();
-            for m in &members {
+            for m in members {
                 seen.push(detect(&http, m.port).await);
             }
             samples += 1;
