@@ -8,6 +8,7 @@
 //! (origin progress / cursor) only moves in the transaction that applied what it covers.
 #![forbid(unsafe_code)]
 
+mod apply;
 mod config;
 mod copy;
 mod db;

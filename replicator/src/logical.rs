@@ -9,13 +9,14 @@
 //! 16+ server is asked for `origin = none`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value as Json};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use crate::apply::{Applier, Batch, Change, Op, Shape};
 use crate::db::{connect, Conn, Site};
 use crate::metrics::{with_dir, Metrics, SharedStatus};
 use crate::pgoutput::{self, Msg, Value};
@@ -250,36 +251,13 @@ async fn switch_from_triggers(
     Ok(())
 }
 
-/// A relation as described by the stream.
-struct Rel {
-    /// `schema.table`.
-    name: String,
-    columns: Vec<pgoutput::Column>,
-}
-
 /// The source transaction being read.
 struct Txn {
     /// Carries an Origin message: applied by gsb on the source, an echo.
     skip: bool,
-    /// Its commit time (RFC 3339, microseconds) for each change's conflict decision.
-    ts: String,
-    changes: Vec<Json>,
-}
-
-/// Whole source transactions handed to the applier.
-#[derive(Default)]
-struct Batch {
-    /// Changes as the JSON array `gsb.apply_changes` takes (without the brackets).
-    json: String,
-    rows: usize,
-    txns: usize,
-    /// Rows and transactions of the application's tables (not heartbeats).
-    data_rows: usize,
-    data_txns: usize,
-    /// End LSN of the last transaction: the origin progress once applied.
-    end_lsn: u64,
-    /// Commit time of the last transaction.
-    commit_ts: String,
+    /// Its commit time, Unix microseconds, for each change's conflict decision.
+    ts_us: i64,
+    changes: Vec<Change>,
 }
 
 /// One session of direction `d`: connect, set up origin and slot (initial sync on the first
@@ -405,10 +383,15 @@ pub(crate) async fn session(
     repl.start_replication(&slot, start, &opts).await?;
     tracing::info!(direction = d.name, slot = %slot, start = %fmt_lsn(start), "streaming");
     with_dir(status, d.name, |s| s.error = None);
-    let stmt = dst
-        .prepare(sql::APPLY_CHANGES)
-        .await
-        .map_err(|e| Error::db(ts, "preparing apply", e))?;
+    let applier = Applier::new(
+        &dst,
+        ss,
+        ts,
+        d.source == Site::Primary,
+        &origin,
+        cfg.max_clock_skew.as_micros() as i64,
+    )
+    .await?;
     let (tx, rx) = mpsc::channel::<Batch>(1);
     let (applied_tx, applied_rx) = watch::channel(start);
     let last_hb = LastHeartbeat::default();
@@ -434,7 +417,7 @@ pub(crate) async fn session(
         shutdown,
     );
     let applier = apply_batches(
-        d, cfg, &dst, &stmt, &origin, rx, applied_tx, &last_hb, &window, metrics, status,
+        d, cfg, &dst, applier, rx, applied_tx, &last_hb, &window, metrics, status,
     );
     // The reader ends on shutdown (dropping the channel ends the applier after its batch).
     let (r, a) = tokio::join!(reader, applier);
@@ -605,7 +588,7 @@ async fn read_stream(
 ) -> Result<(), Error> {
     let ss = d.source.as_str();
     let slot = slot_name(d);
-    let mut rels: HashMap<u32, Rel> = HashMap::new();
+    let mut rels: HashMap<u32, Arc<Shape>> = HashMap::new();
     let mut cur: Option<Txn> = None;
     let mut pending = Batch::default();
     let mut received = start;
@@ -634,10 +617,10 @@ async fn read_stream(
                     return Ok(()); // the applier stopped; its error is reported
                 };
                 sent_end = pending.end_lsn;
-                inflight.push_back((pending.end_lsn, pending.rows));
+                inflight.push_back((pending.end_lsn, pending.changes.len()));
                 permit.send(std::mem::take(&mut pending));
             }
-            msg = repl.recv(), if pending.rows < max_rows => {
+            msg = repl.recv(), if pending.changes.len() < max_rows => {
                 let Some(msg) = msg? else {
                     return Err(Error::Replication { site: ss, what: "the server ended the stream".into() });
                 };
@@ -666,7 +649,7 @@ async fn read_stream(
                 while inflight.front().is_some_and(|(end, _)| *end <= done) {
                     inflight.pop_front();
                 }
-                let known = pending.rows
+                let known = pending.changes.len()
                     + cur.as_ref().map_or(0, |t| t.changes.len())
                     + inflight.iter().map(|(_, n)| n).sum::<usize>();
                 let drained = idle && done >= sent_end && probe.is_some_and(|p| acked >= p);
@@ -830,11 +813,10 @@ async fn observe_slot(
     Ok((parse_lsn(&wal_now).unwrap_or(0), behind))
 }
 
-/// Folds one pgoutput message into the transaction being read and the pending batch.
 fn on_message(
     d: &Direction,
     m: Msg,
-    rels: &mut HashMap<u32, Rel>,
+    rels: &mut HashMap<u32, Arc<Shape>>,
     cur: &mut Option<Txn>,
     pending: &mut Batch,
     start: u64,
@@ -843,12 +825,9 @@ fn on_message(
     let err = |what: String| Error::Replication { site: ss, what };
     match m {
         Msg::Begin { commit_ts_us, .. } => {
-            let ts = chrono::DateTime::from_timestamp_micros(commit_ts_us)
-                .unwrap_or_default()
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
             *cur = Some(Txn {
                 skip: false,
-                ts,
+                ts_us: commit_ts_us,
                 changes: Vec::new(),
             });
         }
@@ -869,20 +848,14 @@ fn on_message(
             let data = t
                 .changes
                 .iter()
-                .filter(|c| c["t"] != "gsb.heartbeat")
+                .filter(|c| c.shape.name != "gsb.heartbeat")
                 .count();
-            for c in t.changes {
-                if !pending.json.is_empty() {
-                    pending.json.push(',');
-                }
-                pending.json.push_str(&c.to_string());
-                pending.rows += 1;
-            }
+            pending.changes.extend(t.changes);
             pending.txns += 1;
             pending.data_rows += data;
             pending.data_txns += usize::from(data > 0);
             pending.end_lsn = end_lsn;
-            pending.commit_ts = t.ts;
+            pending.commit_ts_us = t.ts_us;
         }
         Msg::Relation {
             oid,
@@ -890,46 +863,51 @@ fn on_message(
             name,
             columns,
         } => {
+            if !columns.iter().any(|c| c.key) {
+                return Err(Error::Protocol(format!(
+                    "{namespace}.{name}: the table has no replica identity key (it needs a primary key)"
+                )));
+            }
             rels.insert(
                 oid,
-                Rel {
+                Arc::new(Shape {
                     name: format!("{namespace}.{name}"),
                     columns,
-                },
+                }),
             );
         }
         Msg::Insert { oid, new } => {
-            let (t, rel) = txn_rel(cur, rels, oid, &err)?;
-            if t.skip {
-                return Ok(());
+            let (t, shape) = txn_rel(cur, rels, oid, &err)?;
+            if !t.skip {
+                t.changes.push(change(shape, Op::Insert, new, t.ts_us));
             }
-            let row = row_json(rel, &new);
-            let key = key_json(rel, &new)?;
-            t.changes.push(change(rel, "I", key, Some(row), &t.ts));
         }
         Msg::Update { oid, old_key, new } => {
-            let (t, rel) = txn_rel(cur, rels, oid, &err)?;
+            let (t, shape) = txn_rel(cur, rels, oid, &err)?;
             if t.skip {
                 return Ok(());
             }
-            let key = key_json(rel, &new)?;
-            let row = row_json(rel, &new);
-            match old_key.map(|o| key_json(rel, &o)).transpose()? {
-                Some(old) if old != key => {
+            let key_moved = old_key.as_ref().is_some_and(|old| {
+                shape
+                    .columns
+                    .iter()
+                    .zip(old.iter().zip(&new))
+                    .any(|(c, (o, n))| c.key && o != n)
+            });
+            match old_key {
+                Some(old) if key_moved => {
                     // A key change ships as a delete of the old key, then an insert.
-                    t.changes.push(change(rel, "D", old, None, &t.ts));
-                    t.changes.push(change(rel, "I", key, Some(row), &t.ts));
+                    t.changes.push(change(shape, Op::Delete, old, t.ts_us));
+                    t.changes.push(change(shape, Op::Insert, new, t.ts_us));
                 }
-                _ => t.changes.push(change(rel, "U", key, Some(row), &t.ts)),
+                _ => t.changes.push(change(shape, Op::Update, new, t.ts_us)),
             }
         }
         Msg::Delete { oid, old_key } => {
-            let (t, rel) = txn_rel(cur, rels, oid, &err)?;
-            if t.skip {
-                return Ok(());
+            let (t, shape) = txn_rel(cur, rels, oid, &err)?;
+            if !t.skip {
+                t.changes.push(change(shape, Op::Delete, old_key, t.ts_us));
             }
-            let key = key_json(rel, &old_key)?;
-            t.changes.push(change(rel, "D", key, None, &t.ts));
         }
         Msg::Truncate => {
             tracing::warn!(
@@ -942,12 +920,21 @@ fn on_message(
     Ok(())
 }
 
+fn change(shape: &Arc<Shape>, op: Op, vals: Vec<Value>, ts_us: i64) -> Change {
+    Change {
+        shape: shape.clone(),
+        op,
+        vals,
+        ts_us,
+    }
+}
+
 fn txn_rel<'a>(
     cur: &'a mut Option<Txn>,
-    rels: &'a HashMap<u32, Rel>,
+    rels: &'a HashMap<u32, Arc<Shape>>,
     oid: u32,
     err: &dyn Fn(String) -> Error,
-) -> Result<(&'a mut Txn, &'a Rel), Error> {
+) -> Result<(&'a mut Txn, &'a Arc<Shape>), Error> {
     let t = cur
         .as_mut()
         .ok_or_else(|| err("change outside a transaction".into()))?;
@@ -959,73 +946,12 @@ fn txn_rel<'a>(
     Ok((t, rel))
 }
 
-fn change(rel: &Rel, op: &str, key: Json, row: Option<Json>, ts: &str) -> Json {
-    let mut m = Map::new();
-    m.insert("t".into(), Json::String(rel.name.clone()));
-    m.insert("o".into(), Json::String(op.into()));
-    m.insert("k".into(), key);
-    if let Some(r) = row {
-        m.insert("r".into(), r);
-    }
-    m.insert("ts".into(), Json::String(ts.to_owned()));
-    Json::Object(m)
-}
-
-/// JSON and JSONB values are embedded as JSON; every other value as its text form.
-fn json_value(col: &pgoutput::Column, v: &str) -> Json {
-    const JSON: u32 = 114;
-    const JSONB: u32 = 3802;
-    if col.type_oid == JSON || col.type_oid == JSONB {
-        if let Ok(j) = serde_json::from_str(v) {
-            return j;
-        }
-    }
-    Json::String(v.to_owned())
-}
-
-/// The row as JSON; unchanged TOAST columns are left out, so the apply leaves them as they are.
-fn row_json(rel: &Rel, vals: &[Value]) -> Json {
-    let mut m = Map::new();
-    for (c, v) in rel.columns.iter().zip(vals) {
-        match v {
-            Value::Null => {
-                m.insert(c.name.clone(), Json::Null);
-            }
-            Value::Text(s) => {
-                m.insert(c.name.clone(), json_value(c, s));
-            }
-            Value::UnchangedToast => {}
-        }
-    }
-    Json::Object(m)
-}
-
-/// The replica identity (primary key) columns as JSON.
-fn key_json(rel: &Rel, vals: &[Value]) -> Result<Json, Error> {
-    let mut m = Map::new();
-    for (c, v) in rel.columns.iter().zip(vals) {
-        if c.key {
-            if let Value::Text(s) = v {
-                m.insert(c.name.clone(), json_value(c, s));
-            }
-        }
-    }
-    if m.is_empty() {
-        return Err(Error::Protocol(format!(
-            "{}: a change without key columns (the table needs a primary key as replica identity)",
-            rel.name
-        )));
-    }
-    Ok(Json::Object(m))
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn apply_batches(
     d: &Direction,
     cfg: &Config,
     dst: &Conn,
-    stmt: &tokio_postgres::Statement,
-    origin: &str,
+    mut applier: Applier,
     mut rx: mpsc::Receiver<Batch>,
     applied: watch::Sender<u64>,
     last_hb: &LastHeartbeat,
@@ -1033,37 +959,17 @@ async fn apply_batches(
     metrics: &Metrics,
     status: &SharedStatus,
 ) -> Result<(), Error> {
-    let (ss, ts) = (d.source.as_str(), d.target.as_str());
-    let skew_ms = cfg.max_clock_skew.as_millis() as i64;
     while let Some(b) = rx.recv().await {
         let t0 = Instant::now();
         let span = tracing::info_span!(
             "batch",
             direction = d.name,
-            rows = b.rows,
+            rows = b.changes.len(),
             txns = b.txns,
             lag = tracing::field::Empty,
             conflicts = tracing::field::Empty
         );
-        let json = format!("[{}]", b.json);
-        let lsn = fmt_lsn(b.end_lsn);
-        let res: String = dst
-            .query_one(
-                stmt,
-                &[
-                    &ss,
-                    &ts,
-                    &origin,
-                    &lsn,
-                    &b.commit_ts,
-                    &json,
-                    &skew_ms,
-                    &"primary",
-                ],
-            )
-            .await
-            .map_err(|e| Error::db(ts, format!("applying {} changes", b.rows), e))?
-            .get(0);
+        let res = applier.apply(dst, &b).await?;
         let _ = applied.send(b.end_lsn);
         if b.end_lsn <= window.end {
             use std::sync::atomic::Ordering::Relaxed;
@@ -1074,8 +980,6 @@ async fn apply_batches(
             .batch_seconds
             .with_label_values(&[d.name])
             .observe(t0.elapsed().as_secs_f64());
-        let res: serde_json::Value = serde_json::from_str(&res)
-            .map_err(|e| Error::Protocol(format!("apply_changes returned bad JSON: {e}")))?;
         let conflicts = crate::worker::record_result(d, cfg, &res, metrics);
         span.record("lag", res["max_lag"].as_f64().unwrap_or(0.0));
         span.record("conflicts", conflicts);

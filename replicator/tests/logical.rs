@@ -440,64 +440,6 @@ async fn an_invalidated_slot_is_reported_and_resync_rebuilds_the_pair() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_committed_beyond_the_clock_skew_is_rejected_and_logged() {
-    let (ps, bs, config) = common::pair(SCHEMA, "max_clock_skew = \"10s\"\n").await;
-    let b = bs.client("site").await;
-    let r = start(&config);
-    common::wait_streaming(&ps.client("site").await, &b).await;
-    r.shutdown().await;
-    // A batch as the primary's stream would carry it from a server whose clock is an hour
-    // ahead (its commit time), and a normal one, applied the way the replicator applies.
-    let ahead = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
-    let now = chrono::Utc::now().to_rfc3339();
-    let batch = serde_json::json!([
-        {"t": "public.users", "o": "I", "k": {"id": "00000000-0000-0000-0000-000000000002"},
-         "r": {"id": "00000000-0000-0000-0000-000000000002", "email": "skewed"}, "ts": ahead},
-        {"t": "public.users", "o": "I", "k": {"id": "00000000-0000-0000-0000-000000000003"},
-         "r": {"id": "00000000-0000-0000-0000-000000000003", "email": "ok"}, "ts": now},
-    ])
-    .to_string();
-    // The stopped replicator's apply session may take a moment to release the origin.
-    wait_until(WAIT, "the origin free", || async {
-        b.batch_execute("SELECT pg_replication_origin_session_setup('gsb_from_primary')")
-            .await
-            .is_ok()
-    })
-    .await;
-    let lsn: String = b
-        .query_one(
-            "SELECT (pg_replication_origin_progress('gsb_from_primary', true) + 1)::text",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let res: String = b
-        .query_one(
-            "SELECT gsb.apply_changes('primary', 'backup', 'gsb_from_primary', $1::text::pg_lsn, $2::text::timestamptz, $3::text::jsonb, 10000, 'primary')::text",
-            &[&lsn, &now, &batch],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let res: serde_json::Value = serde_json::from_str(&res).unwrap();
-    assert_eq!(res["skew_rejected"], 1, "{res}");
-    assert_eq!(
-        count(&b, "SELECT count(*) FROM users WHERE email = 'skewed'").await,
-        0,
-        "the skewed change is not applied"
-    );
-    assert_eq!(
-        count(&b, "SELECT count(*) FROM users WHERE email = 'ok'").await,
-        1
-    );
-    assert_eq!(
-        count(&b, "SELECT count(*) FROM gsb.conflicts WHERE reason = 'clock_skew' AND loser_origin = 'primary' AND loser_row->>'email' = 'skewed'").await,
-        1
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_source_committed_before_it_was_cut_off_is_reported_on_return() {
     let (ps, bs) = common::servers(SCHEMA).await;
     let (p, b) = (ps.client("site").await, bs.client("site").await);

@@ -1,0 +1,1283 @@
+//! The logical capture's apply: a batch of whole source transactions applied on the target
+//! in ONE target transaction, decided in Rust and written set-based, in two round trips.
+//!
+//! 1. Pipelined: `BEGIN`; the origin setup (`pg_replication_origin_xact_setup(end, ts)`, so
+//!    the commit records the source's commit time and moves the origin progress) with the
+//!    target's clock; per table one statement that locks every local row the batch touches
+//!    (in key order) and returns its values with its last writer
+//!    (`pg_xact_commit_timestamp_origin(xmin)`).
+//! 2. The decision, per key in source commit order, each change by its OWN commit time: a row
+//!    last written by this source (or absent, for an insert) takes the change; a row written
+//!    elsewhere is a concurrent write: a delete wins, otherwise the later commit time wins,
+//!    ties to the primary, the losing version goes to `gsb.conflicts`; an update of a row
+//!    that is gone is skipped and logged; a stamp beyond `max_clock_skew` is rejected and
+//!    logged.
+//! 3. Pipelined: the conflict log rows, then per table one `DELETE`, one `UPDATE` per set of
+//!    columns (unchanged TOAST columns are left out, never set to NULL) and one `INSERT` of the
+//!    keys' net outcomes, all from `unnest` of text arrays; `COMMIT`. If a set-based
+//!    statement fails (a unique key that only the source's row order satisfies), the
+//!    transaction is rolled back and the batch applied again with one statement per change in
+//!    commit order (still one round trip).
+//!
+//! Statements are prepared once per table and session and derived again when the source's
+//! relation changes (a Relation message: a column added). Values travel in their text form
+//! and are cast to the target's column types by the statements.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value as Json};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement};
+
+use crate::pgoutput::{self, Value};
+use crate::schema::{ident, qident};
+use crate::Error;
+
+/// A relation as the source last described it.
+#[derive(Debug)]
+pub(crate) struct Shape {
+    /// `schema.table`.
+    pub name: String,
+    /// The source's columns, in its order.
+    pub columns: Vec<pgoutput::Column>,
+}
+
+/// What a change does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+/// One change of a source transaction.
+#[derive(Debug)]
+pub(crate) struct Change {
+    /// The relation as it was when the change was made.
+    pub shape: Arc<Shape>,
+    pub op: Op,
+    /// One value per column of `shape` (for a delete: the key columns, the rest NULL).
+    pub vals: Vec<Value>,
+    /// Commit time of its source transaction, Unix microseconds.
+    pub ts_us: i64,
+}
+
+/// Source transactions applied in one target transaction.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    /// Every change, in source commit order.
+    pub changes: Vec<Change>,
+    pub txns: usize,
+    /// Rows and transactions of the application's tables (not heartbeats).
+    pub data_rows: usize,
+    pub data_txns: usize,
+    /// End LSN of the last transaction: the origin progress once applied.
+    pub end_lsn: u64,
+    /// Commit time of the last transaction, Unix microseconds.
+    pub commit_ts_us: i64,
+}
+
+/// What a batch did, in the shape [`crate::worker::record_result`] counts.
+pub(crate) type Outcome = Json;
+
+/// The heartbeat table: its `at` column gives the lag.
+const HEARTBEAT: &str = "gsb.heartbeat";
+
+/// A value of a target column in a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Cell {
+    /// Not sent (unchanged TOAST, or a column the change's relation did not have).
+    Unset,
+    /// This value (None: NULL).
+    Set(Option<String>),
+}
+
+/// A target column that the source also has.
+#[derive(Debug)]
+struct Col {
+    /// Name (unquoted).
+    name: String,
+    /// The target's type, without modifier (the column's own applies on assignment).
+    ty: String,
+    /// Part of the primary key.
+    key: bool,
+    /// Type OID on the source (JSON and JSONB are embedded as JSON in the conflict log).
+    src_oid: u32,
+}
+
+/// One table's statements for one source shape.
+struct Table {
+    shape: Arc<Shape>,
+    cols: Vec<Col>,
+    /// Indexes into `cols` of the key columns, in key order.
+    key: Vec<usize>,
+    lock: Statement,
+    delete: Statement,
+    insert: Statement,
+    conflict: Statement,
+    /// Per set of non-key columns written (a mask over `cols`), prepared when first needed.
+    updates: std::sync::Mutex<HashMap<Vec<bool>, Statement>>,
+}
+
+/// A write of the second round trip, before its statement is resolved.
+enum Write {
+    Delete,
+    Insert,
+    /// The columns set (a mask over `cols`; the key columns are always passed).
+    Update(Vec<bool>),
+}
+
+/// The local row of a key before the batch, as the lock read it.
+struct Local {
+    /// `roident` of its last writer (0: written on this site).
+    origin: i64,
+    /// Its commit time (None: unknown, e.g. older than `track_commit_timestamp`).
+    ts_us: Option<i64>,
+    /// Its values, per `cols`, in text form.
+    vals: Vec<Option<String>>,
+}
+
+/// Which version a conflict log column holds.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    None,
+    /// The local row before the batch.
+    Local,
+    /// The local row with the change's values over it.
+    Merged,
+    /// The change's values alone.
+    Remote,
+}
+
+impl Side {
+    fn as_str(self) -> Option<&'static str> {
+        match self {
+            Side::None => None,
+            Side::Local => Some("local"),
+            Side::Merged => Some("merged"),
+            Side::Remote => Some("remote"),
+        }
+    }
+}
+
+/// One `gsb.conflicts` row to write.
+struct Conflict {
+    /// Index of the change it is about.
+    change: usize,
+    reason: &'static str,
+    winner: (Option<String>, Option<i64>, Side),
+    loser: (Option<String>, Option<i64>, Side),
+}
+
+/// A change converted to the target's columns.
+struct Ch {
+    op: Op,
+    cells: Vec<Cell>,
+    key: Vec<String>,
+    ts_us: i64,
+}
+
+/// The writes of one table in a batch.
+#[derive(Default)]
+struct Plan {
+    /// Changes that are written, in commit order (index into the table's `Ch` list).
+    accepted: Vec<usize>,
+    conflicts: Vec<Conflict>,
+    applied: u64,
+    skewed: u64,
+    /// Keys in first-appearance order, with whether a local row existed before the batch.
+    keys: Vec<(Vec<String>, bool)>,
+    /// Per key (same order): the accepted changes.
+    per_key: Vec<Vec<usize>>,
+}
+
+/// Applies batches of one direction on its target.
+pub(crate) struct Applier {
+    source: &'static str,
+    target: &'static str,
+    source_is_primary: bool,
+    /// `roident` of the source's replication origin on the target.
+    origin_id: i64,
+    skew_us: i64,
+    setup: Statement,
+    tables: HashMap<String, Table>,
+}
+
+fn db(site: &'static str, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
+    let what = what.into();
+    move |e| Error::db(site, what, e)
+}
+
+impl Applier {
+    /// Prepares the per-batch statements on `dst`, whose session is set up under `origin`.
+    pub(crate) async fn new(
+        dst: &Client,
+        source: &'static str,
+        target: &'static str,
+        source_is_primary: bool,
+        origin: &str,
+        max_clock_skew_us: i64,
+    ) -> Result<Self, Error> {
+        let origin_id: i64 = dst
+            .query_one("SELECT pg_replication_origin_oid($1)::int8", &[&origin])
+            .await
+            .map_err(db(target, "reading the replication origin"))?
+            .get(0);
+        let setup = dst
+            .prepare(
+                "SELECT set_config('gsb.applying', 'on', true), \
+                 pg_replication_origin_xact_setup($1::text::pg_lsn, $2::text::timestamptz)::text, \
+                 (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
+            )
+            .await
+            .map_err(db(target, "preparing the apply"))?;
+        Ok(Self {
+            source,
+            target,
+            source_is_primary,
+            origin_id,
+            skew_us: max_clock_skew_us,
+            setup,
+            tables: HashMap::new(),
+        })
+    }
+
+    /// Applies `b` in one transaction on `dst`: its changes and the origin progress
+    /// `b.end_lsn`, or nothing.
+    pub(crate) async fn apply(&mut self, dst: &Client, b: &Batch) -> Result<Outcome, Error> {
+        // The newest shape of each table in the batch; its statements.
+        let mut order: Vec<String> = Vec::new();
+        let mut newest: HashMap<&str, &Arc<Shape>> = HashMap::new();
+        for c in &b.changes {
+            if newest.insert(&c.shape.name, &c.shape).is_none() {
+                order.push(c.shape.name.clone());
+            }
+        }
+        for name in &order {
+            let shape = newest[name.as_str()];
+            if self
+                .tables
+                .get(name)
+                .is_none_or(|t| !Arc::ptr_eq(&t.shape, shape))
+            {
+                let t = Table::prepare(dst, self.target, shape.clone()).await?;
+                self.tables.insert(name.clone(), t);
+            }
+        }
+        // Lock order: by table name, then key (no deadlock between batches of two appliers).
+        order.sort();
+        let mut groups: Vec<(&Table, Vec<Ch>)> = order
+            .iter()
+            .map(|n| (&self.tables[n.as_str()], Vec::new()))
+            .collect();
+        let idx: HashMap<&str, usize> = order
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+        for c in &b.changes {
+            let g = &mut groups[idx[c.shape.name.as_str()]];
+            g.1.push(g.0.convert(c)?);
+        }
+        match self.attempt(dst, b, &groups, false).await {
+            Ok(out) => Ok(out),
+            Err(e) if e.retry_in_order => {
+                tracing::debug!(error = %e.error, "set-based apply failed; applying in commit order");
+                self.attempt(dst, b, &groups, true)
+                    .await
+                    .map_err(|e| e.error)
+            }
+            Err(e) => Err(e.error),
+        }
+    }
+
+    async fn attempt(
+        &self,
+        dst: &Client,
+        b: &Batch,
+        groups: &[(&Table, Vec<Ch>)],
+        in_order: bool,
+    ) -> Result<Outcome, Failed> {
+        let t = self.target;
+        let end = crate::walstream::fmt_lsn(b.end_lsn);
+        let commit_ts = fmt_ts(b.commit_ts_us);
+        // Round trip 1: begin, origin setup and the target's clock, lock and read.
+        let key_arrays: Vec<Vec<Vec<Option<String>>>> = groups
+            .iter()
+            .map(|(tbl, chs)| tbl.key_arrays(chs))
+            .collect();
+        let begin = dst.batch_execute("BEGIN");
+        let setup_params: [&(dyn ToSql + Sync); 2] = [&end, &commit_ts];
+        let setup = dst.query_one(&self.setup, &setup_params);
+        let locks = futures_util::future::join_all(groups.iter().zip(&key_arrays).map(
+            |((tbl, _), arrays)| {
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                async move { dst.query(&tbl.lock, &params).await }
+            },
+        ));
+        let (r_begin, r_setup, r_locks) = tokio::join!(begin, setup, locks);
+        let read = r_begin.and(r_setup).and_then(|setup| {
+            let rows = r_locks.into_iter().collect::<Result<Vec<_>, _>>()?;
+            Ok((setup, rows))
+        });
+        let (setup, locked) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = dst.batch_execute("ROLLBACK").await;
+                return Err(Failed::fatal(Error::db(
+                    t,
+                    "locking the rows of a batch",
+                    e,
+                )));
+            }
+        };
+        let now_us: i64 = setup.get(2);
+        let mut plans = Vec::with_capacity(groups.len());
+        for ((tbl, chs), rows) in groups.iter().zip(locked) {
+            let mut locals: HashMap<Vec<String>, Local> = HashMap::with_capacity(rows.len());
+            let nk = tbl.key.len();
+            for r in rows {
+                let key: Vec<String> = (0..nk).map(|i| r.get::<_, String>(i)).collect();
+                let origin: Option<i64> = r.get(nk);
+                let ts_us: Option<i64> = r.get(nk + 1);
+                let vals = (0..tbl.cols.len()).map(|i| r.get(nk + 2 + i)).collect();
+                locals.insert(
+                    key,
+                    Local {
+                        origin: origin.unwrap_or(0),
+                        ts_us,
+                        vals,
+                    },
+                );
+            }
+            plans.push(self.decide(chs, &locals, now_us));
+        }
+        // Round trip 2: the conflict log, the writes, commit.
+        let mut logs: Vec<(&Statement, Vec<Option<String>>)> = Vec::new();
+        let mut writes: Vec<(Statement, Vec<Vec<Option<String>>>)> = Vec::new();
+        for ((tbl, chs), plan) in groups.iter().zip(&plans) {
+            for c in &plan.conflicts {
+                logs.push((&tbl.conflict, self.conflict_params(tbl, &chs[c.change], c)));
+            }
+            let planned = if in_order {
+                tbl.ordered_writes(chs, plan)
+            } else {
+                tbl.set_writes(chs, plan)
+            };
+            for (w, arrays) in planned {
+                let stmt = match w {
+                    Write::Delete => tbl.delete.clone(),
+                    Write::Insert => tbl.insert.clone(),
+                    Write::Update(mask) => match tbl.update_stmt(dst, t, &mask).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = dst.batch_execute("ROLLBACK").await;
+                            return Err(Failed::fatal(e));
+                        }
+                    },
+                };
+                writes.push((stmt, arrays));
+            }
+        }
+        let logs = futures_util::future::join_all(logs.iter().map(|(stmt, p)| {
+            let params: Vec<&(dyn ToSql + Sync)> =
+                p.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            async move { dst.execute(*stmt, &params).await }
+        }));
+        let ws = futures_util::future::join_all(writes.iter().map(|(stmt, arrays)| {
+            let params: Vec<&(dyn ToSql + Sync)> =
+                arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            async move { dst.execute(stmt, &params).await }
+        }));
+        let commit = dst.batch_execute("COMMIT");
+        let (r_logs, r_ws, r_commit) = tokio::join!(logs, ws, commit);
+        if let Some(e) = r_logs.into_iter().find_map(Result::err) {
+            // COMMIT found the transaction aborted and rolled it back.
+            return Err(Failed::fatal(Error::db(t, "logging a conflict", e)));
+        }
+        if let Some(e) = r_ws.into_iter().find_map(Result::err) {
+            let constraint = e
+                .code()
+                .is_some_and(|c| c.code().starts_with("23") || c.code().starts_with("40"));
+            let what = format!("applying {} changes", b.changes.len());
+            return Err(Failed {
+                retry_in_order: !in_order && constraint,
+                error: Error::db(t, what, e),
+            });
+        }
+        r_commit.map_err(|e| Failed::fatal(Error::db(t, "committing a batch", e)))?;
+        Ok(self.outcome(b, groups, &plans, now_us))
+    }
+
+    /// Decides every change of one table against the locked local rows.
+    fn decide(&self, chs: &[Ch], locals: &HashMap<Vec<String>, Local>, now_us: i64) -> Plan {
+        #[derive(Clone, Copy, PartialEq)]
+        enum St {
+            Absent,
+            /// Last written by this source (before or in the batch).
+            Ours,
+            /// Written here or by another origin; still the local version before the batch.
+            Theirs,
+        }
+        let mut plan = Plan::default();
+        let mut state: HashMap<&[String], (usize, St)> = HashMap::new();
+        let limit = now_us.saturating_add(self.skew_us);
+        for (i, c) in chs.iter().enumerate() {
+            let (slot, st) = match state.get(c.key.as_slice()) {
+                Some(s) => *s,
+                None => {
+                    let local = locals.get(&c.key);
+                    let st = match local {
+                        None => St::Absent,
+                        Some(l) if l.origin == self.origin_id => St::Ours,
+                        Some(_) => St::Theirs,
+                    };
+                    plan.keys.push((c.key.clone(), local.is_some()));
+                    plan.per_key.push(Vec::new());
+                    let s = (plan.keys.len() - 1, st);
+                    state.insert(&c.key, s);
+                    s
+                }
+            };
+            if c.ts_us > limit {
+                plan.conflicts.push(Conflict {
+                    change: i,
+                    reason: "clock_skew",
+                    winner: (None, None, Side::None),
+                    loser: (Some(self.source.into()), Some(c.ts_us), Side::Remote),
+                });
+                plan.skewed += 1;
+                continue;
+            }
+            let remote = (Some(self.source.to_owned()), Some(c.ts_us));
+            let next = match (st, c.op) {
+                (St::Absent, Op::Insert) => Some(St::Ours),
+                (St::Absent, Op::Update) => {
+                    // The row is gone here: the delete beats this concurrent update.
+                    plan.conflicts.push(Conflict {
+                        change: i,
+                        reason: "concurrent_write",
+                        winner: (Some(self.target.into()), None, Side::None),
+                        loser: (remote.0, remote.1, Side::Remote),
+                    });
+                    None
+                }
+                (St::Absent, Op::Delete) => None, // already gone
+                (St::Ours, Op::Delete) => Some(St::Absent),
+                (St::Ours, _) => Some(St::Ours),
+                (St::Theirs, op) => {
+                    let local = &locals[&c.key];
+                    let label = if local.origin == 0 {
+                        self.target.to_owned()
+                    } else {
+                        format!("origin {}", local.origin)
+                    };
+                    let mine = (Some(label), local.ts_us);
+                    if op == Op::Delete {
+                        plan.conflicts.push(Conflict {
+                            change: i,
+                            reason: "concurrent_write",
+                            winner: (remote.0, remote.1, Side::None),
+                            loser: (mine.0, mine.1, Side::Local),
+                        });
+                        Some(St::Absent)
+                    } else if c
+                        .cells
+                        .iter()
+                        .zip(&local.vals)
+                        .all(|(n, o)| matches!(n, Cell::Unset) || *n == Cell::Set(o.clone()))
+                    {
+                        // The same values: nothing to decide, nothing to write.
+                        plan.applied += 1;
+                        None
+                    } else {
+                        let win = local.ts_us.is_none_or(|l| {
+                            c.ts_us > l || (c.ts_us == l && self.source_is_primary)
+                        });
+                        let (w, l) = if win {
+                            (
+                                (remote.0, remote.1, Side::Merged),
+                                (mine.0, mine.1, Side::Local),
+                            )
+                        } else {
+                            (
+                                (mine.0, mine.1, Side::Local),
+                                (remote.0, remote.1, Side::Merged),
+                            )
+                        };
+                        plan.conflicts.push(Conflict {
+                            change: i,
+                            reason: "concurrent_write",
+                            winner: w,
+                            loser: l,
+                        });
+                        win.then_some(St::Ours)
+                    }
+                }
+            };
+            if let Some(n) = next {
+                plan.accepted.push(i);
+                plan.per_key[slot].push(i);
+                plan.applied += 1;
+                state.insert(&c.key, (slot, n));
+            }
+        }
+        plan
+    }
+
+    /// The conflict statement's parameters: table, key, the change's row (JSON), reason,
+    /// winner (origin, stamp, side), loser (origin, stamp, side).
+    fn conflict_params(&self, tbl: &Table, c: &Ch, k: &Conflict) -> Vec<Option<String>> {
+        let key: Map<String, Json> = tbl
+            .key
+            .iter()
+            .zip(&c.key)
+            .map(|(&i, v)| (tbl.cols[i].name.clone(), json_value(tbl.cols[i].src_oid, v)))
+            .collect();
+        let row: Option<String> = (c.op != Op::Delete).then(|| {
+            let m: Map<String, Json> = tbl
+                .cols
+                .iter()
+                .zip(&c.cells)
+                .filter_map(|(col, cell)| match cell {
+                    Cell::Unset => None,
+                    Cell::Set(None) => Some((col.name.clone(), Json::Null)),
+                    Cell::Set(Some(v)) => Some((col.name.clone(), json_value(col.src_oid, v))),
+                })
+                .collect();
+            Json::Object(m).to_string()
+        });
+        vec![
+            Some(tbl.shape.name.clone()),
+            Some(Json::Object(key).to_string()),
+            row,
+            Some(k.reason.to_owned()),
+            k.winner.0.clone(),
+            k.winner.1.map(fmt_ts),
+            k.winner.2.as_str().map(str::to_owned),
+            k.loser.0.clone(),
+            k.loser.1.map(fmt_ts),
+            k.loser.2.as_str().map(str::to_owned),
+        ]
+    }
+
+    fn outcome(
+        &self,
+        b: &Batch,
+        groups: &[(&Table, Vec<Ch>)],
+        plans: &[Plan],
+        now_us: i64,
+    ) -> Outcome {
+        let mut applied = Map::new();
+        let mut conflicts = Map::new();
+        let mut skewed = 0;
+        for ((tbl, _), p) in groups.iter().zip(plans) {
+            if p.applied > 0 {
+                applied.insert(tbl.shape.name.clone(), json!(p.applied));
+            }
+            let n = p.conflicts.len() as u64 - p.skewed;
+            if n > 0 {
+                conflicts.insert(tbl.shape.name.clone(), json!(n));
+            }
+            skewed += p.skewed;
+        }
+        let oldest = b.changes.iter().map(|c| c.ts_us).min().unwrap_or(now_us);
+        // The heartbeat: the newest `at` of the source's heartbeat row in the batch.
+        let hb = b
+            .changes
+            .iter()
+            .rev()
+            .filter(|c| c.shape.name == HEARTBEAT && c.op != Op::Delete)
+            .find_map(|c| {
+                c.shape
+                    .columns
+                    .iter()
+                    .zip(&c.vals)
+                    .find_map(|(col, v)| match v {
+                        Value::Text(s) if col.name == "at" => parse_ts_us(s),
+                        _ => None,
+                    })
+            })
+            .map(|at| (now_us - at) as f64 / 1e6);
+        json!({
+            "applied": applied,
+            "conflicts": conflicts,
+            "skew_rejected": skewed,
+            "max_lag": (now_us - oldest) as f64 / 1e6,
+            "heartbeat_lag": hb,
+        })
+    }
+}
+
+/// A failed attempt, and whether applying in commit order may succeed where set-based failed.
+struct Failed {
+    error: Error,
+    retry_in_order: bool,
+}
+
+impl Failed {
+    fn fatal(error: Error) -> Self {
+        Self {
+            error,
+            retry_in_order: false,
+        }
+    }
+}
+
+impl Table {
+    async fn prepare(dst: &Client, site: &'static str, shape: Arc<Shape>) -> Result<Self, Error> {
+        let name = &shape.name;
+        let q = qident(name);
+        let pk: Option<Vec<String>> = dst
+            .query_opt("SELECT pk_cols FROM gsb.tables WHERE tbl = $1", &[name])
+            .await
+            .map_err(db(site, format!("reading the key of {name}")))?
+            .and_then(|r| r.get(0));
+        let pk = pk.ok_or_else(|| Error::Protocol(format!(
+            "{name}: changes arrived for a table that is not set up for replication on the {site} site (gsb.tables has no key for it)"
+        )))?;
+        let target: Vec<(String, String)> = dst
+            .query(
+                "SELECT attname::text, format_type(atttypid, NULL) FROM pg_attribute \
+                 WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped \
+                 AND attgenerated = '' ORDER BY attnum",
+                &[&q],
+            )
+            .await
+            .map_err(db(site, format!("reading the columns of {name}")))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        // The target's columns the source also has; a source column the target lacks is not
+        // written (as a column added on one site before the other).
+        let cols: Vec<Col> = target
+            .into_iter()
+            .filter_map(|(n, ty)| {
+                let src = shape.columns.iter().find(|c| c.name == n)?;
+                Some(Col {
+                    key: pk.contains(&n),
+                    src_oid: src.type_oid,
+                    name: n,
+                    ty,
+                })
+            })
+            .collect();
+        let key: Vec<usize> = pk
+            .iter()
+            .map(|k| {
+                cols.iter().position(|c| &c.name == k).ok_or_else(|| {
+                    Error::Protocol(format!(
+                        "{name}: key column {k} is missing on the source or the {site} site"
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let all: Vec<usize> = (0..cols.len()).collect();
+        let t = |i: usize| format!("t.{}", ident(&cols[i].name));
+        let keys_t = key.iter().map(|&i| t(i)).collect::<Vec<_>>().join(", ");
+        let lock = format!(
+            "SELECT {ktext}, o.roident::int8, (extract(epoch FROM o.\"timestamp\") * 1000000)::int8, {vals} \
+             FROM {q} t LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) o ON true \
+             WHERE ({keys_t}) IN ({src}) ORDER BY {keys_t} FOR UPDATE OF t",
+            ktext = key.iter().map(|&i| format!("{}::text", t(i))).collect::<Vec<_>>().join(", "),
+            vals = all.iter().map(|&i| format!("{}::text", t(i))).collect::<Vec<_>>().join(", "),
+            src = unnest_select(&cols, &key, 1),
+        );
+        let delete = format!(
+            "DELETE FROM {q} t WHERE ({keys_t}) IN ({})",
+            unnest_select(&cols, &key, 1)
+        );
+        let insert = format!(
+            "INSERT INTO {q} ({}) {}",
+            all.iter()
+                .map(|&i| ident(&cols[i].name))
+                .collect::<Vec<_>>()
+                .join(", "),
+            unnest_select(&cols, &all, 1)
+        );
+        let conflict = format!(
+            "WITH k AS (SELECT jsonb_populate_record(NULL::{q}, $2::text::jsonb) AS r), \
+                  l AS (SELECT t FROM {q} t, k WHERE ({keys_t}) = ({kr})), \
+                  v AS (SELECT (SELECT l.t FROM l) AS lt, \
+                               jsonb_populate_record((SELECT l.t FROM l), coalesce($3::text::jsonb, '{{}}')) AS m, \
+                               jsonb_populate_record(NULL::{q}, coalesce($3::text::jsonb, $2::text::jsonb)) AS rm) \
+             INSERT INTO gsb.conflicts (tbl, pk, reason, winner_origin, winner_ts, winner_row, loser_origin, loser_ts, loser_row) \
+             SELECT $1::text, jsonb_build_object({pkj}), $4::text, \
+                    $5::text, $6::text::timestamptz, \
+                    CASE $7::text WHEN 'local' THEN to_jsonb(v.lt) WHEN 'merged' THEN to_jsonb(v.m) WHEN 'remote' THEN to_jsonb(v.rm) END, \
+                    $8::text, $9::text::timestamptz, \
+                    CASE $10::text WHEN 'local' THEN to_jsonb(v.lt) WHEN 'merged' THEN to_jsonb(v.m) WHEN 'remote' THEN to_jsonb(v.rm) END \
+             FROM k, v",
+            kr = key.iter().map(|&i| format!("(k.r).{}", ident(&cols[i].name))).collect::<Vec<_>>().join(", "),
+            pkj = key
+                .iter()
+                .map(|&i| {
+                    let n = &cols[i].name;
+                    format!("'{}', (k.r).{}", n.replace('\'', "''"), ident(n))
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        let prep = |sql: String| async move {
+            dst.prepare(&sql)
+                .await
+                .map_err(db(site, format!("preparing the apply of {name}")))
+        };
+        Ok(Self {
+            lock: prep(lock).await?,
+            delete: prep(delete).await?,
+            insert: prep(insert).await?,
+            conflict: prep(conflict).await?,
+            updates: Default::default(),
+            shape,
+            cols,
+            key,
+        })
+    }
+
+    /// The change's values per target column, by column name (its shape may be older).
+    fn convert(&self, c: &Change) -> Result<Ch, Error> {
+        let same = Arc::ptr_eq(&c.shape, &self.shape);
+        let cells: Vec<Cell> = self
+            .cols
+            .iter()
+            .map(|col| {
+                let i = if same {
+                    self.shape.columns.iter().position(|s| s.name == col.name)
+                } else {
+                    c.shape.columns.iter().position(|s| s.name == col.name)
+                };
+                match i.map(|i| &c.vals[i]) {
+                    Some(Value::Text(s)) => Cell::Set(Some(s.clone())),
+                    Some(Value::Null) => Cell::Set(None),
+                    Some(Value::UnchangedToast) | None => Cell::Unset,
+                }
+            })
+            .collect();
+        let key = self
+            .key
+            .iter()
+            .map(|&i| match &cells[i] {
+                Cell::Set(Some(s)) => Ok(s.clone()),
+                _ => Err(Error::Protocol(format!(
+                    "{}: a change without its key column {} (the table needs a primary key as replica identity)",
+                    self.shape.name, self.cols[i].name
+                ))),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Ch {
+            op: c.op,
+            cells,
+            key,
+            ts_us: c.ts_us,
+        })
+    }
+
+    /// One text array per key column: every key the batch touches (the lock's parameters).
+    fn key_arrays(&self, chs: &[Ch]) -> Vec<Vec<Option<String>>> {
+        let mut seen = std::collections::HashSet::new();
+        let mut arrays = vec![Vec::new(); self.key.len()];
+        for c in chs {
+            if seen.insert(&c.key) {
+                for (a, v) in arrays.iter_mut().zip(&c.key) {
+                    a.push(Some(v.clone()));
+                }
+            }
+        }
+        arrays
+    }
+
+    /// Set-based: per key its net outcome; one DELETE, one UPDATE per column set, one INSERT.
+    fn set_writes(&self, chs: &[Ch], plan: &Plan) -> Vec<(Write, Vec<Vec<Option<String>>>)> {
+        let mut out = Vec::new();
+        let n = self.cols.len();
+        let mut deletes = vec![Vec::new(); self.key.len()];
+        let mut inserts = vec![Vec::new(); n];
+        let mut updates: HashMap<Vec<bool>, Vec<Vec<Option<String>>>> = HashMap::new();
+        for ((key, present), accepted) in plan.keys.iter().zip(&plan.per_key) {
+            if accepted.is_empty() {
+                continue;
+            }
+            let mut exists = *present;
+            let mut reset = false;
+            let mut row: Vec<Cell> = vec![Cell::Unset; n];
+            for &i in accepted {
+                let c = &chs[i];
+                match c.op {
+                    Op::Delete => {
+                        exists = false;
+                        reset = true;
+                        row.fill(Cell::Unset);
+                    }
+                    Op::Insert | Op::Update => {
+                        exists = true;
+                        for (r, v) in row.iter_mut().zip(&c.cells) {
+                            if let Cell::Set(_) = v {
+                                *r = v.clone();
+                            }
+                        }
+                    }
+                }
+            }
+            let val = |c: &Cell| match c {
+                Cell::Set(v) => v.clone(),
+                Cell::Unset => None,
+            };
+            match (*present, exists) {
+                (false, false) => {}
+                (true, false) => {
+                    for (a, v) in deletes.iter_mut().zip(key) {
+                        a.push(Some(v.clone()));
+                    }
+                }
+                (false, true) => {
+                    for (a, c) in inserts.iter_mut().zip(&row) {
+                        a.push(val(c));
+                    }
+                }
+                (true, true) => {
+                    // Deleted and inserted again: every column; else the columns sent.
+                    let mask: Vec<bool> = self
+                        .cols
+                        .iter()
+                        .zip(&row)
+                        .map(|(col, c)| !col.key && (reset || matches!(c, Cell::Set(_))))
+                        .collect();
+                    if !mask.contains(&true) {
+                        continue;
+                    }
+                    let arrays = updates
+                        .entry(mask.clone())
+                        .or_insert_with(|| vec![Vec::new(); n]);
+                    for (i, (a, c)) in arrays.iter_mut().zip(&row).enumerate() {
+                        if mask[i] || self.cols[i].key {
+                            a.push(val(c));
+                        }
+                    }
+                }
+            }
+        }
+        if !deletes[0].is_empty() {
+            out.push((Write::Delete, deletes));
+        }
+        for (mask, arrays) in updates {
+            let arrays = arrays
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| mask[*i] || self.cols[*i].key)
+                .map(|(_, a)| a)
+                .collect();
+            out.push((Write::Update(mask), arrays));
+        }
+        if !inserts[0].is_empty() {
+            out.push((Write::Insert, inserts));
+        }
+        out
+    }
+
+    /// In commit order: one statement per accepted change.
+    fn ordered_writes(&self, chs: &[Ch], plan: &Plan) -> Vec<(Write, Vec<Vec<Option<String>>>)> {
+        let mut out = Vec::new();
+        let mut exists: HashMap<&[String], bool> =
+            plan.keys.iter().map(|(k, p)| (k.as_slice(), *p)).collect();
+        let one = |v: &Cell| {
+            vec![match v {
+                Cell::Set(v) => v.clone(),
+                Cell::Unset => None,
+            }]
+        };
+        for &i in &plan.accepted {
+            let c = &chs[i];
+            let e = exists.get(c.key.as_slice()).copied().unwrap_or(false);
+            let keys = || c.key.iter().map(|k| vec![Some(k.clone())]).collect();
+            match c.op {
+                Op::Delete => {
+                    out.push((Write::Delete, keys()));
+                    exists.insert(&c.key, false);
+                }
+                Op::Insert if !e => {
+                    out.push((Write::Insert, c.cells.iter().map(one).collect()));
+                    exists.insert(&c.key, true);
+                }
+                Op::Insert | Op::Update => {
+                    let mask: Vec<bool> = self
+                        .cols
+                        .iter()
+                        .zip(&c.cells)
+                        .map(|(col, v)| !col.key && matches!(v, Cell::Set(_)))
+                        .collect();
+                    if !mask.contains(&true) {
+                        continue;
+                    }
+                    let arrays = c
+                        .cells
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| mask[*j] || self.cols[*j].key)
+                        .map(|(_, v)| one(v))
+                        .collect();
+                    out.push((Write::Update(mask), arrays));
+                }
+            }
+        }
+        out
+    }
+
+    /// `UPDATE ... SET` the columns of `mask` from arrays (key columns first in column order,
+    /// as the arrays are passed), prepared once per column set.
+    async fn update_stmt(
+        &self,
+        dst: &Client,
+        site: &'static str,
+        mask: &[bool],
+    ) -> Result<Statement, Error> {
+        if let Some(s) = self.lock_updates().get(mask) {
+            return Ok(s.clone());
+        }
+        let which: Vec<usize> = (0..self.cols.len())
+            .filter(|&i| mask[i] || self.cols[i].key)
+            .collect();
+        let pos = |i: usize| which.iter().position(|&w| w == i).unwrap_or_default();
+        let set = which
+            .iter()
+            .filter(|&&i| mask[i])
+            .map(|&i| {
+                format!(
+                    "{} = u.c{}::{}",
+                    ident(&self.cols[i].name),
+                    pos(i),
+                    self.cols[i].ty
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let matches = self
+            .key
+            .iter()
+            .map(|&i| {
+                format!(
+                    "t.{} = u.c{}::{}",
+                    ident(&self.cols[i].name),
+                    pos(i),
+                    self.cols[i].ty
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let params = (1..=which.len())
+            .map(|j| format!("${j}::text[]"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let names = (0..which.len())
+            .map(|j| format!("c{j}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "UPDATE {} t SET {set} FROM unnest({params}) AS u({names}) WHERE {matches}",
+            qident(&self.shape.name)
+        );
+        let stmt = dst.prepare(&sql).await.map_err(db(
+            site,
+            format!("preparing the apply of {}", self.shape.name),
+        ))?;
+        self.lock_updates().insert(mask.to_vec(), stmt.clone());
+        Ok(stmt)
+    }
+
+    fn lock_updates(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<bool>, Statement>> {
+        self.updates.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// `SELECT u.c0::T0, ... FROM unnest($from::text[], ...) AS u(c0, ...)` for columns `which`.
+fn unnest_select(cols: &[Col], which: &[usize], from: usize) -> String {
+    let casts = which
+        .iter()
+        .enumerate()
+        .map(|(j, &i)| format!("u.c{j}::{}", cols[i].ty))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let params = (0..which.len())
+        .map(|j| format!("${}::text[]", from + j))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let names = (0..which.len())
+        .map(|j| format!("c{j}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("SELECT {casts} FROM unnest({params}) AS u({names})")
+}
+
+/// JSON and JSONB values are embedded as JSON; every other value as its text form.
+pub(crate) fn json_value(type_oid: u32, v: &str) -> Json {
+    const JSON: u32 = 114;
+    const JSONB: u32 = 3802;
+    if type_oid == JSON || type_oid == JSONB {
+        if let Ok(j) = serde_json::from_str(v) {
+            return j;
+        }
+    }
+    Json::String(v.to_owned())
+}
+
+/// RFC 3339 in UTC with microseconds.
+pub(crate) fn fmt_ts(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// A `timestamptz` in its ISO text form (`2026-12-01 23:10:00.123456+00`) as Unix microseconds.
+fn parse_ts_us(s: &str) -> Option<i64> {
+    let fixed = if s.len() > 3 && (s.ends_with("+00") || s.ends_with("-00")) {
+        format!("{s}:00")
+    } else {
+        s.to_owned()
+    };
+    chrono::DateTime::parse_from_str(&fixed, "%Y-%m-%d %H:%M:%S%.f%:z")
+        .ok()
+        .map(|d| d.timestamp_micros())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The apply against a real PostgreSQL server: batches as a source's stream would carry
+    //! them (commit times a source's clock could not be made to give in a test).
+
+    use super::*;
+    use crate::db::Site;
+    use crate::schema::{install, table_info};
+    use gsb_tests::pg::PgServer;
+
+    /// A target with `users` set up, its origin session for the primary, and an applier.
+    async fn target() -> (PgServer, Client, Applier, Arc<Shape>) {
+        let srv = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+        let mut c = srv.client("site").await;
+        c.batch_execute(
+            "CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, name text);
+             SET TIME ZONE 'UTC';
+             SELECT pg_replication_origin_create('gsb_from_primary');
+             SELECT pg_replication_origin_session_setup('gsb_from_primary');",
+        )
+        .await
+        .unwrap();
+        let info = table_info(&c, Site::Backup, "public.users").await.unwrap();
+        install(&mut c, Site::Backup, std::slice::from_ref(&info), std::slice::from_ref(&info), false)
+            .await
+            .unwrap();
+        let a = Applier::new(
+            &c,
+            "primary",
+            "backup",
+            true,
+            "gsb_from_primary",
+            10_000_000,
+        )
+        .await
+        .unwrap();
+        let col = |name: &str, key: bool, type_oid: u32| pgoutput::Column {
+            name: name.into(),
+            key,
+            type_oid,
+        };
+        let shape = Arc::new(Shape {
+            name: "public.users".into(),
+            columns: vec![
+                col("id", true, 23),
+                col("email", false, 25),
+                col("name", false, 25),
+            ],
+        });
+        (srv, c, a, shape)
+    }
+
+    fn row(shape: &Arc<Shape>, op: Op, id: i32, email: Option<&str>, ts_us: i64) -> Change {
+        let text = |s: &str| Value::Text(s.into());
+        Change {
+            shape: shape.clone(),
+            op,
+            vals: vec![
+                text(&id.to_string()),
+                email.map_or(Value::UnchangedToast, text),
+                Value::Null,
+            ],
+            ts_us,
+        }
+    }
+
+    async fn count(c: &Client, sql: &str) -> i64 {
+        c.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    fn batch(changes: Vec<Change>, end_lsn: u64) -> Batch {
+        let ts = changes.iter().map(|c| c.ts_us).max().unwrap_or_default();
+        Batch {
+            txns: 1,
+            data_rows: changes.len(),
+            data_txns: 1,
+            changes,
+            end_lsn,
+            commit_ts_us: ts,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_committed_beyond_the_clock_skew_is_rejected_logged_and_the_rest_applied() {
+        let (_srv, c, mut a, users) = target().await;
+        let now = chrono::Utc::now().timestamp_micros();
+        let ahead = now + 3_600_000_000;
+        let out = a
+            .apply(
+                &c,
+                &batch(
+                    vec![
+                        row(&users, Op::Insert, 2, Some("skewed"), ahead),
+                        row(&users, Op::Insert, 3, Some("ok"), now),
+                    ],
+                    0x100,
+                ),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["skew_rejected"], 1, "{out}");
+        assert_eq!(out["applied"]["public.users"], 1, "{out}");
+        assert_eq!(
+            count(&c, "SELECT count(*) FROM users WHERE email = 'skewed'").await,
+            0
+        );
+        assert_eq!(
+            count(&c, "SELECT count(*) FROM users WHERE email = 'ok'").await,
+            1
+        );
+        assert_eq!(
+            count(&c, "SELECT count(*) FROM gsb.conflicts WHERE reason = 'clock_skew' AND pk = '{\"id\": 2}' AND loser_origin = 'primary' AND loser_row->>'email' = 'skewed'").await,
+            1
+        );
+        // The batch moved the origin progress in the same commit.
+        let progress: String = c
+            .query_one(
+                "SELECT pg_replication_origin_progress('gsb_from_primary', false)::text",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(progress, "0/100");
+    }
+
+    #[tokio::test]
+    async fn a_key_changed_several_times_in_a_batch_ends_as_the_source_left_it() {
+        let (_srv, c, mut a, users) = target().await;
+        let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
+        // Insert, update twice (the second leaving `email` unchanged: TOAST), delete another
+        // key that was inserted in the same batch, and re-insert a deleted key.
+        let changes = vec![
+            row(&users, Op::Insert, 1, Some("a"), t),
+            row(&users, Op::Update, 1, Some("b"), t + 1),
+            row(&users, Op::Update, 1, None, t + 2),
+            row(&users, Op::Insert, 2, Some("x"), t + 3),
+            row(&users, Op::Delete, 2, None, t + 4),
+            row(&users, Op::Insert, 2, Some("y"), t + 5),
+            row(&users, Op::Insert, 3, Some("z"), t + 6),
+            row(&users, Op::Delete, 3, None, t + 7),
+        ];
+        let out = a.apply(&c, &batch(changes, 0x200)).await.unwrap();
+        assert_eq!(out["applied"]["public.users"], 8, "{out}");
+        let rows: Vec<(i32, String)> = c
+            .query("SELECT id, email FROM users ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(rows, vec![(1, "b".into()), (2, "y".into())]);
+        assert_eq!(count(&c, "SELECT count(*) FROM gsb.conflicts").await, 0);
+    }
+
+    #[tokio::test]
+    async fn unique_values_swapped_through_a_temporary_one_apply_in_commit_order() {
+        let (_srv, c, mut a, users) = target().await;
+        let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
+        a.apply(
+            &c,
+            &batch(
+                vec![
+                    row(&users, Op::Insert, 1, Some("u1"), t),
+                    row(&users, Op::Insert, 2, Some("u2"), t),
+                ],
+                0x300,
+            ),
+        )
+        .await
+        .unwrap();
+        // As set-based statements the net updates collide on the unique email; in the source's
+        // order they do not.
+        let out = a
+            .apply(
+                &c,
+                &batch(
+                    vec![
+                        row(&users, Op::Update, 1, Some("tmp"), t + 1),
+                        row(&users, Op::Update, 2, Some("u1"), t + 1),
+                        row(&users, Op::Update, 1, Some("u2"), t + 1),
+                    ],
+                    0x400,
+                ),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["applied"]["public.users"], 3, "{out}");
+        let rows: Vec<(i32, String)> = c
+            .query("SELECT id, email FROM users ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(rows, vec![(1, "u2".into()), (2, "u1".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_local_write_loses_to_a_later_change_and_beats_an_earlier_one_both_logged() {
+        let (_srv, c, mut a, users) = target().await;
+        // Two local rows written on this site (no origin) now.
+        // (Each its own transaction: a commit records the session's origin at commit time.)
+        for sql in [
+            "SELECT pg_replication_origin_session_reset()",
+            "INSERT INTO users VALUES (1, 'l1', 'local'), (2, 'l2', 'local')",
+            "SELECT pg_replication_origin_session_setup('gsb_from_primary')",
+        ] {
+            c.batch_execute(sql).await.unwrap();
+        }
+        let now = chrono::Utc::now().timestamp_micros();
+        let out = a
+            .apply(
+                &c,
+                &batch(
+                    vec![
+                        row(&users, Op::Update, 1, Some("later"), now + 5_000_000),
+                        row(&users, Op::Update, 2, Some("earlier"), now - 60_000_000),
+                        row(&users, Op::Update, 9, Some("gone"), now),
+                    ],
+                    0x500,
+                ),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["applied"]["public.users"], 1, "{out}");
+        assert_eq!(out["conflicts"]["public.users"], 3, "{out}");
+        let emails: Vec<String> = c
+            .query("SELECT email FROM users ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(emails, vec!["later", "l2"]);
+        assert_eq!(count(&c, "SELECT count(*) FROM gsb.conflicts WHERE winner_row->>'email' = 'later' AND loser_row->>'email' = 'l1' AND loser_origin = 'backup'").await, 1);
+        assert_eq!(count(&c, "SELECT count(*) FROM gsb.conflicts WHERE winner_row->>'email' = 'l2' AND loser_row->>'email' = 'earlier' AND loser_origin = 'primary'").await, 1);
+        assert_eq!(count(&c, "SELECT count(*) FROM gsb.conflicts WHERE loser_row->>'email' = 'gone' AND winner_origin = 'backup' AND winner_row IS NULL").await, 1);
+    }
+}
