@@ -115,6 +115,8 @@ struct Table {
     lock: Statement,
     delete: Statement,
     insert: Statement,
+    /// `COPY ... FROM STDIN` of every column (text format).
+    copy: Statement,
     conflict: Statement,
     /// Per set of non-key columns written (a mask over `cols`), prepared when first needed.
     updates: std::sync::Mutex<HashMap<Vec<bool>, Statement>>,
@@ -202,6 +204,9 @@ pub(crate) struct Applier {
     skew_us: i64,
     setup: Statement,
     tables: HashMap<String, Table>,
+    /// The target's clock minus this host's, microseconds, as last measured (a batch with
+    /// nothing to read decides clock skew by it instead of asking).
+    clock: std::sync::atomic::AtomicI64,
 }
 
 fn db(site: &'static str, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
@@ -232,6 +237,16 @@ impl Applier {
             )
             .await
             .map_err(db(target, "preparing the apply"))?;
+        let before = local_now_us();
+        let now: i64 = dst
+            .query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
+                &[],
+            )
+            .await
+            .map_err(db(target, "reading the clock"))?
+            .get(0);
+        let clock = now - (before + local_now_us()) / 2;
         Ok(Self {
             source,
             target,
@@ -240,6 +255,7 @@ impl Applier {
             skew_us: max_clock_skew_us,
             setup,
             tables: HashMap::new(),
+            clock: clock.into(),
         })
     }
 
@@ -280,15 +296,19 @@ impl Applier {
             let g = &mut groups[idx[c.shape.name.as_str()]];
             g.1.push(g.0.convert(c)?);
         }
-        match self.attempt(dst, b, &groups, false).await {
-            Ok(out) => Ok(out),
-            Err(e) if e.retry_in_order => {
-                tracing::debug!(error = %e.error, "set-based apply failed; applying in commit order");
-                self.attempt(dst, b, &groups, true)
-                    .await
-                    .map_err(|e| e.error)
+        let mut mode = Mode::Optimistic;
+        loop {
+            match self.attempt(dst, b, &groups, mode).await {
+                Ok(out) => return Ok(out),
+                Err(Failed {
+                    retry: Some(next),
+                    error,
+                }) => {
+                    tracing::debug!(%error, ?next, "a batch's writes failed; applying it again");
+                    mode = next;
+                }
+                Err(e) => return Err(e.error),
             }
-            Err(e) => Err(e.error),
         }
     }
 
@@ -297,43 +317,75 @@ impl Applier {
         dst: &Client,
         b: &Batch,
         groups: &[(&Table, Vec<Ch>)],
-        in_order: bool,
+        mode: Mode,
+    ) -> Result<Outcome, Failed> {
+        let res = self.attempt_inner(dst, b, groups, mode).await;
+        if res.is_err() {
+            // Whatever failed, the transaction is not left open (a no-op if COMMIT already
+            // rolled the aborted one back).
+            let _ = dst.batch_execute("ROLLBACK").await;
+        }
+        res
+    }
+
+    async fn attempt_inner(
+        &self,
+        dst: &Client,
+        b: &Batch,
+        groups: &[(&Table, Vec<Ch>)],
+        mode: Mode,
     ) -> Result<Outcome, Failed> {
         let t = self.target;
         let end = crate::walstream::fmt_lsn(b.end_lsn);
         let commit_ts = fmt_ts(b.commit_ts_us);
-        // Round trip 1: begin, origin setup and the target's clock, lock and read.
-        let key_arrays: Vec<Vec<Vec<Option<String>>>> = groups
-            .iter()
-            .map(|(tbl, chs)| tbl.key_arrays(chs))
-            .collect();
-        let begin = dst.batch_execute("BEGIN");
         let setup_params: [&(dyn ToSql + Sync); 2] = [&end, &commit_ts];
-        let setup = dst.query_one(&self.setup, &setup_params);
-        let locks = futures_util::future::join_all(groups.iter().zip(&key_arrays).map(
-            |((tbl, _), arrays)| {
-                let params: Vec<&(dyn ToSql + Sync)> =
-                    arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-                async move { dst.query(&tbl.lock, &params).await }
-            },
-        ));
-        let (r_begin, r_setup, r_locks) = tokio::join!(begin, setup, locks);
-        let read = r_begin.and(r_setup).and_then(|setup| {
-            let rows = r_locks.into_iter().collect::<Result<Vec<_>, _>>()?;
-            Ok((setup, rows))
-        });
-        let (setup, locked) = match read {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = dst.batch_execute("ROLLBACK").await;
-                return Err(Failed::fatal(Error::db(
-                    t,
-                    "locking the rows of a batch",
-                    e,
-                )));
+        // The keys whose local row is read: all of them, but optimistically not those the
+        // batch inserts first and leaves existing (then absent here, or the INSERT fails and
+        // the batch is applied again reading them).
+        let lock_keys: Vec<Vec<Vec<Option<String>>>> = groups
+            .iter()
+            .map(|(tbl, chs)| tbl.key_arrays(chs, mode == Mode::Optimistic))
+            .collect();
+        let reads = lock_keys.iter().any(|k| !k[0].is_empty());
+        let mut began = false;
+        let mut locked: Vec<Vec<tokio_postgres::Row>> = vec![Vec::new(); groups.len()];
+        let now_us = if reads {
+            // Round trip 1: begin, origin setup with the target's clock, lock and read.
+            let begin = dst.batch_execute("BEGIN");
+            let setup = dst.query_one(&self.setup, &setup_params);
+            let locks = futures_util::future::join_all(
+                groups
+                    .iter()
+                    .zip(&lock_keys)
+                    .filter(|(_, k)| !k[0].is_empty())
+                    .map(|((tbl, _), arrays)| {
+                        let params: Vec<&(dyn ToSql + Sync)> =
+                            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                        async move { dst.query(&tbl.lock, &params).await }
+                    }),
+            );
+            let (r_begin, r_setup, r_locks) = tokio::join!(begin, setup, locks);
+            let read = r_begin.and(r_setup).and_then(|setup| {
+                let rows = r_locks.into_iter().collect::<Result<Vec<_>, _>>()?;
+                Ok((setup, rows))
+            });
+            let (setup, mut rows) =
+                read.map_err(|e| Failed::fatal(Error::db(t, "locking the rows of a batch", e)))?;
+            rows.reverse();
+            for (slot, k) in locked.iter_mut().zip(&lock_keys) {
+                if !k[0].is_empty() {
+                    *slot = rows.pop().unwrap_or_default();
+                }
             }
+            began = true;
+            let now: i64 = setup.get(2);
+            self.clock
+                .store(now - local_now_us(), std::sync::atomic::Ordering::Relaxed);
+            now
+        } else {
+            // Nothing to read: the target's clock as last seen, one round trip in all.
+            local_now_us() + self.clock.load(std::sync::atomic::Ordering::Relaxed)
         };
-        let now_us: i64 = setup.get(2);
         let mut plans = Vec::with_capacity(groups.len());
         for ((tbl, chs), rows) in groups.iter().zip(locked) {
             let mut locals: HashMap<Vec<String>, Local> = HashMap::with_capacity(rows.len());
@@ -354,14 +406,16 @@ impl Applier {
             }
             plans.push(self.decide(chs, &locals, now_us));
         }
-        // Round trip 2: the conflict log, the writes, commit.
+        // Round trip 2 (with the begin and setup when there was nothing to read): the conflict
+        // log, the writes, commit; a large insert goes by COPY.
         let mut logs: Vec<(&Statement, Vec<Option<String>>)> = Vec::new();
         let mut writes: Vec<(Statement, Vec<Vec<Option<String>>>)> = Vec::new();
+        let mut copies: Vec<(&Statement, bytes::Bytes)> = Vec::new();
         for ((tbl, chs), plan) in groups.iter().zip(&plans) {
             for c in &plan.conflicts {
                 logs.push((&tbl.conflict, self.conflict_params(tbl, &chs[c.change], c)));
             }
-            let planned = if in_order {
+            let planned = if mode == Mode::InOrder {
                 tbl.ordered_writes(chs, plan)
             } else {
                 tbl.set_writes(chs, plan)
@@ -369,18 +423,30 @@ impl Applier {
             for (w, arrays) in planned {
                 let stmt = match w {
                     Write::Delete => tbl.delete.clone(),
+                    Write::Insert if arrays[0].len() >= COPY_FROM => {
+                        copies.push((&tbl.copy, copy_text(&arrays)));
+                        continue;
+                    }
                     Write::Insert => tbl.insert.clone(),
-                    Write::Update(mask) => match tbl.update_stmt(dst, t, &mask).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            let _ = dst.batch_execute("ROLLBACK").await;
-                            return Err(Failed::fatal(e));
-                        }
-                    },
+                    Write::Update(mask) => tbl
+                        .update_stmt(dst, t, &mask)
+                        .await
+                        .map_err(Failed::fatal)?,
                 };
                 writes.push((stmt, arrays));
             }
         }
+        let begin = async {
+            if began {
+                Ok(())
+            } else {
+                let (b, s) = tokio::join!(
+                    dst.batch_execute("BEGIN"),
+                    dst.query_one(&self.setup, &setup_params)
+                );
+                b.and(s).map(drop)
+            }
+        };
         let logs = futures_util::future::join_all(logs.iter().map(|(stmt, p)| {
             let params: Vec<&(dyn ToSql + Sync)> =
                 p.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
@@ -391,23 +457,35 @@ impl Applier {
                 arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
             async move { dst.execute(stmt, &params).await }
         }));
-        let commit = dst.batch_execute("COMMIT");
-        let (r_logs, r_ws, r_commit) = tokio::join!(logs, ws, commit);
+        // COPYs one after the other (the connection serves one at a time), then COMMIT: sent
+        // only after the last COPY, so nothing can follow the transaction's end.
+        let tail = async {
+            for (stmt, data) in &copies {
+                use futures_util::SinkExt;
+                let sink = dst.copy_in::<_, bytes::Bytes>(*stmt).await?;
+                futures_util::pin_mut!(sink);
+                sink.send(data.clone()).await?;
+                sink.finish().await?;
+            }
+            dst.batch_execute("COMMIT").await
+        };
+        let (r_begin, r_logs, r_ws, r_tail) = tokio::join!(begin, logs, ws, tail);
+        r_begin.map_err(|e| Failed::fatal(Error::db(t, "starting a batch", e)))?;
         if let Some(e) = r_logs.into_iter().find_map(Result::err) {
-            // COMMIT found the transaction aborted and rolled it back.
             return Err(Failed::fatal(Error::db(t, "logging a conflict", e)));
         }
-        if let Some(e) = r_ws.into_iter().find_map(Result::err) {
+        let write_err = r_ws.into_iter().find_map(Result::err);
+        let failed = write_err.or(r_tail.err());
+        if let Some(e) = failed {
             let constraint = e
                 .code()
                 .is_some_and(|c| c.code().starts_with("23") || c.code().starts_with("40"));
             let what = format!("applying {} changes", b.changes.len());
             return Err(Failed {
-                retry_in_order: !in_order && constraint,
+                retry: constraint.then(|| mode.next()).flatten(),
                 error: Error::db(t, what, e),
             });
         }
-        r_commit.map_err(|e| Failed::fatal(Error::db(t, "committing a batch", e)))?;
         Ok(self.outcome(b, groups, &plans, now_us))
     }
 
@@ -611,19 +689,74 @@ impl Applier {
     }
 }
 
-/// A failed attempt, and whether applying in commit order may succeed where set-based failed.
+/// A failed attempt, and the way of applying the batch that may succeed where it failed.
 struct Failed {
     error: Error,
-    retry_in_order: bool,
+    retry: Option<Mode>,
 }
 
 impl Failed {
     fn fatal(error: Error) -> Self {
-        Self {
-            error,
-            retry_in_order: false,
+        Self { error, retry: None }
+    }
+}
+
+/// How a batch is applied; on a constraint failure the next one is tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Keys the batch inserts first are presumed absent (not read); set-based writes.
+    Optimistic,
+    /// Every key read and locked; set-based writes.
+    Locked,
+    /// Every key read and locked; one statement per change in commit order.
+    InOrder,
+}
+
+impl Mode {
+    fn next(self) -> Option<Mode> {
+        match self {
+            Mode::Optimistic => Some(Mode::Locked),
+            Mode::Locked => Some(Mode::InOrder),
+            Mode::InOrder => None,
         }
     }
+}
+
+/// Inserts of at least this many rows of one table go by COPY (fewer: one INSERT, which
+/// rides in the same round trip as the rest).
+const COPY_FROM: usize = 256;
+
+fn local_now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Rows (one array per column) in COPY's text format.
+fn copy_text(cols: &[Vec<Option<String>>]) -> bytes::Bytes {
+    let rows = cols.first().map_or(0, Vec::len);
+    let mut out = Vec::with_capacity(rows * cols.len() * 16);
+    for r in 0..rows {
+        for (j, col) in cols.iter().enumerate() {
+            if j > 0 {
+                out.push(b'\t');
+            }
+            match &col[r] {
+                None => out.extend_from_slice(b"\\N"),
+                Some(v) => {
+                    for &c in v.as_bytes() {
+                        match c {
+                            b'\\' => out.extend_from_slice(b"\\\\"),
+                            b'\t' => out.extend_from_slice(b"\\t"),
+                            b'\n' => out.extend_from_slice(b"\\n"),
+                            b'\r' => out.extend_from_slice(b"\\r"),
+                            c => out.push(c),
+                        }
+                    }
+                }
+            }
+        }
+        out.push(b'\n');
+    }
+    out.into()
 }
 
 impl Table {
@@ -674,6 +807,11 @@ impl Table {
                 })
             })
             .collect::<Result<_, _>>()?;
+        if key.is_empty() {
+            return Err(Error::Protocol(format!(
+                "{name}: no primary key recorded in gsb.tables on the {site} site"
+            )));
+        }
         let all: Vec<usize> = (0..cols.len()).collect();
         let t = |i: usize| format!("t.{}", ident(&cols[i].name));
         let keys_t = key.iter().map(|&i| t(i)).collect::<Vec<_>>().join(", ");
@@ -696,6 +834,13 @@ impl Table {
                 .collect::<Vec<_>>()
                 .join(", "),
             unnest_select(&cols, &all, 1)
+        );
+        let copy = format!(
+            "COPY {q} ({}) FROM STDIN",
+            all.iter()
+                .map(|&i| ident(&cols[i].name))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let conflict = format!(
             "WITH k AS (SELECT jsonb_populate_record(NULL::{q}, $2::text::jsonb) AS r), \
@@ -729,6 +874,7 @@ impl Table {
             lock: prep(lock).await?,
             delete: prep(delete).await?,
             insert: prep(insert).await?,
+            copy: prep(copy).await?,
             conflict: prep(conflict).await?,
             updates: Default::default(),
             shape,
@@ -775,15 +921,28 @@ impl Table {
         })
     }
 
-    /// One text array per key column: every key the batch touches (the lock's parameters).
-    fn key_arrays(&self, chs: &[Ch]) -> Vec<Vec<Option<String>>> {
-        let mut seen = std::collections::HashSet::new();
-        let mut arrays = vec![Vec::new(); self.key.len()];
+    /// One text array per key column: the keys whose local rows are read (all that the batch
+    /// touches, or with `optimistic` not those it inserts first and leaves existing).
+    fn key_arrays(&self, chs: &[Ch], optimistic: bool) -> Vec<Vec<Option<String>>> {
+        let mut first_last: HashMap<&[String], (Op, Op)> = HashMap::new();
+        let mut order: Vec<&[String]> = Vec::new();
         for c in chs {
-            if seen.insert(&c.key) {
-                for (a, v) in arrays.iter_mut().zip(&c.key) {
-                    a.push(Some(v.clone()));
-                }
+            first_last
+                .entry(&c.key)
+                .and_modify(|e| e.1 = c.op)
+                .or_insert_with(|| {
+                    order.push(&c.key);
+                    (c.op, c.op)
+                });
+        }
+        let mut arrays = vec![Vec::new(); self.key.len()];
+        for k in order {
+            let (first, last) = first_last[k];
+            if optimistic && first == Op::Insert && last != Op::Delete {
+                continue;
+            }
+            for (a, v) in arrays.iter_mut().zip(k) {
+                a.push(Some(v.clone()));
             }
         }
         arrays
@@ -1064,9 +1223,15 @@ mod tests {
         .await
         .unwrap();
         let info = table_info(&c, Site::Backup, "public.users").await.unwrap();
-        install(&mut c, Site::Backup, std::slice::from_ref(&info), std::slice::from_ref(&info), false)
-            .await
-            .unwrap();
+        install(
+            &mut c,
+            Site::Backup,
+            std::slice::from_ref(&info),
+            std::slice::from_ref(&info),
+            false,
+        )
+        .await
+        .unwrap();
         let a = Applier::new(
             &c,
             "primary",
@@ -1246,7 +1411,7 @@ mod tests {
         // (Each its own transaction: a commit records the session's origin at commit time.)
         for sql in [
             "SELECT pg_replication_origin_session_reset()",
-            "INSERT INTO users VALUES (1, 'l1', 'local'), (2, 'l2', 'local')",
+            "INSERT INTO users VALUES (1, 'l1', 'local'), (2, 'l2', 'local'), (4, 'l4', 'local')",
             "SELECT pg_replication_origin_session_setup('gsb_from_primary')",
         ] {
             c.batch_execute(sql).await.unwrap();
@@ -1260,14 +1425,16 @@ mod tests {
                         row(&users, Op::Update, 1, Some("later"), now + 5_000_000),
                         row(&users, Op::Update, 2, Some("earlier"), now - 60_000_000),
                         row(&users, Op::Update, 9, Some("gone"), now),
+                        // inserted on both sites: presumed absent, the INSERT fails, read again
+                        row(&users, Op::Insert, 4, Some("both"), now + 5_000_000),
                     ],
                     0x500,
                 ),
             )
             .await
             .unwrap();
-        assert_eq!(out["applied"]["public.users"], 1, "{out}");
-        assert_eq!(out["conflicts"]["public.users"], 3, "{out}");
+        assert_eq!(out["applied"]["public.users"], 2, "{out}");
+        assert_eq!(out["conflicts"]["public.users"], 4, "{out}");
         let emails: Vec<String> = c
             .query("SELECT email FROM users ORDER BY id", &[])
             .await
@@ -1275,9 +1442,44 @@ mod tests {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        assert_eq!(emails, vec!["later", "l2"]);
+        assert_eq!(emails, vec!["later", "l2", "both"]);
+        assert_eq!(count(&c, "SELECT count(*) FROM gsb.conflicts WHERE winner_row->>'email' = 'both' AND loser_row->>'email' = 'l4'").await, 1);
         assert_eq!(count(&c, "SELECT count(*) FROM gsb.conflicts WHERE winner_row->>'email' = 'later' AND loser_row->>'email' = 'l1' AND loser_origin = 'backup'").await, 1);
         assert_eq!(count(&c, "SELECT count(*) FROM gsb.conflicts WHERE winner_row->>'email' = 'l2' AND loser_row->>'email' = 'earlier' AND loser_origin = 'primary'").await, 1);
         assert_eq!(count(&c, "SELECT count(*) FROM gsb.conflicts WHERE loser_row->>'email' = 'gone' AND winner_origin = 'backup' AND winner_row IS NULL").await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_large_insert_goes_by_copy_with_every_value_intact() {
+        let (_srv, c, mut a, users) = target().await;
+        let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
+        let odd = "tab\there, new\nline, back\\slash, cr\r, \\N, quote' \"";
+        let mut changes: Vec<Change> = (0..(COPY_FROM as i32 + 10))
+            .map(|i| row(&users, Op::Insert, i, Some(&format!("{odd} {i}")), t))
+            .collect();
+        // and a NULL
+        changes.push(Change {
+            shape: users.clone(),
+            op: Op::Insert,
+            vals: vec![Value::Text("100000".into()), Value::Null, Value::Null],
+            ts_us: t,
+        });
+        let n = changes.len() as i64;
+        a.apply(&c, &batch(changes, 0x600)).await.unwrap();
+        assert_eq!(count(&c, "SELECT count(*) FROM users").await, n);
+        let e: String = c
+            .query_one("SELECT email FROM users WHERE id = 7", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(e, format!("{odd} 7"));
+        assert_eq!(
+            count(
+                &c,
+                "SELECT count(*) FROM users WHERE id = 100000 AND email IS NULL"
+            )
+            .await,
+            1
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The logical capture: per direction a publication and a `pgoutput` slot on the source,
-//! streamed over the replication protocol; whole source transactions applied on the target by
-//! `gsb.apply_changes` under the source's replication origin.
+//! streamed over the replication protocol; whole source transactions applied on the target
+//! by `apply.rs` under the source's replication origin.
 //!
 //! Exactly once: the start position is the target's origin progress, advanced in the commit
 //! that applied the changes; the slot is acknowledged only up to what the target committed

@@ -68,12 +68,13 @@ async fn count(c: &Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
-/// Installs the schema (capture triggers) by running the replicator until both sites have it.
+/// Sets the capture up (publication and slot on each site, the logical capture's default) by
+/// running the replicator until both sites have it; what is written afterwards is kept for it.
 async fn install(config: &Config, p: &Client, b: &Client) {
     let r = start(config);
-    wait_until(Duration::from_secs(30), "schema installed", || async {
-        let q = "SELECT count(*) FROM pg_trigger WHERE tgname = 'gsb_capture'";
-        count(p, q).await >= 3 && count(b, q).await >= 4
+    wait_until(Duration::from_secs(30), "capture set up", || async {
+        let q = "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'gsb_%'";
+        count(p, q).await >= 1 && count(b, q).await >= 1
     })
     .await;
     r.shutdown().await;
