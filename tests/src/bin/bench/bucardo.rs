@@ -152,6 +152,10 @@ impl Bucardo {
         .map(|(k, v)| format!("{k}={}", v.display()))
         .collect();
         set.extend(SLEEPS.iter().map(|(k, v)| format!("{k}={v}")));
+        // Development: e.g. BENCH_BUCARDO_LOG_LEVEL=VERBOSE (Bucardo's default is NORMAL).
+        if let Ok(level) = std::env::var("BENCH_BUCARDO_LOG_LEVEL") {
+            set.push(format!("log_level={level}"));
+        }
         let mut args = vec!["set"];
         args.extend(set.iter().map(String::as_str));
         b.cli(&args).await?;
@@ -266,6 +270,20 @@ impl Bucardo {
         Ok(())
     }
 
+    /// With the daemons stopped, Bucardo's own purge (what its VAC daemon runs every 30 s for
+    /// deltas older than 45 s) of every delta and track row both sites have seen, so a backlog
+    /// starts from tables as small as they get in steady state, not from the lag runs' leftovers.
+    async fn purge(&self, pair: &Pair) -> anyhow::Result<()> {
+        for c in [&pair.primary, &pair.backup] {
+            connect(&c.dsn("site"))
+                .await
+                .batch_execute("SELECT bucardo.bucardo_purge_delta('0 seconds')")
+                .await
+                .context("bucardo_purge_delta")?;
+        }
+        Ok(())
+    }
+
     /// Live Bucardo processes in the process groups we started.
     fn daemons(&self) -> Vec<u32> {
         let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -328,6 +346,14 @@ impl Drop for Bucardo {
     fn drop(&mut self) {
         // Before the control server (a field) and the sites (the caller's) go away.
         self.kill_all();
+        // For a look at what the daemons did: BENCH_BUCARDO_LOG=<dir> keeps their logs.
+        if let Some(keep) = std::env::var_os("BENCH_BUCARDO_LOG") {
+            let keep = PathBuf::from(keep);
+            let _ = std::fs::create_dir_all(&keep);
+            for f in std::fs::read_dir(&self.log).into_iter().flatten().flatten() {
+                let _ = std::fs::copy(f.path(), keep.join(f.file_name()));
+            }
+        }
     }
 }
 
@@ -369,7 +395,8 @@ pub(crate) async fn bucardo(p: &Params, report: &mut Report) -> anyhow::Result<(
              trigger sends a NOTIFY (the kick); the controller hears it and wakes the kid, which \
              reads the delta keys, then DELETEs those rows on the other side and COPYs them over. \
              Its lag therefore includes that kick and the daemons' polling loops. Catch-up and \
-             apply: `bucardo stop`, backlog, `bucardo start`, timed from the kid's start. \
+             apply: `bucardo stop`, `bucardo_purge_delta` on both sites (the VAC daemon's purge, \
+             run at once), backlog, `bucardo start`, timed from the kid's start. \
              Capture off = daemons stopped and Bucardo's two triggers on users disabled.",
             SLEEPS[0].1,
             SLEEPS
@@ -419,11 +446,13 @@ pub(crate) async fn bucardo(p: &Params, report: &mut Report) -> anyhow::Result<(
     let pc = connect(&pair.primary.dsn("site")).await;
     let bcl = connect(&pair.backup.dsn("site")).await;
     bc.stop().await?;
+    bc.purge(&pair).await?;
     backlog(&pc, "cu", big).await?;
     bc.start().await?;
     let t = wait_count(&bcl, &count_sql("cu"), big as i64, Duration::from_secs(600)).await;
     put_catch_up(report, "Bucardo", big, t);
     bc.stop().await?;
+    bc.purge(&pair).await?;
     tokio::try_join!(backlog(&pc, "ap", each), backlog(&bcl, "ab", each))?;
     bc.start().await?;
     two_way_apply(&pair, each, report, "Bucardo").await?;
