@@ -1,15 +1,26 @@
-//! `bench`: gsb side by side with HAProxy, nginx and pglogical on this machine, in one run.
+//! `bench`: gsb side by side with HAProxy, nginx, pglogical and Bucardo on this machine, in one run.
 //!
 //! ```text
 //! cargo build --release -p gsb
 //! cargo run --release -p gsb-tests --bin bench -- [proxy|failover|fleet|replication|config|all] [--scale X]
 //! ```
-//! Contenders are found on PATH (Debian: `wrk haproxy nginx-light postgresql-15-pglogical`);
-//! `--install` runs `apt-get update && apt-get install` for the missing ones first. `--scale`
-//! multiplies every duration and count (0.1 for a smoke run). The report (Markdown: setups, one
-//! table of figures and gsb/peer ratios, notes) goes to stdout; progress goes to stderr.
+//! Contenders are found on PATH (Debian: `wrk haproxy nginx-light postgresql-15-pglogical
+//! bucardo postgresql-plperl-15`); `--install` runs `apt-get update && apt-get install` for the
+//! missing ones first (PL/Perl pinned to the installed server's version, so the server is not
+//! upgraded under running clusters). `--scale` multiplies every duration and count (0.1 for a
+//! smoke run). The report (Markdown: setups, one table of figures and gsb/peer ratios, notes) goes
+//! to stdout; progress goes to stderr.
+//!
+//! `replication` measures gsb (two way), pglogical (one way) and Bucardo (two way), each on a
+//! fresh pair of servers. For development, `BENCH_ONLY=bucardo` (a comma-separated list of
+//! `gsb`, `pglogical`, `bucardo`) runs only those contenders, e.g.
+//! `BENCH_ONLY=bucardo bench replication --scale 0.1`; `bench pglogical` is pglogical alone.
+//! `BENCH_BUCARDO_LOG=<dir>` keeps Bucardo's log files (they live in a temp dir otherwise) and
+//! `BENCH_BUCARDO_LOG_LEVEL=VERBOSE` (or DEBUG) makes them say what each sync run did.
 #![forbid(unsafe_code)]
 
+#[path = "bench/bucardo.rs"]
+mod bucardo;
 #[path = "bench/fleetbench.rs"]
 mod fleetbench;
 #[path = "bench/load.rs"]
@@ -198,6 +209,12 @@ fn machine(report: &mut report::Report) {
 
 /// Installs the Debian packages of missing contenders; Bucardo is attempted but optional.
 fn install_missing() -> anyhow::Result<()> {
+    let has = |bin: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
     let need: Vec<&str> = [
         ("wrk", "wrk"),
         ("haproxy", "haproxy"),
@@ -206,33 +223,56 @@ fn install_missing() -> anyhow::Result<()> {
         ("etcd", "etcd-server"),
     ]
     .into_iter()
-    .filter(|(bin, _)| {
-        !Command::new("sh")
-            .args(["-c", &format!("command -v {bin}")])
-            .status()
-            .is_ok_and(|s| s.success())
-    })
+    .filter(|(bin, _)| !has(bin))
     .map(|(_, pkg)| pkg)
     .chain(
         (!std::path::Path::new("/usr/lib/postgresql/15/lib/pglogical.so").exists())
             .then_some("postgresql-15-pglogical"),
     )
     .collect();
-    if need.is_empty() {
+    // Bucardo and PL/Perl for its control database. PL/Perl must match the installed server's
+    // exact version (a newer one would upgrade postgresql-15 under running servers); Bucardo's
+    // recommends would pull the newest PL/Perl, hence --no-install-recommends.
+    let mut optional = Vec::new();
+    if !has("bucardo") {
+        optional.push("bucardo".to_owned());
+    }
+    if !std::path::Path::new("/usr/lib/postgresql/15/lib/plperl.so").exists() {
+        let version = Command::new("dpkg-query")
+            .args(["-W", "-f=${Version}", "postgresql-15"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        optional.push(if version.is_empty() {
+            "postgresql-plperl-15".to_owned()
+        } else {
+            format!("postgresql-plperl-15={version}")
+        });
+    }
+    if need.is_empty() && optional.is_empty() {
         return Ok(());
     }
-    let ok = Command::new("sh")
-        .args([
-            "-c",
-            &format!(
-                "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q {}",
-                need.join(" ")
-            ),
-        ])
-        .status()?
-        .success();
-    if !ok {
+    let apt = |pkgs: &str, extra: &str| {
+        Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q {extra} {pkgs}"
+                ),
+            ])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !need.is_empty() && !apt(&need.join(" "), "") {
         bail!("apt-get install {} failed", need.join(" "));
+    }
+    if !optional.is_empty() && !apt(&optional.join(" "), "--no-install-recommends") {
+        eprintln!(
+            "bench: apt-get install {} failed; Bucardo will be skipped",
+            optional.join(" ")
+        );
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Benchmarks 3 (replication: gsb two way, pglogical one way) and 4 (config copy).
+//! Benchmarks 3 (replication: gsb and Bucardo two way, pglogical one way) and 4 (config copy).
 //!
 //! Lag is commit-to-visible, measured by this process with one clock: a writer records when its
 //! INSERT's commit is acknowledged on site A; an `ENABLE ALWAYS` trigger on site B (it also fires
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures_util::StreamExt;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -40,7 +41,7 @@ CREATE TABLE IF NOT EXISTS usage_records (id uuid PRIMARY KEY, meeting_id uuid, 
 ";
 
 /// The visibility probe (see the module doc).
-const NOTIFY_TRIGGER: &str = "
+pub(crate) const NOTIFY_TRIGGER: &str = "
 CREATE OR REPLACE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS
   $$ BEGIN PERFORM pg_notify('bench', NEW.id::text); RETURN NULL; END $$;
 DROP TRIGGER IF EXISTS bench_notify ON users;
@@ -49,13 +50,13 @@ ALTER TABLE users ENABLE ALWAYS TRIGGER bench_notify;
 ";
 
 /// Two PostgreSQL servers with database `site` and the site tables.
-struct Pair {
-    primary: Cluster,
-    backup: Cluster,
+pub(crate) struct Pair {
+    pub(crate) primary: Cluster,
+    pub(crate) backup: Cluster,
 }
 
 impl Pair {
-    async fn start(settings: Vec<(String, String)>) -> anyhow::Result<Pair> {
+    pub(crate) async fn start(settings: Vec<(String, String)>) -> anyhow::Result<Pair> {
         let mk = move |s: Vec<(String, String)>| -> anyhow::Result<Cluster> {
             let mut c = Cluster::init(ClusterOptions {
                 fsync: false,
@@ -269,15 +270,18 @@ async fn lag_of(times: &Arc<Mutex<Times>>, deadline: Duration) -> (f64, f64, u64
     )
 }
 
+/// Per direction: (name, (lag p50 ms, lag p99 ms, rows never seen)).
+pub(crate) type DirLags = Vec<(&'static str, (f64, f64, u64))>;
+
 /// One lag run: writes at `rate` on the primary (and on the backup if `both`), returns per
 /// direction (p50, p99, missing).
-async fn lag_run(
+pub(crate) async fn lag_run(
     pair: &Pair,
     rate: f64,
     dur: Duration,
     both: bool,
     tag: &str,
-) -> anyhow::Result<Vec<(&'static str, (f64, f64, u64))>> {
+) -> anyhow::Result<DirLags> {
     let tracker = TaskTracker::new();
     let p2b = Arc::new(Mutex::new(Times::default()));
     let b2p = Arc::new(Mutex::new(Times::default()));
@@ -310,8 +314,7 @@ async fn lag_run(
 
 /// Only the pglogical half of the replication benchmark.
 pub async fn pglogical_only(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
-    let dur = Duration::from_secs(scale.secs(5));
-    pglogical(scale, dur, scale.count(500_000), report).await
+    pglogical(&Params::new(scale), report).await
 }
 
 /// pglogical one way, primary (provider) -> backup (subscriber), users table only.
@@ -364,7 +367,7 @@ async fn pglogical_setup(pair: &Pair) -> anyhow::Result<()> {
 }
 
 /// Waits until `count_sql` on `c` returns at least `n`; returns the time taken.
-async fn wait_count(
+pub(crate) async fn wait_count(
     c: &Client,
     count_sql: &str,
     n: i64,
@@ -384,7 +387,7 @@ async fn wait_count(
 }
 
 /// Inserts `n` users tagged `tag` on `c` in transactions of 10,000 rows.
-async fn backlog(c: &Client, tag: &str, n: u64) -> anyhow::Result<()> {
+pub(crate) async fn backlog(c: &Client, tag: &str, n: u64) -> anyhow::Result<()> {
     let mut done = 0;
     while done < n {
         let k = (n - done).min(10_000);
@@ -400,18 +403,308 @@ async fn backlog(c: &Client, tag: &str, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn count_sql(tag: &str) -> String {
+pub(crate) fn count_sql(tag: &str) -> String {
     format!("SELECT count(*) FROM users WHERE email LIKE '{tag}-%'")
 }
 
-const RATES: [f64; 3] = [100.0, 1000.0, 5000.0];
+pub(crate) const RATES: [f64; 3] = [100.0, 1000.0, 5000.0];
 
-/// Replication lag, apply rate, catch-up, capture overhead; pglogical one way.
+/// The sizes of one replication run, shared by every contender so their figures line up.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Params {
+    /// How long each lag run writes.
+    pub(crate) dur: Duration,
+    /// Rows of the one-way catch-up backlog.
+    pub(crate) big: u64,
+    /// Rows of the backlog in each direction for the two-way apply rate.
+    pub(crate) each: u64,
+    /// Seconds of each pgbench run of the capture overhead.
+    pub(crate) pgb_secs: u64,
+    /// Rows updated on both sites at once in the conflict run.
+    pub(crate) conflicts: u64,
+}
+
+impl Params {
+    fn new(scale: &Scale) -> Params {
+        Params {
+            dur: Duration::from_secs(scale.secs(5)),
+            big: scale.count(500_000),
+            each: scale.count(100_000),
+            pgb_secs: scale.secs(5),
+            conflicts: scale.count(200),
+        }
+    }
+}
+
+/// Whether `BENCH_ONLY` (a comma-separated list of gsb, pglogical, bucardo) selects `who`;
+/// unset or empty selects every contender.
+pub(crate) fn wanted(who: &str) -> bool {
+    match std::env::var("BENCH_ONLY") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').any(|w| w.trim().eq_ignore_ascii_case(who)),
+        _ => true,
+    }
+}
+
+/// Records the figures of one lag run of `contender` under the metric names every contender uses.
+pub(crate) fn put_lag(
+    report: &mut Report,
+    contender: &str,
+    rate: f64,
+    both: bool,
+    res: anyhow::Result<DirLags>,
+) {
+    let how = if both { "each way at once" } else { "one way" };
+    match res {
+        Ok(dirs) => {
+            for (dir, (p50, p99, missing)) in dirs {
+                let m = format!("lag @{rate} writes/s {how}");
+                let (m50, m99) = if both {
+                    (format!("{m} p50 ({dir})"), format!("{m} p99 ({dir})"))
+                } else {
+                    (format!("{m} p50"), format!("{m} p99"))
+                };
+                report.put("replication", &m50, "ms", true, contender, p50);
+                report.put("replication", &m99, "ms", true, contender, p99);
+                if missing > 0 {
+                    let col = if both {
+                        format!("{contender} {dir}")
+                    } else {
+                        contender.to_owned()
+                    };
+                    report.note(&format!(
+                        "replication: {col} @{rate}/s {how}: {missing} rows not visible within 30 s"
+                    ));
+                }
+            }
+        }
+        Err(e) => report.note(&format!("replication: {contender} @{rate}/s {how}: {e:#}")),
+    }
+}
+
+/// Records a catch-up of `big` rows that took `t` (or failed).
+pub(crate) fn put_catch_up(
+    report: &mut Report,
+    contender: &str,
+    big: u64,
+    t: anyhow::Result<Duration>,
+) {
+    match t {
+        Ok(t) => {
+            report.put(
+                "replication",
+                &format!("catch-up of {big} rows"),
+                "s",
+                true,
+                contender,
+                t.as_secs_f64(),
+            );
+            report.put(
+                "replication",
+                "catch-up rate",
+                "rows/s",
+                false,
+                contender,
+                big as f64 / t.as_secs_f64(),
+            );
+        }
+        Err(e) => report.note(&format!("replication: {contender} catch-up: {e:#}")),
+    }
+}
+
+/// Waits for `each` rows of a backlog in both directions at once and records each direction's
+/// apply rate.
+pub(crate) async fn two_way_apply(
+    pair: &Pair,
+    each: u64,
+    report: &mut Report,
+    contender: &str,
+) -> anyhow::Result<()> {
+    let pc = connect(&pair.primary.dsn("site")).await;
+    let bc = connect(&pair.backup.dsn("site")).await;
+    let (qa, qb) = (count_sql("ap"), count_sql("ab"));
+    let (r1, r2) = tokio::join!(
+        wait_count(&bc, &qa, each as i64, Duration::from_secs(300)),
+        wait_count(&pc, &qb, each as i64, Duration::from_secs(300)),
+    );
+    for (dir, r) in [("primary_to_backup", r1), ("backup_to_primary", r2)] {
+        match r {
+            Ok(t) => report.put(
+                "replication",
+                &format!("apply rate, both ways at once ({dir})"),
+                "rows/s",
+                false,
+                contender,
+                each as f64 / t.as_secs_f64(),
+            ),
+            Err(e) => report.note(&format!("replication: {contender} apply rate {dir}: {e:#}")),
+        }
+    }
+    Ok(())
+}
+
+/// Records the pgbench A/B of [`capture_overhead`] (or its failure).
+pub(crate) fn put_overhead(
+    report: &mut Report,
+    contender: &str,
+    off: &str,
+    res: anyhow::Result<(f64, f64)>,
+) {
+    match res {
+        Ok((with, without)) => {
+            report.put(
+                "replication",
+                "pgbench tps while capturing (streaming to the other site)",
+                "tps",
+                false,
+                contender,
+                with,
+            );
+            report.put(
+                "replication",
+                "pgbench tps with the capture off (baseline)",
+                "tps",
+                false,
+                contender,
+                without,
+            );
+            report.note(&format!(
+                "replication: {contender} capture off = {off}: {without:.0} tps vs {with:.0} capturing"
+            ));
+            report.put(
+                "replication",
+                "capture overhead",
+                "%",
+                true,
+                contender,
+                (1.0 - with / without) * 100.0,
+            );
+        }
+        Err(e) => report.note(&format!("replication: {contender} capture overhead: {e:#}")),
+    }
+}
+
+/// Conflicts converging: `n` rows inserted on the primary and replicated, then each updated on
+/// both sites at about the same time (the two UPDATEs sent at once, one row after the other).
+/// Returns how many rows ended equal on both sites (holding one of the two written values) and
+/// the time from the last UPDATE until all were equal (or until the deadline of 60 s).
+pub(crate) async fn conflicts(pair: &Pair, n: u64) -> anyhow::Result<(u64, Duration)> {
+    let pc = connect(&pair.primary.dsn("site")).await;
+    let bc = connect(&pair.backup.dsn("site")).await;
+    let ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+    let ins = pc
+        .prepare(
+            "INSERT INTO users (id, email, name, created_at, updated_at) \
+             SELECT i, 'cf-' || i::text, 'cf', now(), now() FROM unnest($1::uuid[]) i",
+        )
+        .await?;
+    pc.execute(&ins, &[&ids]).await?;
+    wait_count(
+        &bc,
+        "SELECT count(*) FROM users WHERE email LIKE 'cf-%'",
+        n as i64,
+        Duration::from_secs(60),
+    )
+    .await
+    .context("the conflict rows did not reach the backup")?;
+    let sql = "UPDATE users SET name = $1, updated_at = now() WHERE id = $2";
+    let (ps, bs) = (pc.prepare(sql).await?, bc.prepare(sql).await?);
+    for (i, id) in ids.iter().enumerate() {
+        let (a, b) = (format!("a-{i}"), format!("b-{i}"));
+        let (pa, pb): ([&(dyn ToSql + Sync); 2], [&(dyn ToSql + Sync); 2]) = ([&a, id], [&b, id]);
+        let (ra, rb) = tokio::join!(pc.execute(&ps, &pa), bc.execute(&bs, &pb));
+        ra?;
+        rb?;
+    }
+    let start = Instant::now();
+    let read = "SELECT id, name FROM users WHERE id = ANY($1)";
+    loop {
+        let params: [&(dyn ToSql + Sync); 1] = [&ids];
+        let (ra, rb) = tokio::join!(pc.query(read, &params), bc.query(read, &params));
+        let a: HashMap<Uuid, String> = ra?.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let b: HashMap<Uuid, String> = rb?.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let equal = ids
+            .iter()
+            .filter(|id| match (a.get(id), b.get(id)) {
+                (Some(x), Some(y)) => x == y && x != "cf",
+                _ => false,
+            })
+            .count() as u64;
+        if equal == n || start.elapsed() > Duration::from_secs(60) {
+            return Ok((equal, start.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Records the conflict run of `contender`.
+pub(crate) fn put_conflicts(
+    report: &mut Report,
+    contender: &str,
+    n: u64,
+    res: anyhow::Result<(u64, Duration)>,
+) {
+    match res {
+        Ok((equal, t)) => {
+            report.put(
+                "replication",
+                &format!("conflicts converged (of {n} rows updated on both sites at once)"),
+                "rows",
+                false,
+                contender,
+                equal as f64,
+            );
+            if equal == n {
+                report.put(
+                    "replication",
+                    "conflicts: last update -> both sites equal",
+                    "s",
+                    true,
+                    contender,
+                    t.as_secs_f64(),
+                );
+            } else {
+                report.note(&format!(
+                    "replication: {contender} conflicts: only {equal} of {n} rows equal on both sites after {t:?}"
+                ));
+            }
+        }
+        Err(e) => report.note(&format!("replication: {contender} conflicts: {e:#}")),
+    }
+}
+
+/// Drops the visibility probe on both sites (catch-up and apply rates count rows instead).
+pub(crate) async fn drop_probe(pair: &Pair) -> anyhow::Result<()> {
+    for c in [&pair.primary, &pair.backup] {
+        connect(&c.dsn("site"))
+            .await
+            .batch_execute("DROP TRIGGER IF EXISTS bench_notify ON users")
+            .await?;
+    }
+    Ok(())
+}
+
+/// Installs the visibility probe on both sites.
+pub(crate) async fn add_probe(pair: &Pair) -> anyhow::Result<()> {
+    for c in [&pair.primary, &pair.backup] {
+        connect(&c.dsn("site"))
+            .await
+            .batch_execute(NOTIFY_TRIGGER)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Replication lag, apply rate, catch-up, capture overhead, conflicts: gsb and Bucardo two way,
+/// pglogical one way, each on a fresh pair of servers. `BENCH_ONLY` picks contenders.
 pub async fn replication(scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
-    let dur = Duration::from_secs(scale.secs(5));
-    let big = scale.count(500_000);
-    let each = scale.count(100_000);
-    let pgb_secs = scale.secs(5);
+    let p = Params::new(scale);
+    let Params {
+        dur,
+        big,
+        each,
+        pgb_secs,
+        conflicts: ncf,
+    } = p;
     report.setup(
         "replication",
         &format!(
@@ -421,25 +714,50 @@ pub async fn replication(scale: &Scale, report: &mut Report) -> anyhow::Result<(
              trigger on B received (one clock). gsb replicator as `gsb replicator` with default \
              settings. Catch-up: {big} rows inserted (10k-row transactions) with the replicator \
              stopped, then started; time until all visible. Apply rate: {each} rows backlog in \
-             each direction at once. Capture overhead: pgbench -c4 -j2 -T{pgb_secs} (INSERT + \
-             UPDATE by key, autocommit) on the primary's database while gsb streams it to the \
-             backup (logical capture) vs with the replicator stopped. pglogical 2 one way (provider -> \
-             subscriber, users table) at the same rates and with the same backlog."
+             each direction at once. Conflicts: {ncf} replicated rows, each updated on both sites \
+             at once (the two UPDATEs sent together, row after row), then the time until every row \
+             is equal on both sites. Capture overhead: pgbench -c4 -j2 -T{pgb_secs} (INSERT + \
+             UPDATE by key, autocommit) on the primary's database while the contender streams it \
+             to the backup vs with its capture off (best of 2 alternating runs each). pglogical 2 \
+             one way (provider -> subscriber, users table) at the same rates and with the same \
+             backlog; its capture off = subscription disabled. Bucardo two way: see its line."
         ),
     );
-    // --- gsb
+    if wanted("gsb") {
+        if let Err(e) = gsb(&p, report).await {
+            report.note(&format!("replication: gsb: {e:#}"));
+        }
+    }
+    if wanted("pglogical") {
+        if !Path::new("/usr/lib/postgresql/15/lib/pglogical.so").exists() {
+            report.note("replication: pglogical not installed (apt-get install postgresql-15-pglogical); skipped");
+        } else if let Err(e) = pglogical(&p, report).await {
+            report.note(&format!("replication: pglogical: {e:#}"));
+        }
+    }
+    if wanted("bucardo") {
+        if let Err(e) = crate::bucardo::bucardo(&p, report).await {
+            report.note(&format!("replication: Bucardo: {e:#}"));
+        }
+    }
+    Ok(())
+}
+
+/// gsb two way on a fresh pair with default settings.
+async fn gsb(p: &Params, report: &mut Report) -> anyhow::Result<()> {
+    let Params {
+        dur,
+        big,
+        each,
+        pgb_secs,
+        conflicts: ncf,
+    } = *p;
     let pair = Pair::start(Vec::new()).await?;
     let mut repl = Replicator::new(&pair)?;
     repl.start().await?;
-    for c in [&pair.primary, &pair.backup] {
-        connect(&c.dsn("site"))
-            .await
-            .batch_execute(NOTIFY_TRIGGER)
-            .await?;
-    }
+    add_probe(&pair).await?;
     for rate in RATES {
         for both in [false, true] {
-            let how = if both { "each way at once" } else { "one way" };
             // A coarse profile: where the CPU goes while both directions carry the load.
             let pids = [
                 ("replicator", repl.proc.as_ref().map(Proc::pid)),
@@ -462,152 +780,74 @@ pub async fn replication(scale: &Scale, report: &mut Report) -> anyhow::Result<(
                     }
                 }
             }
-            match res {
-                Ok(dirs) => {
-                    for (dir, (p50, p99, missing)) in dirs {
-                        let col = if both {
-                            format!("gsb {dir}")
-                        } else {
-                            "gsb".into()
-                        };
-                        let m = format!("lag @{rate} writes/s {how}");
-                        if both {
-                            report.put(
-                                "replication",
-                                &format!("{m} p50 ({dir})"),
-                                "ms",
-                                true,
-                                "gsb",
-                                p50,
-                            );
-                            report.put(
-                                "replication",
-                                &format!("{m} p99 ({dir})"),
-                                "ms",
-                                true,
-                                "gsb",
-                                p99,
-                            );
-                        } else {
-                            report.put("replication", &format!("{m} p50"), "ms", true, "gsb", p50);
-                            report.put("replication", &format!("{m} p99"), "ms", true, "gsb", p99);
-                        }
-                        if missing > 0 {
-                            report.note(&format!("replication: {col} @{rate}/s {how}: {missing} rows not visible within 30 s"));
-                        }
-                    }
-                }
-                Err(e) => report.note(&format!("replication: gsb @{rate}/s {how}: {e:#}")),
-            }
+            put_lag(report, "gsb", rate, both, res);
         }
     }
+    let res = conflicts(&pair, ncf).await;
+    put_conflicts(report, "gsb", ncf, res);
     // Catch-up and apply rates: no visibility probe needed.
-    for c in [&pair.primary, &pair.backup] {
-        connect(&c.dsn("site"))
-            .await
-            .batch_execute("DROP TRIGGER IF EXISTS bench_notify ON users")
-            .await?;
-    }
+    drop_probe(&pair).await?;
     let pc = connect(&pair.primary.dsn("site")).await;
     let bc = connect(&pair.backup.dsn("site")).await;
     repl.stop();
     backlog(&pc, "cu", big).await?;
     repl.start().await?;
-    match wait_count(&bc, &count_sql("cu"), big as i64, Duration::from_secs(600)).await {
-        Ok(t) => {
-            report.put(
-                "replication",
-                &format!("catch-up of {big} rows"),
-                "s",
-                true,
-                "gsb",
-                t.as_secs_f64(),
-            );
-            report.put(
-                "replication",
-                "catch-up rate",
-                "rows/s",
-                false,
-                "gsb",
-                big as f64 / t.as_secs_f64(),
-            );
-        }
-        Err(e) => report.note(&format!("replication: gsb catch-up: {e:#}")),
-    }
+    let t = wait_count(&bc, &count_sql("cu"), big as i64, Duration::from_secs(600)).await;
+    put_catch_up(report, "gsb", big, t);
     repl.stop();
     tokio::try_join!(backlog(&pc, "ap", each), backlog(&bc, "ab", each))?;
     repl.start().await?;
-    let (qa, qb) = (count_sql("ap"), count_sql("ab"));
-    let (r1, r2) = tokio::join!(
-        wait_count(&bc, &qa, each as i64, Duration::from_secs(300)),
-        wait_count(&pc, &qb, each as i64, Duration::from_secs(300)),
-    );
-    for (dir, r) in [("primary_to_backup", r1), ("backup_to_primary", r2)] {
-        match r {
-            Ok(t) => report.put(
-                "replication",
-                &format!("apply rate, both ways at once ({dir})"),
-                "rows/s",
-                false,
-                "gsb",
-                each as f64 / t.as_secs_f64(),
-            ),
-            Err(e) => report.note(&format!("replication: gsb apply rate {dir}: {e:#}")),
-        }
-    }
+    two_way_apply(&pair, each, report, "gsb").await?;
     repl.stop();
     // Capture overhead on the primary's server: the same database with the replicator
     // streaming it (logical decoding of every write, applied on the backup) vs stopped.
-    match capture_overhead(&pair.primary, pgb_secs, &mut repl).await {
-        Ok((with, without)) => {
-            report.put(
-                "replication",
-                "pgbench tps while gsb captures (logical, streaming)",
-                "tps",
-                false,
-                "gsb",
-                with,
-            );
-            report.put(
-                "replication",
-                "pgbench tps while gsb captures (logical, streaming)",
-                "tps",
-                false,
-                "replicator stopped",
-                without,
-            );
-            report.put(
-                "replication",
-                "capture overhead",
-                "%",
-                true,
-                "gsb",
-                (1.0 - with / without) * 100.0,
-            );
-        }
-        Err(e) => report.note(&format!("replication: capture overhead: {e:#}")),
-    }
-    drop(repl);
-    drop(pair);
-    // --- pglogical
-    if !Path::new("/usr/lib/postgresql/15/lib/pglogical.so").exists() {
-        report.note("replication: pglogical not installed (apt-get install postgresql-15-pglogical); skipped");
-    } else if let Err(e) = pglogical(scale, dur, big, report).await {
-        report.note(&format!("replication: pglogical: {e:#}"));
-    }
-    report.note(
-        "replication: Bucardo (Debian package installs) not compared: it needs plperl, its own \
-                 control database and daemon setup that did not fit this run; skipped",
-    );
+    let res = capture_overhead(&pair.primary, pgb_secs, &mut repl).await;
+    put_overhead(report, "gsb", "replicator stopped", res);
     Ok(())
 }
 
-async fn pglogical(
-    _scale: &Scale,
-    dur: Duration,
-    big: u64,
-    report: &mut Report,
-) -> anyhow::Result<()> {
+/// A capture that [`capture_overhead`] turns on and off between pgbench runs.
+pub(crate) trait Capture {
+    /// Capturing and streaming to the other site.
+    async fn on(&mut self) -> anyhow::Result<()>;
+    /// Not capturing.
+    async fn off(&mut self) -> anyhow::Result<()>;
+}
+
+impl Capture for Replicator {
+    async fn on(&mut self) -> anyhow::Result<()> {
+        self.start().await
+    }
+
+    async fn off(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        Ok(())
+    }
+}
+
+/// pglogical's subscription on the backup: enabled streams, disabled does not decode.
+struct PglogicalSub(Client);
+
+impl Capture for PglogicalSub {
+    async fn on(&mut self) -> anyhow::Result<()> {
+        self.0
+            .batch_execute("SELECT pglogical.alter_subscription_enable('bench', true)")
+            .await?;
+        Ok(())
+    }
+
+    async fn off(&mut self) -> anyhow::Result<()> {
+        self.0
+            .batch_execute("SELECT pglogical.alter_subscription_disable('bench', true)")
+            .await?;
+        Ok(())
+    }
+}
+
+async fn pglogical(p: &Params, report: &mut Report) -> anyhow::Result<()> {
+    let Params {
+        dur, big, pgb_secs, ..
+    } = *p;
     let s = |k: &str, v: &str| (k.to_owned(), v.to_owned());
     let mut settings = vec![
         s("wal_level", "logical"),
@@ -632,80 +872,31 @@ async fn pglogical(
     }
     let pair = Pair::start(settings).await?;
     pglogical_setup(&pair).await?;
-    for c in [&pair.primary, &pair.backup] {
-        connect(&c.dsn("site"))
-            .await
-            .batch_execute(NOTIFY_TRIGGER)
-            .await?;
-    }
+    add_probe(&pair).await?;
     for rate in RATES {
-        match lag_run(&pair, rate, dur, false, &format!("l{rate}")).await {
-            Ok(dirs) => {
-                for (_, (p50, p99, missing)) in dirs {
-                    let m = format!("lag @{rate} writes/s one way");
-                    report.put(
-                        "replication",
-                        &format!("{m} p50"),
-                        "ms",
-                        true,
-                        "pglogical",
-                        p50,
-                    );
-                    report.put(
-                        "replication",
-                        &format!("{m} p99"),
-                        "ms",
-                        true,
-                        "pglogical",
-                        p99,
-                    );
-                    if missing > 0 {
-                        report.note(&format!("replication: pglogical @{rate}/s: {missing} rows not visible within 30 s"));
-                    }
-                }
-            }
-            Err(e) => report.note(&format!("replication: pglogical @{rate}/s: {e:#}")),
-        }
+        let res = lag_run(&pair, rate, dur, false, &format!("l{rate}")).await;
+        put_lag(report, "pglogical", rate, false, res);
     }
-    for c in [&pair.primary, &pair.backup] {
-        connect(&c.dsn("site"))
-            .await
-            .batch_execute("DROP TRIGGER IF EXISTS bench_notify ON users")
-            .await?;
-    }
+    drop_probe(&pair).await?;
     let pc = connect(&pair.primary.dsn("site")).await;
     let bc = connect(&pair.backup.dsn("site")).await;
-    bc.batch_execute("SELECT pglogical.alter_subscription_disable('bench', true)")
-        .await?;
+    let mut sub = PglogicalSub(connect(&pair.backup.dsn("site")).await);
+    sub.off().await?;
     backlog(&pc, "cu", big).await?;
-    bc.batch_execute("SELECT pglogical.alter_subscription_enable('bench', true)")
-        .await?;
-    let t = wait_count(&bc, &count_sql("cu"), big as i64, Duration::from_secs(600)).await?;
-    report.put(
-        "replication",
-        &format!("catch-up of {big} rows"),
-        "s",
-        true,
-        "pglogical",
-        t.as_secs_f64(),
-    );
-    report.put(
-        "replication",
-        "catch-up rate",
-        "rows/s",
-        false,
-        "pglogical",
-        big as f64 / t.as_secs_f64(),
-    );
+    sub.on().await?;
+    let t = wait_count(&bc, &count_sql("cu"), big as i64, Duration::from_secs(600)).await;
+    put_catch_up(report, "pglogical", big, t);
+    let res = capture_overhead(&pair.primary, pgb_secs, &mut sub).await;
+    put_overhead(report, "pglogical", "subscription disabled", res);
     Ok(())
 }
 
-/// pgbench tps on `site` while the replicator streams it to the backup, and while it is
-/// stopped (the logical capture installs nothing on the tables: the cost is the decoding).
-async fn capture_overhead(
+/// pgbench tps on `site` while `capture` streams it to the other site, and while it is off
+/// (alternating, best of two runs each); leaves the capture off.
+pub(crate) async fn capture_overhead(
     server: &Cluster,
     secs: u64,
-    repl: &mut Replicator,
+    capture: &mut impl Capture,
 ) -> anyhow::Result<(f64, f64)> {
     let seed = "INSERT INTO users SELECT md5(g::text)::uuid, 'seed-' || g, 'seed', now(), now() \
                 FROM generate_series(1, 10000) g ON CONFLICT DO NOTHING";
@@ -752,14 +943,14 @@ async fn capture_overhead(
     let mut with: f64 = 0.0;
     let mut without: f64 = 0.0;
     for _ in 0..2 {
-        repl.stop();
+        capture.off().await?;
         without = without.max(run("site")?);
-        repl.start().await?;
+        capture.on().await?;
         // Let it catch up with what the stopped run wrote before measuring.
         tokio::time::sleep(Duration::from_secs(3)).await;
         with = with.max(run("site")?);
     }
-    repl.stop();
+    capture.off().await?;
     Ok((with, without))
 }
 
