@@ -22,8 +22,9 @@ use gsb_tests::pg::{connect, Cluster, ClusterOptions};
 
 use crate::procstat;
 use crate::replbench::{
-    add_probe, backlog, capture_overhead, conflicts, count_sql, drop_probe, lag_run, put_catch_up,
-    put_conflicts, put_lag, put_overhead, two_way_apply, wait_count, Capture, Pair, Params, RATES,
+    add_probe, backlog, capture_overhead, conflicts, drop_probe, lag_run, put_catch_up,
+    put_conflicts, put_lag, put_overhead, two_way_apply, wait_backlog, Capture, Pair, Params,
+    RATES,
 };
 use crate::report::Report;
 
@@ -449,7 +450,7 @@ pub(crate) async fn bucardo(p: &Params, report: &mut Report) -> anyhow::Result<(
     bc.purge(&pair).await?;
     backlog(&pc, "cu", big).await?;
     bc.start().await?;
-    let t = wait_count(&bcl, &count_sql("cu"), big as i64, Duration::from_secs(600)).await;
+    let t = wait_backlog(&bcl, "cu", big, Duration::from_secs(600)).await;
     put_catch_up(report, "Bucardo", big, t);
     bc.stop().await?;
     bc.purge(&pair).await?;

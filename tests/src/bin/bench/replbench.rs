@@ -386,13 +386,42 @@ pub(crate) async fn wait_count(
     }
 }
 
-/// Inserts `n` users tagged `tag` on `c` in transactions of 10,000 rows.
+/// Waits until the backlog `tag` of `n` rows (see [`backlog`]) is on `c`: its last row, found
+/// by key every 20 ms (a whole-table count that often would take CPU the apply needs), then
+/// every row counted once; returns the time until the last row was seen with all of them.
+pub(crate) async fn wait_backlog(
+    c: &Client,
+    tag: &str,
+    n: u64,
+    deadline: Duration,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let last = format!("SELECT count(*) FROM users WHERE id = md5('{tag}-{n}')::uuid");
+    loop {
+        let seen: i64 = c.query_one(&last, &[]).await?.get(0);
+        if seen == 1 {
+            let at = start.elapsed();
+            let got: i64 = c.query_one(&count_sql(tag), &[]).await?.get(0);
+            if got >= n as i64 {
+                return Ok(at);
+            }
+        }
+        if start.elapsed() > deadline {
+            let got: i64 = c.query_one(&count_sql(tag), &[]).await?.get(0);
+            bail!("only {got} of {n} rows after {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Inserts `n` users tagged `tag` on `c` in transactions of 10,000 rows; row `g`'s key is
+/// `md5('<tag>-<g>')` (so [`wait_backlog`] finds the last one by key).
 pub(crate) async fn backlog(c: &Client, tag: &str, n: u64) -> anyhow::Result<()> {
     let mut done = 0;
     while done < n {
         let k = (n - done).min(10_000);
         c.batch_execute(&format!(
-            "INSERT INTO users SELECT gen_random_uuid(), '{tag}-' || g, 'backlog', now(), now() \
+            "INSERT INTO users SELECT md5('{tag}-' || g)::uuid, '{tag}-' || g, 'backlog', now(), now() \
              FROM generate_series({}, {}) g",
             done + 1,
             done + k
@@ -521,10 +550,9 @@ pub(crate) async fn two_way_apply(
 ) -> anyhow::Result<()> {
     let pc = connect(&pair.primary.dsn("site")).await;
     let bc = connect(&pair.backup.dsn("site")).await;
-    let (qa, qb) = (count_sql("ap"), count_sql("ab"));
     let (r1, r2) = tokio::join!(
-        wait_count(&bc, &qa, each as i64, Duration::from_secs(300)),
-        wait_count(&pc, &qb, each as i64, Duration::from_secs(300)),
+        wait_backlog(&bc, "ap", each, Duration::from_secs(300)),
+        wait_backlog(&pc, "ab", each, Duration::from_secs(300)),
     );
     for (dir, r) in [("primary_to_backup", r1), ("backup_to_primary", r2)] {
         match r {
@@ -713,7 +741,7 @@ pub async fn replication(scale: &Scale, report: &mut Report) -> anyhow::Result<(
              INSERTs, {dur:?} per rate; lag = commit ack on A -> NOTIFY from an ENABLE ALWAYS \
              trigger on B received (one clock). gsb replicator as `gsb replicator` with default \
              settings. Catch-up: {big} rows inserted (10k-row transactions) with the replicator \
-             stopped, then started; time until all visible. Apply rate: {each} rows backlog in \
+             stopped, then started; time until all visible (the last row polled by key every 20 ms, then all counted). Apply rate: {each} rows backlog in \
              each direction at once. Conflicts: {ncf} replicated rows, each updated on both sites \
              at once (the two UPDATEs sent together, row after row), then the time until every row \
              is equal on both sites. Capture overhead: pgbench -c4 -j2 -T{pgb_secs} (INSERT + \
@@ -792,7 +820,7 @@ async fn gsb(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     repl.stop();
     backlog(&pc, "cu", big).await?;
     repl.start().await?;
-    let t = wait_count(&bc, &count_sql("cu"), big as i64, Duration::from_secs(600)).await;
+    let t = wait_backlog(&bc, "cu", big, Duration::from_secs(600)).await;
     put_catch_up(report, "gsb", big, t);
     repl.stop();
     tokio::try_join!(backlog(&pc, "ap", each), backlog(&bc, "ab", each))?;
@@ -884,7 +912,7 @@ async fn pglogical(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     sub.off().await?;
     backlog(&pc, "cu", big).await?;
     sub.on().await?;
-    let t = wait_count(&bc, &count_sql("cu"), big as i64, Duration::from_secs(600)).await;
+    let t = wait_backlog(&bc, "cu", big, Duration::from_secs(600)).await;
     put_catch_up(report, "pglogical", big, t);
     let res = capture_overhead(&pair.primary, pgb_secs, &mut sub).await;
     put_overhead(report, "pglogical", "subscription disabled", res);
