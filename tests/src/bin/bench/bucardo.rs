@@ -440,7 +440,8 @@ pub(crate) async fn bucardo(p: &Params, report: &mut Report) -> anyhow::Result<(
     let res = conflicts(&pair, ncf).await;
     put_conflicts(report, "Bucardo", ncf, res);
     report.note(&format!(
-        "replication: Bucardo's log counts {} conflicts resolved in the conflict run",
+        "replication: Bucardo's log counts {} conflict resolutions in the conflict run (per \
+         sync run: a row whose two updates land in different runs counts more than once)",
         bc.conflicts_logged() - before
     ));
     drop_probe(&pair).await?;

@@ -751,6 +751,9 @@ pub async fn replication(scale: &Scale, report: &mut Report) -> anyhow::Result<(
              backlog; its capture off = subscription disabled. Bucardo two way: see its line."
         ),
     );
+    if !["gsb", "pglogical", "bucardo"].iter().any(|w| wanted(w)) {
+        bail!("BENCH_ONLY names no contender: use gsb, pglogical and/or bucardo");
+    }
     if wanted("gsb") {
         if let Err(e) = gsb(&p, report).await {
             report.note(&format!("replication: gsb: {e:#}"));
