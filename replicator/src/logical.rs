@@ -579,7 +579,7 @@ async fn read_stream(
     src: &Conn,
     start: u64,
     tx: mpsc::Sender<Batch>,
-    applied: watch::Receiver<u64>,
+    mut applied: watch::Receiver<u64>,
     last_hb: &LastHeartbeat,
     window: &Window,
     metrics: &Metrics,
@@ -609,10 +609,19 @@ async fn read_stream(
     let mut window_open = true;
     loop {
         let ready = pending.txns > 0;
+        // A batch is handed over only when the applier has committed the previous one: while
+        // it works, what arrives joins the next batch (larger batches under load, as group
+        // commit), instead of queueing a one-transaction batch behind it.
+        let applier_idle = *applied.borrow() >= sent_end;
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
-            permit = tx.reserve(), if ready => {
+            done = applied.changed(), if ready && !applier_idle => {
+                if done.is_err() {
+                    return Ok(()); // the applier stopped; its error is reported
+                }
+            }
+            permit = tx.reserve(), if ready && applier_idle => {
                 let Ok(permit) = permit else {
                     return Ok(()); // the applier stopped; its error is reported
                 };

@@ -125,7 +125,10 @@ async fn catch_up_of_a_backlog_both_ways() {
             break;
         }
         drop(d);
-        assert!(Instant::now() < deadline, "backlog not applied within 600 s");
+        assert!(
+            Instant::now() < deadline,
+            "backlog not applied within 600 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let done = *done.lock().unwrap();
