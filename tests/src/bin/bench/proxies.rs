@@ -75,8 +75,19 @@ pub struct Running {
     pub url: String,
     /// `host:port` clients connect to.
     pub addr: String,
+    /// Stopped by SIGTERM first (nginx: its master then stops its workers; a SIGKILLed master
+    /// leaves them running, holding the listen socket and whatever fds the bench had).
+    graceful: bool,
     /// Holds config files.
     _dir: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let (true, Some(p)) = (self.graceful, self.proc.as_mut()) {
+            p.terminate();
+        }
+    }
 }
 
 impl Running {
@@ -138,6 +149,7 @@ pub async fn start(
     };
     let r = Running {
         proc,
+        graceful: kind == Kind::Nginx,
         url: format!("http://127.0.0.1:{port}"),
         addr: format!("127.0.0.1:{port}"),
         _dir: dir,
