@@ -31,6 +31,7 @@ use crate::drain::Drain;
 use crate::error::{Error, ProxyError, RetryType};
 use crate::metrics::ProxyMetrics;
 use crate::passive::PassiveHealth;
+use crate::pool::{H1Pool, PoolError};
 use crate::retry::RetryBudget;
 use crate::route::{Router, Site};
 
@@ -113,7 +114,21 @@ impl Target {
     }
 
     fn uri(&self, pq: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
-        let pq = match (self.base_path.is_empty(), pq) {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(self.path(pq)?)
+            .build()
+            .map_err(|_| ProxyError::BadRequest("path cannot be forwarded"))
+    }
+
+    /// The origin-form URI (`/path?query`) sent on a connection of its own.
+    fn origin_uri(&self, pq: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
+        Ok(Uri::from(self.path(pq)?))
+    }
+
+    fn path(&self, pq: Option<&PathAndQuery>) -> Result<PathAndQuery, ProxyError> {
+        Ok(match (self.base_path.is_empty(), pq) {
             (true, Some(pq)) => pq.clone(),
             (true, None) => PathAndQuery::from_static("/"),
             (false, pq) => {
@@ -122,13 +137,7 @@ impl Target {
                     .parse()
                     .map_err(|_| ProxyError::BadRequest("path cannot be forwarded"))?
             }
-        };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|_| ProxyError::BadRequest("path cannot be forwarded"))
+        })
     }
 }
 
@@ -145,17 +154,32 @@ struct ClientOptions {
     workers: usize,
 }
 
-/// The pooled clients of one site.
+/// The pooled connections of one site (per worker).
 #[derive(Clone, Debug)]
 struct SiteClients {
     /// What the clients were built for: a reload that changes none of it (url, ca_file, the
     /// file's content) keeps them and their warm connections.
     built_for: crate::config::TrustKey,
-    /// Ordinary requests; on `https://` sites ALPN offers h2 and http/1.1.
-    main: UpstreamClient,
-    /// Upgrade requests (WebSocket): HTTP/1.1 only, since an HTTP/1.1 `Upgrade` cannot ride
-    /// an h2 connection. The same client as `main` for `http://` sites.
-    upgrade: UpstreamClient,
+    kind: Upstream,
+}
+
+/// How a site is spoken to.
+// One value per site and worker, built at start and on reload and read in place: the size of
+// the TLS variant costs nothing on the request path, a box would cost a pointer chase.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+enum Upstream {
+    /// `http://`: HTTP/1.1 connections driven on the worker's thread (see `pool.rs`); upgrades
+    /// go over the same pool.
+    Plain(Arc<H1Pool>),
+    /// `https://`: hyper-util's pooled client over rustls.
+    Tls {
+        /// Ordinary requests; ALPN offers h2 and http/1.1.
+        main: UpstreamClient,
+        /// Upgrade requests (WebSocket): HTTP/1.1 only, since an HTTP/1.1 `Upgrade` cannot
+        /// ride an h2 connection.
+        upgrade: UpstreamClient,
+    },
 }
 
 impl SiteClients {
@@ -165,20 +189,27 @@ impl SiteClients {
         built_for: crate::config::TrustKey,
         opts: ClientOptions,
     ) -> Result<SiteClients, Error> {
-        let tls = site.client_tls(key)?;
-        let main = upstream_client(opts, tls.clone(), true);
-        let upgrade = if site.url.starts_with("https://") {
-            upstream_client(opts, tls, false)
+        let kind = if site.url.starts_with("https://") {
+            let tls = site.client_tls(key)?;
+            Upstream::Tls {
+                main: upstream_client(opts, tls.clone(), true),
+                upgrade: upstream_client(opts, tls, false),
+            }
         } else {
-            main.clone()
+            let target = Target::parse(key, &site.url, None)?;
+            Upstream::Plain(Arc::new(H1Pool::new(
+                &target.authority,
+                opts.connect_timeout,
+                opts.idle_timeout,
+                MAX_IDLE_PER_SITE,
+            )))
         };
-        Ok(SiteClients {
-            built_for,
-            main,
-            upgrade,
-        })
+        Ok(SiteClients { built_for, kind })
     }
 }
+
+/// Upstream connections kept per site and worker.
+const MAX_IDLE_PER_SITE: usize = 256;
 
 /// One pooled client; `h2` offers h2 besides http/1.1 in the TLS handshake (the pool speaks
 /// whichever the site picks; plain `http://` stays HTTP/1.1).
@@ -202,7 +233,8 @@ fn upstream_client(opts: ClientOptions, tls: rustls::ClientConfig, h2: bool) -> 
         .pool_idle_timeout(opts.idle_timeout)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .pool_max_idle_per_host(256)
+        .pool_max_idle_per_host(MAX_IDLE_PER_SITE)
+        .http1_max_buf_size(crate::pool::MAX_READ_BUF)
         .build(https)
 }
 
@@ -371,6 +403,21 @@ impl Forwarder {
     /// running keep the ones they started with.
     pub fn reconfigure(&self, settings: Settings) {
         self.settings.store(Arc::new(settings));
+    }
+
+    /// Closes worker `worker`'s site connections idle past the idle timeout (`all`: every
+    /// idle one, at shutdown); called from the worker's own thread.
+    pub fn sweep_idle(&self, worker: usize, all: bool) {
+        let settings = self.settings.load();
+        for clients in &settings.clients {
+            if let Some(SiteClients {
+                kind: Upstream::Plain(pool),
+                ..
+            }) = clients.get(worker)
+            {
+                pool.sweep(all);
+            }
+        }
     }
 
     /// Answers one client request.
@@ -576,20 +623,31 @@ impl Forwarder {
         body: ReqBody,
         moved: Option<&CancellationToken>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let uri = settings.targets[site.index()].uri(out.pq.as_ref())?;
+        let target = &settings.targets[site.index()];
+        let upstream = &settings.clients[site.index()][out.worker].kind;
+        let uri = match upstream {
+            Upstream::Plain(_) => target.origin_uri(out.pq.as_ref())?,
+            Upstream::Tls { .. } => target.uri(out.pq.as_ref())?,
+        };
         let mut req = Request::new(body);
         *req.method_mut() = out.method.clone();
         *req.uri_mut() = uri;
         // Sites are spoken to in HTTP/1.1 whatever the client used.
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = headers;
-        let clients = &settings.clients[site.index()][out.worker];
-        let client = if out.upgrade {
-            &clients.upgrade
-        } else {
-            &clients.main
+        let send = async {
+            match upstream {
+                Upstream::Plain(pool) => pool.send(req).await,
+                Upstream::Tls { main, upgrade } => {
+                    let client = if out.upgrade { upgrade } else { main };
+                    client.request(req).await.map_err(|e| match e.is_connect() {
+                        true => PoolError::Connect(Box::new(e)),
+                        false => PoolError::Request(Box::new(e)),
+                    })
+                }
+            }
         };
-        let exchange = tokio::time::timeout(settings.upstream_timeout, client.request(req));
+        let exchange = tokio::time::timeout(settings.upstream_timeout, send);
         // A request still waiting for its answer when the old site's drain ends is cut too.
         let moved_off = async {
             match moved {
@@ -604,17 +662,11 @@ impl Forwarder {
         };
         match result {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if e.is_connect() => {
+            Ok(Err(PoolError::Connect(source))) => {
                 self.passive.report_connect_failure(site);
-                Err(ProxyError::Connect {
-                    site,
-                    source: Box::new(e),
-                })
+                Err(ProxyError::Connect { site, source })
             }
-            Ok(Err(e)) => Err(ProxyError::Upstream {
-                site,
-                source: Box::new(e),
-            }),
+            Ok(Err(PoolError::Request(source))) => Err(ProxyError::Upstream { site, source }),
             Err(_) => Err(ProxyError::Timeout {
                 site,
                 timeout: settings.upstream_timeout,

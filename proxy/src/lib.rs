@@ -16,6 +16,7 @@ pub mod gate;
 pub mod maintenance;
 pub mod metrics;
 pub mod passive;
+mod pool;
 pub mod reload;
 pub mod retry;
 pub mod route;

@@ -180,7 +180,7 @@ pub fn spawn_worker(
                         }
                     }
                 };
-                tokio::join!(accept_plain, accept_tls, keep_timer_awake(&ctx.shutdown));
+                tokio::join!(accept_plain, accept_tls, tick(&ctx, index));
                 // Connections and tunnels of this worker live on this runtime: keep it until the
                 // whole proxy is done (the tracker is closed at shutdown).
                 tracker.wait().await;
@@ -189,23 +189,26 @@ pub fn spawn_worker(
         .map_err(crate::error::Error::Worker)
 }
 
-/// Ticks every [`TIMER_TICK`] until shutdown. On a current-thread runtime, a timer registered
-/// earlier than the time driver's next planned wake-up makes tokio wake its own driver through
-/// its eventfd (a `write(2)`); hyper's header read timeout is such a timer on every request
-/// when nothing earlier is pending. With this tick pending, none is earlier (measured: one
-/// `write(2)` per request without it, see BENCHMARKS.md).
-async fn keep_timer_awake(shutdown: &CancellationToken) {
+/// Ticks every [`TIMER_TICK`] until shutdown, closing the worker's site connections idle past
+/// the idle timeout (and every idle one at shutdown). The tick also keeps the time driver
+/// awake: on a current-thread runtime, a timer registered earlier than the driver's next
+/// planned wake-up makes tokio wake its own driver through its eventfd (a `write(2)`); hyper's
+/// header read timeout is such a timer on every request when nothing earlier is pending. With
+/// this tick pending, none is earlier (measured: one `write(2)` per request without it, see
+/// BENCHMARKS.md).
+async fn tick(ctx: &ServerCtx, worker: usize) {
     let mut tick = tokio::time::interval(TIMER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = ctx.shutdown.cancelled() => break,
+            _ = tick.tick() => ctx.forwarder.sweep_idle(worker, false),
         }
     }
+    ctx.forwarder.sweep_idle(worker, true);
 }
 
-/// See [`keep_timer_awake`].
+/// See [`tick`].
 const TIMER_TICK: Duration = Duration::from_millis(500);
 
 /// Accepts on `listener` until shutdown; each connection is served on its own task on `tracker`.

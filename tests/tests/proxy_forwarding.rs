@@ -752,6 +752,43 @@ async fn both_sites_dead_answers_503_with_retry_after() {
     check().await;
 }
 
+/// The proxy keeps its connections to a site between requests; a site that closes them (here:
+/// restarted) must cost no request, even with no other site to retry on.
+#[tokio::test(flavor = "multi_thread")]
+async fn kept_site_connections_closed_by_the_site_cost_no_request() {
+    let (primary, backup) = upstream::start_pair().await;
+    let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+    backup.stop().await;
+    wait_until(
+        Duration::from_secs(10),
+        "the backup is seen down",
+        || async {
+            let m = gsb.metrics().await;
+            m.contains(r#"gsb_site_state{site="backup",state="down"} 1"#)
+        },
+    )
+    .await;
+    let c = client();
+    for round in 0..3 {
+        for i in 0..3 {
+            let r = c
+                .get(gsb.url(&format!("/echo/kept{round}-{i}")))
+                .send()
+                .await
+                .expect("get");
+            assert_eq!(r.status(), 200, "round {round}, request {i}");
+            assert_eq!(r.headers()["x-upstream"], "primary");
+        }
+        // Closes every connection the proxy keeps to it.
+        primary.restart().await;
+    }
+    let metrics = gsb.metrics().await;
+    assert!(
+        !metrics.contains(r#"gsb_upstream_errors_total{kind="protocol",site="primary"}"#),
+        "{metrics}"
+    );
+}
+
 /// A request for `path` with `n` extra headers of `size` bytes of value each.
 fn request_with_headers(path: &str, n: usize, size: usize) -> String {
     let mut r = format!("GET {path} HTTP/1.1\r\nHost: meet.example\r\nConnection: close\r\n");
