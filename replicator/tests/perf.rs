@@ -123,7 +123,10 @@ async fn catch_up_of_a_backlog_both_ways() {
         if done.iter().all(Option::is_some) {
             break;
         }
-        assert!(Instant::now() < deadline, "backlog not applied within 600 s");
+        assert!(
+            Instant::now() < deadline,
+            "backlog not applied within 600 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (p2b, b2p) = (done[0].unwrap(), done[1].unwrap());
