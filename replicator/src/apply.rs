@@ -104,6 +104,8 @@ struct Col {
     key: bool,
     /// Type OID on the source (JSON and JSONB are embedded as JSON in the conflict log).
     src_oid: u32,
+    /// Its position among the columns of the table's shape.
+    src_idx: usize,
 }
 
 /// One table's statements for one source shape.
@@ -788,10 +790,11 @@ impl Table {
         let cols: Vec<Col> = target
             .into_iter()
             .filter_map(|(n, ty)| {
-                let src = shape.columns.iter().find(|c| c.name == n)?;
+                let src_idx = shape.columns.iter().position(|c| c.name == n)?;
                 Some(Col {
                     key: pk.contains(&n),
-                    src_oid: src.type_oid,
+                    src_oid: shape.columns[src_idx].type_oid,
+                    src_idx,
                     name: n,
                     ty,
                 })
@@ -885,13 +888,14 @@ impl Table {
 
     /// The change's values per target column, by column name (its shape may be older).
     fn convert(&self, c: &Change) -> Result<Ch, Error> {
+        // A change of an older shape of the table (before a Relation message) by column name.
         let same = Arc::ptr_eq(&c.shape, &self.shape);
         let cells: Vec<Cell> = self
             .cols
             .iter()
             .map(|col| {
                 let i = if same {
-                    self.shape.columns.iter().position(|s| s.name == col.name)
+                    Some(col.src_idx)
                 } else {
                     c.shape.columns.iter().position(|s| s.name == col.name)
                 };
@@ -1170,7 +1174,7 @@ fn unnest_select(cols: &[Col], which: &[usize], from: usize) -> String {
 }
 
 /// JSON and JSONB values are embedded as JSON; every other value as its text form.
-pub(crate) fn json_value(type_oid: u32, v: &str) -> Json {
+fn json_value(type_oid: u32, v: &str) -> Json {
     const JSON: u32 = 114;
     const JSONB: u32 = 3802;
     if type_oid == JSON || type_oid == JSONB {
@@ -1182,7 +1186,7 @@ pub(crate) fn json_value(type_oid: u32, v: &str) -> Json {
 }
 
 /// RFC 3339 in UTC with microseconds.
-pub(crate) fn fmt_ts(us: i64) -> String {
+fn fmt_ts(us: i64) -> String {
     chrono::DateTime::from_timestamp_micros(us)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
@@ -1272,6 +1276,15 @@ mod tests {
         }
     }
 
+    async fn ids_and_emails(c: &Client) -> Vec<(i32, String)> {
+        c.query("SELECT id, email FROM users ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
     async fn count(c: &Client, sql: &str) -> i64 {
         c.query_one(sql, &[]).await.unwrap().get(0)
     }
@@ -1350,13 +1363,7 @@ mod tests {
         ];
         let out = a.apply(&c, &batch(changes, 0x200)).await.unwrap();
         assert_eq!(out["applied"]["public.users"], 8, "{out}");
-        let rows: Vec<(i32, String)> = c
-            .query("SELECT id, email FROM users ORDER BY id", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let rows = ids_and_emails(&c).await;
         assert_eq!(rows, vec![(1, "b".into()), (2, "y".into())]);
         assert_eq!(count(&c, "SELECT count(*) FROM gsb.conflicts").await, 0);
     }
@@ -1394,13 +1401,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out["applied"]["public.users"], 3, "{out}");
-        let rows: Vec<(i32, String)> = c
-            .query("SELECT id, email FROM users ORDER BY id", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let rows = ids_and_emails(&c).await;
         assert_eq!(rows, vec![(1, "u2".into()), (2, "u1".into())]);
     }
 

@@ -20,11 +20,9 @@ use nix::unistd::Pid;
 
 use gsb_tests::pg::{connect, Cluster, ClusterOptions};
 
-use crate::procstat;
 use crate::replbench::{
-    add_probe, backlog, capture_overhead, conflicts, drop_probe, lag_run, put_catch_up,
-    put_conflicts, put_lag, put_overhead, two_way_apply, wait_backlog, Capture, Pair, Params,
-    RATES,
+    add_probe, backlog, capture_overhead, conflicts, drop_probe, lag_runs, put_catch_up,
+    put_conflicts, put_overhead, two_way_apply, wait_backlog, Capture, Pair, Params,
 };
 use crate::report::Report;
 
@@ -409,33 +407,13 @@ pub(crate) async fn bucardo(p: &Params, report: &mut Report) -> anyhow::Result<(
     );
     bc.start().await?;
     add_probe(&pair).await?;
-    for rate in RATES {
-        for both in [false, true] {
-            let pids = [
-                ("replicator", bc.mcp),
-                ("primary PostgreSQL", pair.primary.pid()),
-                ("backup PostgreSQL", pair.backup.pid()),
-                ("Bucardo's control PostgreSQL", bc.control.pid()),
-            ];
-            let cpu0: Vec<f64> = pids
-                .iter()
-                .map(|(_, p)| p.map(procstat::cpu_seconds).unwrap_or(0.0))
-                .collect();
-            let t0 = Instant::now();
-            let res = lag_run(&pair, rate, dur, both, &format!("b{rate}{both}")).await;
-            if both {
-                let secs = t0.elapsed().as_secs_f64();
-                for ((name, p), c0) in pids.iter().zip(cpu0) {
-                    if let Some(p) = p {
-                        let used = (procstat::cpu_seconds(*p) - c0) / secs;
-                        let m = format!("CPU cores used @{rate} writes/s each way: {name}");
-                        report.put("replication", &m, "cores", true, "Bucardo", used);
-                    }
-                }
-            }
-            put_lag(report, "Bucardo", rate, both, res);
-        }
-    }
+    let pids = [
+        ("replicator", bc.mcp),
+        ("primary PostgreSQL", pair.primary.pid()),
+        ("backup PostgreSQL", pair.backup.pid()),
+        ("Bucardo's control PostgreSQL", bc.control.pid()),
+    ];
+    lag_runs(&pair, dur, &pids, "Bucardo", "b", report).await;
     let before = bc.conflicts_logged();
     let res = conflicts(&pair, ncf).await;
     put_conflicts(report, "Bucardo", ncf, res);

@@ -373,6 +373,17 @@ pub(crate) async fn wait_count(
     n: i64,
     deadline: Duration,
 ) -> anyhow::Result<Duration> {
+    poll_count(c, count_sql, n, deadline, Duration::from_millis(100)).await
+}
+
+/// Runs `count_sql` on `c` every `every` until it returns at least `n`; returns the time taken.
+async fn poll_count(
+    c: &Client,
+    count_sql: &str,
+    n: i64,
+    deadline: Duration,
+    every: Duration,
+) -> anyhow::Result<Duration> {
     let start = Instant::now();
     loop {
         let got: i64 = c.query_one(count_sql, &[]).await?.get(0);
@@ -382,7 +393,7 @@ pub(crate) async fn wait_count(
         if start.elapsed() > deadline {
             bail!("only {got} of {n} rows after {deadline:?}");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -395,23 +406,17 @@ pub(crate) async fn wait_backlog(
     n: u64,
     deadline: Duration,
 ) -> anyhow::Result<Duration> {
-    let start = Instant::now();
     let last = format!("SELECT count(*) FROM users WHERE id = md5('{tag}-{n}')::uuid");
-    loop {
-        let seen: i64 = c.query_one(&last, &[]).await?.get(0);
-        if seen == 1 {
-            let at = start.elapsed();
-            let got: i64 = c.query_one(&count_sql(tag), &[]).await?.get(0);
-            if got >= n as i64 {
-                return Ok(at);
-            }
-        }
-        if start.elapsed() > deadline {
-            let got: i64 = c.query_one(&count_sql(tag), &[]).await?.get(0);
-            bail!("only {got} of {n} rows after {deadline:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let seen = poll_count(c, &last, 1, deadline, Duration::from_millis(20)).await?;
+    let all = poll_count(
+        c,
+        &count_sql(tag),
+        n as i64,
+        deadline.saturating_sub(seen),
+        Duration::from_millis(100),
+    )
+    .await?;
+    Ok(seen + all)
 }
 
 /// Inserts `n` users tagged `tag` on `c` in transactions of 10,000 rows; row `g`'s key is
@@ -775,6 +780,40 @@ pub async fn replication(scale: &Scale, report: &mut Report) -> anyhow::Result<(
 }
 
 /// gsb two way on a fresh pair with default settings.
+/// The lag runs at every rate, one way and each way at once, reported for `contender`; during
+/// the each-way runs, the CPU cores each of `pids` used (a coarse profile of where the CPU goes
+/// while both directions carry the load).
+pub(crate) async fn lag_runs(
+    pair: &Pair,
+    dur: Duration,
+    pids: &[(&str, Option<u32>)],
+    contender: &str,
+    tag: &str,
+    report: &mut Report,
+) {
+    for rate in RATES {
+        for both in [false, true] {
+            let cpu0: Vec<f64> = pids
+                .iter()
+                .map(|(_, p)| p.map(procstat::cpu_seconds).unwrap_or(0.0))
+                .collect();
+            let t0 = Instant::now();
+            let res = lag_run(pair, rate, dur, both, &format!("{tag}{rate}{both}")).await;
+            if both {
+                let secs = t0.elapsed().as_secs_f64();
+                for ((name, p), c0) in pids.iter().zip(cpu0) {
+                    if let Some(p) = p {
+                        let used = (procstat::cpu_seconds(*p) - c0) / secs;
+                        let m = format!("CPU cores used @{rate} writes/s each way: {name}");
+                        report.put("replication", &m, "cores", true, contender, used);
+                    }
+                }
+            }
+            put_lag(report, contender, rate, both, res);
+        }
+    }
+}
+
 async fn gsb(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     let Params {
         dur,
@@ -787,33 +826,12 @@ async fn gsb(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     let mut repl = Replicator::new(&pair)?;
     repl.start().await?;
     add_probe(&pair).await?;
-    for rate in RATES {
-        for both in [false, true] {
-            // A coarse profile: where the CPU goes while both directions carry the load.
-            let pids = [
-                ("replicator", repl.proc.as_ref().map(Proc::pid)),
-                ("primary PostgreSQL", pair.primary.pid()),
-                ("backup PostgreSQL", pair.backup.pid()),
-            ];
-            let cpu0: Vec<f64> = pids
-                .iter()
-                .map(|(_, p)| p.map(procstat::cpu_seconds).unwrap_or(0.0))
-                .collect();
-            let t0 = Instant::now();
-            let res = lag_run(&pair, rate, dur, both, &format!("g{rate}{both}")).await;
-            if both {
-                let secs = t0.elapsed().as_secs_f64();
-                for ((name, p), c0) in pids.iter().zip(cpu0) {
-                    if let Some(p) = p {
-                        let used = (procstat::cpu_seconds(*p) - c0) / secs;
-                        let m = format!("CPU cores used @{rate} writes/s each way: {name}");
-                        report.put("replication", &m, "cores", true, "gsb", used);
-                    }
-                }
-            }
-            put_lag(report, "gsb", rate, both, res);
-        }
-    }
+    let pids = [
+        ("replicator", repl.proc.as_ref().map(Proc::pid)),
+        ("primary PostgreSQL", pair.primary.pid()),
+        ("backup PostgreSQL", pair.backup.pid()),
+    ];
+    lag_runs(&pair, dur, &pids, "gsb", "g", report).await;
     let res = conflicts(&pair, ncf).await;
     put_conflicts(report, "gsb", ncf, res);
     // Catch-up and apply rates: no visibility probe needed.
