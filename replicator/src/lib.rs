@@ -21,6 +21,7 @@ mod pgoutput;
 mod run;
 mod schema;
 mod sql;
+mod upgrade;
 mod verify;
 mod walstream;
 mod worker;

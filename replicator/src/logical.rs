@@ -23,7 +23,7 @@ use crate::pgoutput::{self, Msg, Value};
 use crate::schema::{ident, qident, TableInfo};
 use crate::walstream::{fmt_lsn, parse_lsn, ReplConn, StreamMsg};
 use crate::worker::Direction;
-use crate::{sql, Config, Error};
+use crate::{Config, Error};
 
 /// How often a standby status update is sent (well within the default 60s
 /// `wal_sender_timeout`) and the slot is inspected.
@@ -137,11 +137,10 @@ pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Er
 }
 
 /// Prepares a site as the source of direction `d`: its publication lists exactly `tables`
-/// (insert, update, delete; no TRUNCATE). A trigger capture left from schema v3 is removed
-/// once its change log is empty; a non-empty one is refused (nothing may be lost).
+/// (insert, update, delete; no TRUNCATE). A trigger capture is switched before
+/// (`upgrade.rs`).
 pub(crate) async fn prepare_source(
     c: &Client,
-    target: &Client,
     d: &Direction,
     tables: &[TableInfo],
 ) -> Result<(), Error> {
@@ -153,31 +152,6 @@ pub(crate) async fn prepare_source(
         .chain(["gsb.heartbeat".to_owned()])
         .collect::<Vec<_>>()
         .join(", ");
-    let rows = c
-        .query(
-            "SELECT tgrelid::regclass::text FROM pg_trigger WHERE tgname = 'gsb_capture' ORDER BY 1",
-            &[],
-        )
-        .await
-        .map_err(|e| Error::db(s, "looking for trigger capture", e))?;
-    let triggered: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    if !triggered.is_empty() {
-        // Checked and removed in one transaction that holds writers off: a write either is in
-        // the change log when it is counted, or comes after the triggers are gone.
-        c.batch_execute("BEGIN")
-            .await
-            .map_err(|e| Error::db(s, "starting the capture switch", e))?;
-        let switched = switch_from_triggers(c, target, d, &triggered).await;
-        let end = if switched.is_ok() {
-            "COMMIT"
-        } else {
-            "ROLLBACK"
-        };
-        c.batch_execute(end)
-            .await
-            .map_err(|e| Error::db(s, "ending the capture switch", e))?;
-        switched?;
-    }
     let exists: bool = c
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
@@ -197,57 +171,6 @@ pub(crate) async fn prepare_source(
     c.batch_execute(&q)
         .await
         .map_err(|e| Error::db(s, format!("setting up publication {pubname}"), e))?;
-    Ok(())
-}
-
-/// Inside the caller's transaction on the source: refuses while the trigger change log holds
-/// changes the target has not applied, otherwise drops the capture triggers.
-async fn switch_from_triggers(
-    c: &Client,
-    target: &Client,
-    d: &Direction,
-    triggered: &[String],
-) -> Result<(), Error> {
-    let s = d.source.as_str();
-    c.batch_execute(&format!(
-        "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
-        triggered.join(", ")
-    ))
-    .await
-    .map_err(|e| Error::db(s, "locking the tables for the capture switch", e))?;
-    // What the target has not applied yet: after its cursor for this direction.
-    let cursor = target
-        .query_opt(
-            "SELECT xid::text, id FROM gsb.cursors WHERE direction = $1",
-            &[&d.name],
-        )
-        .await
-        .map_err(|e| Error::db(d.target.as_str(), "reading the trigger capture's cursor", e))?;
-    let (xid, id): (String, i64) = cursor.map_or(("0".into(), 0), |r| (r.get(0), r.get(1)));
-    // Heartbeats are not data: one not yet shipped is simply superseded.
-    let data: Vec<&String> = d.tables.iter().filter(|t| *t != "gsb.heartbeat").collect();
-    let left: i64 = c
-        .query_one(sql::PENDING, &[&xid, &id, &data])
-        .await
-        .map_err(|e| Error::db(s, "counting the trigger change log", e))?
-        .get(0);
-    if left > 0 {
-        return Err(Error::Prerequisite {
-            site: s,
-            setting: "replicator.capture",
-            found: format!(
-                "the trigger capture's change log (gsb.changes) still holds {left} changes not applied on the {}",
-                d.target.as_str()
-            ),
-            fix: "run once more with capture = \"triggers\" until gsb_replication_pending is 0 in both directions, pause writes, then switch to \"logical\"".into(),
-        });
-    }
-    for t in triggered {
-        c.batch_execute(&format!("DROP TRIGGER gsb_capture ON {t}"))
-            .await
-            .map_err(|e| Error::db(s, format!("dropping the capture trigger on {t}"), e))?;
-        tracing::info!(site = s, table = %t, "trigger capture removed: logical capture from now on");
-    }
     Ok(())
 }
 

@@ -98,7 +98,7 @@ async fn lead_once(
         return Ok(());
     };
     tracing::info!("holding the active role; installing schema");
-    setup(config).await?;
+    setup(config, metrics).await?;
     set_active(metrics, status, true);
     let work = shutdown.child_token();
     let tasks = TaskTracker::new();
@@ -159,8 +159,9 @@ fn set_active(metrics: &Metrics, status: &SharedStatus, active: bool) {
 
 /// Installs the schema on both sites: the primary captures two_way tables and applies two_way
 /// and usage tables; the backup captures both and applies two_way. The logical capture
-/// checks its prerequisites first and sets up each source's publication instead of triggers.
-pub(crate) async fn setup(config: &Config) -> Result<(), Error> {
+/// checks its prerequisites first, switches a pair still capturing by trigger (`upgrade.rs`)
+/// and sets up each source's publication instead of triggers.
+pub(crate) async fn setup(config: &Config, metrics: &Metrics) -> Result<(), Error> {
     let mut p = connect(Site::Primary, &config.primary_dsn).await?;
     let mut b = connect(Site::Backup, &config.backup_dsn).await?;
     let logical = config.capture == Capture::Logical;
@@ -180,8 +181,20 @@ pub(crate) async fn setup(config: &Config) -> Result<(), Error> {
     install(&mut b.client, Site::Backup, &b_capture, &b_two, !logical).await?;
     if logical {
         let (p2b, b2p) = directions(config);
-        crate::logical::prepare_source(&p, &b, &p2b, &p_two).await?;
-        crate::logical::prepare_source(&b, &p, &b2p, &b_capture).await?;
+        let p_lock = connect(Site::Primary, &config.primary_dsn).await?;
+        let b_lock = connect(Site::Backup, &config.backup_dsn).await?;
+        // Publications first: pgoutput reads them as of each decoded commit, so a slot made
+        // by the switch must not predate them.
+        crate::logical::prepare_source(&p, &p2b, &p_two).await?;
+        crate::logical::prepare_source(&b, &b2p, &b_capture).await?;
+        crate::upgrade::switch_from_triggers(
+            config,
+            [&p, &b, &p_lock, &b_lock],
+            &p2b,
+            &b2p,
+            metrics,
+        )
+        .await?;
     }
     Ok(())
 }

@@ -348,14 +348,19 @@ END $f$;
 /// removes the function earlier versions applied with.
 const DROPPED: &str = "DROP FUNCTION IF EXISTS gsb.apply_changes(text, text, text, pg_lsn, timestamptz, jsonb, bigint, text);";
 
-/// Reads the next batch from a source: only changes of finished transactions (xid below the
-/// snapshot's xmin) after the cursor, in (xid, id) order. Returns count, last xid, last id, json.
-pub const FETCH: &str = r#"
+/// The fetch of a batch from a source's change log after the cursor, in (xid, id) order, with
+/// an extra condition. Returns count, last xid, last id, json.
+macro_rules! fetch {
+    ($cond:literal) => {
+        concat!(
+            r#"
 WITH a AS (
     SELECT id, xid, tbl, op, pk, "row", hlc, origin, prev_hlc, prev_origin, created_at
     FROM gsb.changes
     WHERE (xid, id) > ($1::text::xid8, $2::int8)
-      AND xid < pg_snapshot_xmin(pg_current_snapshot())
+      "#,
+            $cond,
+            r#"
       AND tbl = ANY($3::text[])
     ORDER BY xid, id
     LIMIT $4::int8
@@ -367,7 +372,18 @@ SELECT count(*)::int8,
        (SELECT id FROM b ORDER BY xid DESC, id DESC LIMIT 1),
        coalesce(jsonb_agg(to_jsonb(b) - 'id' - 'xid' ORDER BY xid, id), '[]')::text
 FROM b
-"#;
+"#
+        )
+    };
+}
+
+/// Reads the next batch from a source: only changes of finished transactions (xid below the
+/// snapshot's xmin), so a transaction still open with a lower xid is never skipped.
+pub const FETCH: &str = fetch!("AND xid < pg_snapshot_xmin(pg_current_snapshot())");
+
+/// The same with every committed change, for a source whose captured tables are locked
+/// against writers (or no longer captured): no transaction still open can add one below.
+pub const FETCH_SETTLED: &str = fetch!("");
 
 /// Applies a batch on the target (see `gsb.apply_batch`).
 pub const APPLY: &str = "SELECT gsb.apply_batch($1::text, $2::text::xid8, $3::int8, $4::text::xid8, $5::int8, $6::text::jsonb, $7::int8, $8::text)::text";

@@ -284,6 +284,80 @@ pub(crate) fn record_result(
     n_conflicts
 }
 
+/// How far `drain_change_log` goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drain {
+    /// Writers may still be adding: finished transactions only, up to the first short batch.
+    CaughtUp,
+    /// The source's captured tables are locked or no longer captured: every committed change,
+    /// until none is left.
+    Settled,
+}
+
+/// Applies what the source's trigger change log holds after the target's cursor, batch by
+/// batch, each batch and its cursor in one `gsb.apply_batch` call on `dst` (which may be inside
+/// the caller's transaction). Returns the changes applied. Used by the switch to the logical
+/// capture.
+pub(crate) async fn drain_change_log(
+    d: &Direction,
+    cfg: &Config,
+    src: &tokio_postgres::Client,
+    dst: &tokio_postgres::Client,
+    metrics: &Metrics,
+    how: Drain,
+) -> Result<i64, Error> {
+    let (ss, ts) = (d.source.as_str(), d.target.as_str());
+    let fetch = src
+        .prepare(match how {
+            Drain::CaughtUp => sql::FETCH,
+            Drain::Settled => sql::FETCH_SETTLED,
+        })
+        .await
+        .map_err(|e| Error::db(ss, "preparing fetch", e))?;
+    let (mut xid, mut id): (String, i64) = dst
+        .query_opt(sql::CURSOR, &[&d.name])
+        .await
+        .map_err(|e| Error::db(ts, "reading the cursor", e))?
+        .map_or(("0".into(), 0), |r| (r.get(0), r.get(1)));
+    let skew_ms = cfg.max_clock_skew.as_millis() as i64;
+    let mut total = 0;
+    loop {
+        let batch = fetch_batch(src, &fetch, ss, &xid, id, &d.tables, cfg.batch_size).await?;
+        let Some(to) = batch.to else {
+            return Ok(total);
+        };
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+            &d.name,
+            &xid,
+            &id,
+            &to.0,
+            &to.1,
+            &batch.json,
+            &skew_ms,
+            &"primary",
+        ];
+        let res: String = dst
+            .query_one(sql::APPLY, &params)
+            .await
+            .map_err(|e| {
+                Error::db(
+                    ts,
+                    format!("applying {} changes of the change log", batch.rows),
+                    e,
+                )
+            })?
+            .get(0);
+        let res: serde_json::Value = serde_json::from_str(&res)
+            .map_err(|e| Error::Protocol(format!("apply_batch returned bad JSON: {e}")))?;
+        record_result(d, cfg, &res, metrics);
+        total += batch.rows;
+        (xid, id) = to;
+        if how == Drain::CaughtUp && batch.rows < cfg.batch_size {
+            return Ok(total);
+        }
+    }
+}
+
 /// One fetched batch.
 struct Fetched {
     /// Changes in the batch.

@@ -12,6 +12,7 @@ use common::{count, start, text};
 use gsb_replicator::{verify, Config};
 use gsb_tests::pg::PgServer;
 use gsb_tests::wait_until;
+use tokio_util::sync::CancellationToken;
 
 /// Users carry a `bio` large enough to be TOASTed.
 const SCHEMA: &str = "
@@ -287,8 +288,34 @@ async fn a_missing_prerequisite_refuses_the_start_naming_the_setting_and_the_fix
     );
 }
 
+/// Inserts one user `<tag>-<n>` per statement on `dsn` until `stop`; returns how many
+/// committed (each acknowledged insert must reach the other site exactly once).
+async fn steady_writer(dsn: String, tag: &'static str, stop: CancellationToken) -> i64 {
+    let c = gsb_tests::pg::connect(&dsn).await;
+    let mut n = 0;
+    while !stop.is_cancelled() {
+        c.execute(
+            "INSERT INTO users (id, email) VALUES (md5($1)::uuid, $1)",
+            &[&format!("{tag}-{n}")],
+        )
+        .await
+        .unwrap();
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    n
+}
+
+async fn capture_triggers(c: &tokio_postgres::Client) -> i64 {
+    count(
+        c,
+        "SELECT count(*) FROM pg_trigger WHERE tgname = 'gsb_capture'",
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switching_from_the_trigger_capture_keeps_what_its_change_log_holds() {
+async fn switching_from_the_trigger_capture_under_writes_keeps_what_its_change_log_holds() {
     let (ps, bs) = common::servers(SCHEMA).await;
     let (p, b) = (ps.client("site").await, bs.client("site").await);
     let triggers = Config::from_toml_str(&common::config_text(
@@ -300,57 +327,76 @@ async fn switching_from_the_trigger_capture_keeps_what_its_change_log_holds() {
     let logical = Config::from_toml_str(&common::config_text(&ps, &bs, "")).unwrap();
     let r = start(&triggers);
     common::wait_streaming(&p, &b).await;
-    r.shutdown().await;
-    // Written while no replicator runs: held only by the trigger change log.
-    p.batch_execute("INSERT INTO users (id, email) SELECT gen_random_uuid(), 'p' || g FROM generate_series(1, 100) g")
+    p.batch_execute("INSERT INTO users (id, email) SELECT md5('old' || g)::uuid, 'old' || g FROM generate_series(1, 20) g")
         .await
         .unwrap();
-    b.batch_execute("INSERT INTO users (id, email) SELECT gen_random_uuid(), 'b' || g FROM generate_series(1, 100) g")
-        .await
-        .unwrap();
-    let run = gsb_replicator::run(
-        logical.clone(),
-        prometheus::Registry::new(),
-        tokio_util::sync::CancellationToken::new(),
-    );
-    let e = tokio::time::timeout(WAIT, run)
-        .await
-        .expect("refused")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("replicator.capture")
-            && e.contains("still holds")
-            && e.contains("capture = \"triggers\""),
-        "{e}"
-    );
-    // Drained by the trigger capture, then switched (writes paused, as deploy/README.md asks):
-    // nothing lost, and the logical capture replicates from then on (with no trigger left).
-    let r = start(&triggers);
-    wait_until(WAIT, "the change log drained", || async {
-        count(&b, "SELECT count(*) FROM users").await == 200
-            && count(&p, "SELECT count(*) FROM users").await == 200
-            && ["primary_to_backup", "backup_to_primary"]
-                .iter()
-                .all(|d| r.gauge("gsb_replication_pending", d) == Some(0.0))
+    wait_until(WAIT, "the first rows on the backup", || async {
+        count(&b, "SELECT count(*) FROM users").await == 20
     })
     .await;
     r.shutdown().await;
+    // Written while no replicator runs: held only by the trigger change logs. Updates and
+    // deletes of rows both sites hold, and new rows on each side.
+    p.batch_execute(
+        "INSERT INTO users (id, email) SELECT gen_random_uuid(), 'p' || g FROM generate_series(1, 100) g; \
+         UPDATE users SET name = 'updated while stopped' WHERE email IN ('old1', 'old2', 'old3'); \
+         DELETE FROM users WHERE email IN ('old4', 'old5')",
+    )
+    .await
+    .unwrap();
+    b.batch_execute("INSERT INTO users (id, email) SELECT gen_random_uuid(), 'b' || g FROM generate_series(1, 100) g; \
+         UPDATE users SET name = 'updated on the backup' WHERE email = 'old6'")
+        .await
+        .unwrap();
+    // The application keeps writing on both sites across the switch.
+    let stop = CancellationToken::new();
+    let wp = tokio::spawn(steady_writer(ps.dsn("site"), "wp", stop.clone()));
+    let wb = tokio::spawn(steady_writer(bs.dsn("site"), "wb", stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let r = start(&logical);
     wait_until(WAIT, "the triggers removed", || async {
-        count(
-            &p,
-            "SELECT count(*) FROM pg_trigger WHERE tgname = 'gsb_capture'",
-        )
-        .await
-            + count(
-                &b,
-                "SELECT count(*) FROM pg_trigger WHERE tgname = 'gsb_capture'",
-            )
-            .await
-            == 0
+        capture_triggers(&p).await + capture_triggers(&b).await == 0
     })
     .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let (np, nb) = (wp.await.unwrap(), wb.await.unwrap());
+    assert!(np > 0 && nb > 0, "the writers wrote ({np}, {nb})");
+    let want = 20 - 2 + 200 + np + nb;
+    wait_until(WAIT, "every row on both sites", || async {
+        count(&p, "SELECT count(*) FROM users").await == want
+            && count(&b, "SELECT count(*) FROM users").await == want
+    })
+    .await;
+    for c in [&p, &b] {
+        for (tag, n) in [("wp", np), ("wb", nb)] {
+            assert_eq!(
+                count(
+                    c,
+                    &format!("SELECT count(*) FROM users WHERE email LIKE '{tag}-%'")
+                )
+                .await,
+                n,
+                "{tag}"
+            );
+        }
+        assert_eq!(
+            count(
+                c,
+                "SELECT count(*) FROM users WHERE name = 'updated while stopped'"
+            )
+            .await,
+            3
+        );
+        assert_eq!(
+            text(c, "SELECT name FROM users WHERE email = 'old6'")
+                .await
+                .as_deref(),
+            Some("updated on the backup")
+        );
+        assert_eq!(capture_triggers(c).await, 0);
+    }
+    assert!(equal(&logical).await);
     p.batch_execute("INSERT INTO users (id, email) VALUES (gen_random_uuid(), 'after')")
         .await
         .unwrap();
@@ -358,17 +404,6 @@ async fn switching_from_the_trigger_capture_keeps_what_its_change_log_holds() {
         count(&b, "SELECT count(*) FROM users WHERE email = 'after'").await == 1
     })
     .await;
-    assert!(equal(&logical).await);
-    for c in [&p, &b] {
-        assert_eq!(
-            count(
-                c,
-                "SELECT count(*) FROM pg_trigger WHERE tgname = 'gsb_capture'"
-            )
-            .await,
-            0
-        );
-    }
     r.shutdown().await;
 }
 

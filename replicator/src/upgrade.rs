@@ -1,0 +1,263 @@
+//! The switch of a pair from the trigger capture (schema v3, `capture = "triggers"`) to the
+//! logical capture, losing and duplicating nothing the change logs hold, with writers running.
+//!
+//! 1. Both change logs are drained by the trigger capture's own apply while the application
+//!    writes (so what is left for step 3 is what arrives in the meantime).
+//! 2. Each source still capturing by trigger gets a fresh slot (no snapshot): from its
+//!    consistent point on, every commit is decoded.
+//! 3. On each site still capturing by trigger, one transaction locks the captured tables
+//!    (`SHARE ROW EXCLUSIVE`: the application's writers wait, readers do not), reads the WAL
+//!    insert position P (the peer's origin progress for this site is set to P), applies what
+//!    the peer's change log still holds for it under the peer's replication origin (the
+//!    cursor moves in this transaction), and drops the triggers. The logical stream of this
+//!    site starts at P, and logical decoding skips every transaction that committed before
+//!    its start: exactly the ones the triggers captured (every writer of the tables had
+//!    committed when the lock was granted; every later one commits after the drop; the
+//!    switch's own transaction carries the origin, so its applied rows are not shipped back).
+//! 4. Commit, primary then backup.
+//!
+//! Crash safety: until a site's transaction commits nothing of it holds (its triggers, its
+//! cursor); the slot and the origin progress are redone by the next attempt (the progress is
+//! set before the commit, so a committed switch always has it). A crash between the two
+//! commits leaves one site switched: the next start finishes the other one; the change log of
+//! the switched site no longer grows, and what the other site's log gained in between is
+//! applied to the switched site by the trigger apply, whose conflict rule does not see the
+//! switched site's own writes since its switch (the one window where a concurrent edit of
+//! the same row could be decided against the logical rule; logged like every conflict).
+
+use crate::db::{Conn, Site};
+use crate::logical::{origin_name, slot_name};
+use crate::metrics::Metrics;
+use crate::walstream::{fmt_lsn, parse_lsn};
+use crate::worker::{drain_change_log, Direction, Drain};
+use crate::{Config, Error};
+
+/// The tables of `c` that still carry the capture trigger.
+async fn triggered(c: &Conn, site: Site) -> Result<Vec<String>, Error> {
+    let rows = c
+        .query(
+            "SELECT tgrelid::regclass::text FROM pg_trigger WHERE tgname = 'gsb_capture' ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::db(site.as_str(), "looking for the trigger capture", e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Switches whichever of the two sites still captures by trigger (see the module doc). `p`
+/// and `b` are plain sessions; `p_lock`, `b_lock` sessions this function may hold a
+/// transaction on. Does nothing when no site has a capture trigger.
+pub(crate) async fn switch_from_triggers(
+    cfg: &Config,
+    [p, b, p_lock, b_lock]: [&Conn; 4],
+    p2b: &Direction,
+    b2p: &Direction,
+    metrics: &Metrics,
+) -> Result<(), Error> {
+    let p_trig = triggered(p, Site::Primary).await?;
+    let b_trig = triggered(b, Site::Backup).await?;
+    if p_trig.is_empty() && b_trig.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(
+        primary_tables = p_trig.len(),
+        backup_tables = b_trig.len(),
+        "switching from the trigger capture to the logical capture"
+    );
+    // 1. With writers running.
+    let n1 = drain_change_log(p2b, cfg, p, b, metrics, Drain::CaughtUp).await?;
+    let n2 = drain_change_log(b2p, cfg, b, p, metrics, Drain::CaughtUp).await?;
+    tracing::info!(
+        primary_to_backup = n1,
+        backup_to_primary = n2,
+        "change logs drained with writers running"
+    );
+    // 2. Slots of the sources still capturing by trigger.
+    for (c, site, tables, d) in [
+        (p, Site::Primary, &p_trig, p2b),
+        (b, Site::Backup, &b_trig, b2p),
+    ] {
+        if !tables.is_empty() {
+            fresh_slot(c, site, &slot_name(d)).await?;
+        }
+    }
+    // 3. Lock, drain the rest, drop, set the progress.
+    let sites = [
+        (p_lock, Site::Primary, &p_trig, b, b2p, p2b),
+        (b_lock, Site::Backup, &b_trig, p, p2b, b2p),
+    ];
+    let mut open = Vec::new();
+    let mut result = Ok(());
+    for (lock, site, tables, _, _, _) in &sites {
+        if tables.is_empty() {
+            continue;
+        }
+        open.push(*lock);
+        result = begin_and_lock(lock, *site, tables).await;
+        if result.is_err() {
+            break;
+        }
+    }
+    if result.is_ok() {
+        result = finish(cfg, p, b, &sites, metrics).await;
+    }
+    // 4. Commit (or roll back every open transaction).
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    for lock in open {
+        let r = lock
+            .batch_execute(end)
+            .await
+            .map_err(|e| Error::db("primary or backup", "ending the capture switch", e));
+        if result.is_ok() {
+            result = r;
+        }
+    }
+    if result.is_ok() {
+        tracing::info!("trigger capture removed: logical capture from now on");
+    }
+    result
+}
+
+type SiteStep<'a> = (
+    &'a Conn,
+    Site,
+    &'a Vec<String>,
+    &'a Conn,
+    &'a Direction,
+    &'a Direction,
+);
+
+/// Step 3 once every capturing site's tables are locked.
+///
+/// The start P of each capturing site's stream is set on the peer first (an origin can
+/// only be advanced while no session has it set up). Then each site gets what the peer's
+/// change log still holds, applied under the peer's replication origin (inside the locking
+/// transaction when the site still captures, else on its plain session): the rows carry
+/// the peer's origin like every row the logical capture applies, so the logical rule later
+/// sees them as the peer's, and this site's stream drops them as echoes.
+async fn finish(
+    cfg: &Config,
+    p: &Conn,
+    b: &Conn,
+    sites: &[SiteStep<'_>; 2],
+    metrics: &Metrics,
+) -> Result<(), Error> {
+    for (lock, site, tables, peer, _, outbound) in sites {
+        if tables.is_empty() {
+            continue;
+        }
+        let s = site.as_str();
+        let at: String = lock
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .map_err(|e| Error::db(s, "reading the WAL position of the switch", e))?
+            .get(0);
+        let origin = origin_name(*site);
+        let ps = outbound.target.as_str();
+        create_origin(peer, ps, &origin).await?;
+        peer.execute(
+            "SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)",
+            &[&origin, &at],
+        )
+        .await
+        .map_err(|e| Error::db(ps, format!("setting the start of {origin}"), e))?;
+        let at = parse_lsn(&at).map(fmt_lsn).unwrap_or(at);
+        tracing::info!(site = s, start = %at, "the logical stream of this site starts here");
+    }
+    for (lock, site, tables, _, inbound, _) in sites {
+        let (src, plain) = match site {
+            Site::Primary => (b, p),
+            Site::Backup => (p, b),
+        };
+        let dst = if tables.is_empty() { plain } else { *lock };
+        let s = site.as_str();
+        let origin = origin_name(inbound.source);
+        create_origin(plain, s, &origin).await?;
+        dst.execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+            .map_err(|e| Error::db(s, format!("setting up origin {origin}"), e))?;
+        let n = drain_change_log(inbound, cfg, src, dst, metrics, Drain::Settled).await?;
+        if tables.is_empty() {
+            // Committed already (no transaction is open on the plain session).
+            dst.execute("SELECT pg_replication_origin_session_reset()", &[])
+                .await
+                .map_err(|e| Error::db(s, format!("releasing origin {origin}"), e))?;
+        }
+        tracing::info!(
+            direction = inbound.name,
+            changes = n,
+            "change log drained under the switch lock"
+        );
+    }
+    for (lock, site, tables, _, _, _) in sites {
+        let s = site.as_str();
+        for t in tables.iter() {
+            lock.batch_execute(&format!("DROP TRIGGER gsb_capture ON {t}"))
+                .await
+                .map_err(|e| Error::db(s, format!("dropping the capture trigger on {t}"), e))?;
+        }
+        if !tables.is_empty() {
+            tracing::info!(site = s, tables = tables.len(), "capture triggers dropped");
+        }
+    }
+    Ok(())
+}
+
+async fn create_origin(c: &Conn, site: &'static str, origin: &str) -> Result<(), Error> {
+    c.execute(
+        "SELECT pg_replication_origin_create($1) WHERE pg_replication_origin_oid($1) IS NULL",
+        &[&origin],
+    )
+    .await
+    .map_err(|e| Error::db(site, format!("creating replication origin {origin}"), e))?;
+    Ok(())
+}
+
+async fn begin_and_lock(c: &Conn, site: Site, tables: &[String]) -> Result<(), Error> {
+    let s = site.as_str();
+    c.batch_execute("BEGIN")
+        .await
+        .map_err(|e| Error::db(s, "starting the capture switch", e))?;
+    c.batch_execute(&format!(
+        "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
+        tables.join(", ")
+    ))
+    .await
+    .map_err(|e| Error::db(s, "locking the tables for the capture switch", e))
+}
+
+/// Drops the slot `slot` if it exists (ending a walsender still holding it) and creates it
+/// again: a slot left from an earlier attempt or capture may start anywhere.
+async fn fresh_slot(c: &Conn, site: Site, slot: &str) -> Result<(), Error> {
+    let s = site.as_str();
+    for attempt in 0.. {
+        c.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE slot_name = $1 AND active_pid IS NOT NULL",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| Error::db(s, "ending a walsender holding the slot", e))?;
+        match c
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+        {
+            Ok(_) => break,
+            // Still active for a moment after its walsender was told to end.
+            Err(e) if attempt < 50 && e.code().is_some() => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(Error::db(s, format!("dropping slot {slot}"), e)),
+        }
+    }
+    c.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&slot],
+    )
+    .await
+    .map_err(|e| Error::db(s, format!("creating slot {slot}"), e))?;
+    Ok(())
+}
