@@ -43,3 +43,120 @@ async fn kill9_of_the_binary_under_load_then_restart_loses_and_duplicates_nothin
     .await;
     common::assert_no_loss_no_duplicate([&pc, &bc], 6000).await;
 }
+
+/// Inserts one user `<tag>-<n>` per statement on `dsn` until `stop`; returns how many
+/// committed.
+async fn steady_writer(
+    dsn: String,
+    tag: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+) -> i64 {
+    let c = gsb_tests::pg::connect(&dsn).await;
+    let mut n = 0;
+    while !stop.is_cancelled() {
+        c.execute(
+            "INSERT INTO users (id, email) VALUES (md5($1)::uuid, $1)",
+            &[&format!("{tag}-{n}")],
+        )
+        .await
+        .unwrap();
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_the_switch_from_the_trigger_capture_loses_and_duplicates_nothing() {
+    let (p, b) = common::servers(common::SITE_TABLES).await;
+    let (pc, bc) = (p.client("site").await, b.client("site").await);
+    let triggers = Config::from_toml_str(&common::config_text(
+        &p,
+        &b,
+        "capture = \"triggers\"\npoll_interval = \"50ms\"\n",
+    ))
+    .unwrap();
+    let r = common::start(&triggers);
+    common::wait_streaming(&pc, &bc).await;
+    r.shutdown().await;
+    // A change log of some size on each site, then writers that keep going throughout.
+    for (c, tag) in [(&pc, "p"), (&bc, "b")] {
+        c.batch_execute(&format!(
+            "INSERT INTO users (id, email) SELECT md5('{tag}' || g)::uuid, '{tag}' || g FROM generate_series(1, 20000) g"
+        ))
+        .await
+        .unwrap();
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let wp = tokio::spawn(steady_writer(p.dsn("site"), "wp", stop.clone()));
+    let wb = tokio::spawn(steady_writer(b.dsn("site"), "wb", stop.clone()));
+    let text = common::config_text(&p, &b, "batch_size = 500\n");
+    let config = Config::from_toml_str(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gsb.toml");
+    std::fs::write(&path, &text).unwrap();
+    let spawn = || {
+        Proc::spawn(
+            "gsb-replicator",
+            Command::new(gsb_bin())
+                .arg("replicator")
+                .arg("--config")
+                .arg(&path),
+        )
+    };
+    // Killed as soon as each step of the switch has been logged (the process runs on for a
+    // moment: the kill lands somewhere after it), each time restarted from what is left.
+    for step in [
+        "switching from the trigger capture",
+        "change logs drained with writers running",
+        "the logical stream of this site starts here",
+        "capture triggers dropped",
+    ] {
+        let mut rep = spawn();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !rep.output().contains(step) {
+            assert!(
+                rep.is_running() && std::time::Instant::now() < deadline,
+                "waiting for {step:?}: {}",
+                rep.tail(20)
+            );
+            if rep.output().contains("trigger capture removed") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        rep.kill9();
+    }
+    let _rep = spawn();
+    let triggers_left = || async {
+        let q = "SELECT count(*) FROM pg_trigger WHERE tgname = 'gsb_capture'";
+        common::count(&pc, q).await + common::count(&bc, q).await
+    };
+    wait_until(Duration::from_secs(60), "the triggers removed", || async {
+        triggers_left().await == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    let (np, nb) = (wp.await.unwrap(), wb.await.unwrap());
+    let want = 40000 + np + nb;
+    wait_until(
+        Duration::from_secs(90),
+        "every row on both sites",
+        || async {
+            common::count(&pc, "SELECT count(*) FROM users").await == want
+                && common::count(&bc, "SELECT count(*) FROM users").await == want
+        },
+    )
+    .await;
+    for c in [&pc, &bc] {
+        for (tag, n) in [("wp-", np), ("wb-", nb), ("p", 20000), ("b", 20000)] {
+            let q = format!("SELECT count(*) FROM users WHERE email LIKE '{tag}%'");
+            assert_eq!(common::count(c, &q).await, n, "{tag}");
+        }
+    }
+    wait_until(Duration::from_secs(30), "verify equal", || async {
+        verify(&config).await.map(|r| r.is_equal()).unwrap_or(false)
+    })
+    .await;
+}
