@@ -66,3 +66,31 @@ pub fn check(config_text: &str) -> Result<(), String> {
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
+
+/// Connects to both sites' databases and checks the capture's prerequisites there: one line
+/// per site; exit 1 when one is unreachable or lacks something (the line names the fix).
+pub async fn check_databases(config_text: &str) -> anyhow::Result<ExitCode> {
+    let config = gsb_replicator::Config::from_toml_str(config_text)?;
+    let mut ok = true;
+    for (site, r) in gsb_replicator::check_databases(&config).await {
+        match r {
+            Ok(()) => println!(
+                "{} database: ok ({} capture)",
+                site.as_str(),
+                match config.capture {
+                    gsb_replicator::Capture::Logical => "logical",
+                    gsb_replicator::Capture::Triggers => "triggers",
+                }
+            ),
+            Err(e) => {
+                ok = false;
+                println!("{} database: {e}", site.as_str());
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -142,6 +142,10 @@ enum Command {
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+        /// Also connect to both sites' databases and check what the replicator's capture
+        /// needs there (`wal_level`, `track_commit_timestamp`, slots, WAL senders, roles).
+        #[arg(long)]
+        databases: bool,
     },
     /// Run the reference meeting site (used by `gsb up` and the tests).
     Site {
@@ -316,7 +320,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Verify { config } => return cmd_replicator::verify(&config).await,
         Command::CopyConfig { config } => cmd_replicator::copy_config(&config).await?,
         Command::Resync { config } => cmd_replicator::resync(&config).await?,
-        Command::CheckConfig { config } => return check_config(&config),
+        Command::CheckConfig { config, databases } => {
+            return check_config(&config, databases).await
+        }
         Command::Site {
             role,
             dsn,
@@ -345,8 +351,8 @@ fn prometheus_registry() -> prometheus::Registry {
 }
 
 /// Validates every section the file has: the proxy's when it has `[sites]`, the replicator's when
-/// it has `[replicator]`.
-fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
+/// it has `[replicator]`; with `databases`, then the sites' databases for the replicator.
+async fn check_config(path: &Path, databases: bool) -> anyhow::Result<ExitCode> {
     let text = read_config(path)?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| BadConfig {
         path: path.display().to_string(),
@@ -368,6 +374,9 @@ fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
     }
     if errors.is_empty() {
         println!("{}: ok ({})", path.display(), checked.join(", "));
+        if databases && table.contains_key("replicator") {
+            return cmd_replicator::check_databases(&text).await;
+        }
         Ok(ExitCode::SUCCESS)
     } else {
         Err(BadConfig {

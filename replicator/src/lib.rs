@@ -31,5 +31,5 @@ pub use copy::{copy_config, CopiedTable, CopyReport};
 pub use db::Site;
 pub use error::Error;
 pub use logical::{resync, ResyncReport};
-pub use run::run;
+pub use run::{check_databases, run};
 pub use verify::{verify, TableReport, VerifyReport};

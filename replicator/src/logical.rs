@@ -83,7 +83,8 @@ pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Er
                     (SELECT count(*)::int FROM pg_stat_replication WHERE application_name <> 'gsb-replicator'), \
                     (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), \
                     current_user::text, \
-                    has_function_privilege('pg_replication_origin_session_setup(text)', 'execute')",
+                    has_function_privilege('pg_replication_origin_session_setup(text)', 'execute') \
+                    AND has_function_privilege('pg_replication_origin_advance(text, pg_lsn)', 'execute')",
             &[],
         )
         .await
@@ -128,7 +129,8 @@ pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Er
             found: format!("role {user} may not use them"),
             fix: format!(
                 "GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_session_setup(text), \
-                 pg_replication_origin_xact_setup(pg_lsn, timestamptz), pg_replication_origin_progress(text, boolean) TO {}",
+                 pg_replication_origin_session_reset(), pg_replication_origin_xact_setup(pg_lsn, timestamptz), \
+                 pg_replication_origin_progress(text, boolean), pg_replication_origin_advance(text, pg_lsn) TO {}",
                 ident(&user)
             ),
         });

@@ -259,3 +259,28 @@ async fn infos(
     }
     Ok(v)
 }
+
+/// What `gsb check-config --databases` reports for one site: reachable, and (for the logical
+/// capture) every prerequisite met, else the first one missing with its fix.
+pub async fn check_databases(config: &Config) -> Vec<(Site, Result<(), Error>)> {
+    let mut out = Vec::new();
+    for (site, dsn) in [
+        (Site::Primary, &config.primary_dsn),
+        (Site::Backup, &config.backup_dsn),
+    ] {
+        let r = async {
+            let c = tokio::time::timeout(Duration::from_secs(10), connect(site, dsn))
+                .await
+                .map_err(|_| {
+                    Error::Protocol(format!("{}: no answer within 10s", site.as_str()))
+                })??;
+            if config.capture == Capture::Logical {
+                crate::logical::check_prerequisites(&c, site).await?;
+            }
+            Ok(())
+        }
+        .await;
+        out.push((site, r));
+    }
+    out
+}

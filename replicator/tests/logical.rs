@@ -276,6 +276,36 @@ async fn a_missing_prerequisite_refuses_the_start_naming_the_setting_and_the_fix
             && e.contains("ALTER SYSTEM SET track_commit_timestamp = on"),
         "{e}"
     );
+    // `gsb check-config --databases` reports the same before any start, site by site; the
+    // trigger capture needs none of it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gsb.toml");
+    let check = |extra: &str| {
+        std::fs::write(&path, common::config_text(&servers[0], &servers[1], extra)).unwrap();
+        let out = std::process::Command::new(gsb_tests::gsb_bin())
+            .args(["check-config", "--databases", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = check("");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("primary database: primary: wal_level: is replica;")
+            && out.contains("ALTER SYSTEM SET wal_level = logical")
+            && out.contains("backup database: ok (logical capture)"),
+        "{out}"
+    );
+    let (code, out) = check("capture = \"triggers\"\n");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("primary database: ok (triggers capture)"),
+        "{out}"
+    );
     // Nothing was installed on the application's tables.
     let c = servers[0].client("site").await;
     assert_eq!(
