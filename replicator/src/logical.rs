@@ -3,8 +3,9 @@
 //! by `apply.rs` under the source's replication origin.
 //!
 //! Exactly once: the start position is the target's origin progress, advanced in the commit
-//! that applied the changes; the slot is acknowledged only up to what the target committed
-//! (or, when nothing is in flight, up to the walsender's keepalive position). No echo:
+//! that applied the changes; the apply commits asynchronously (`synchronous_commit = off`) and
+//! the slot is acknowledged only up to what the target made durable (the flushed origin
+//! progress; or, when nothing is in flight, up to the walsender's keepalive position). No echo:
 //! transactions carrying an Origin message were applied by gsb and are dropped (PG15), and a
 //! 16+ server is asked for `origin = none`.
 
@@ -201,9 +202,14 @@ pub(crate) async fn session(
     let mut dst = connect(d.target, d.dsn(d.target, cfg)).await?;
     let apply_name = format!("gsb-apply-{}", d.name);
     // A session of a replicator that died may still hold the origin or the slot.
-    dst.batch_execute(&format!("SET application_name = '{apply_name}'"))
-        .await
-        .map_err(|e| Error::db(ts, "naming the apply session", e))?;
+    // Commits do not wait for the WAL flush (as native logical replication and pglogical
+    // apply): the slot is acknowledged only up to what the target has made durable
+    // (`Durable`), so a target crash loses nothing the source would not send again.
+    dst.batch_execute(&format!(
+        "SET application_name = '{apply_name}'; SET synchronous_commit = off"
+    ))
+    .await
+    .map_err(|e| Error::db(ts, "naming the apply session", e))?;
     dst.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
          WHERE application_name = $1 AND pid <> pg_backend_pid()",
@@ -337,9 +343,14 @@ pub(crate) async fn session(
         txns: Default::default(),
         rows: Default::default(),
     };
+    let durable = Durable {
+        conn: connect(d.target, d.dsn(d.target, cfg)).await?,
+        origin: origin.clone(),
+        site: ts,
+    };
     let reader = read_stream(
-        d, cfg, &mut repl, &src, start, tx, applied_rx, &last_hb, &window, metrics, status,
-        shutdown,
+        d, cfg, &mut repl, &src, &durable, start, tx, applied_rx, &last_hb, &window, metrics,
+        status, shutdown,
     );
     let applier = apply_batches(
         d, cfg, &dst, applier, rx, applied_tx, &last_hb, &window, metrics, status,
@@ -502,6 +513,7 @@ async fn read_stream(
     cfg: &Config,
     repl: &mut ReplConn,
     src: &Conn,
+    durable: &Durable,
     start: u64,
     tx: mpsc::Sender<Batch>,
     mut applied: watch::Receiver<u64>,
@@ -518,6 +530,9 @@ async fn read_stream(
     let mut pending = Batch::default();
     let mut received = start;
     let mut acked = start;
+    // What the target has made durable (its origin progress, flushed): the most that may be
+    // acknowledged; refreshed every status tick.
+    let mut flushed_on_target = start;
     // End of the last batch handed to the applier.
     let mut sent_end = start;
     // The walsender's position from its last keepalive: safe to acknowledge when nothing is
@@ -562,7 +577,7 @@ async fn read_stream(
                     StreamMsg::Keepalive { wal_end, reply } => {
                         idle_pos = idle_pos.max(wal_end);
                         if reply {
-                            let flushed = ack_pos(&applied, sent_end, cur.is_none() && pending.txns == 0, idle_pos).max(acked);
+                            let flushed = ack_pos(flushed_on_target, sent_end, cur.is_none() && pending.txns == 0, idle_pos).max(acked);
                             repl.send_status(received.max(flushed), flushed).await?;
                             acked = flushed;
                         }
@@ -576,7 +591,8 @@ async fn read_stream(
             }
             _ = tick.tick() => {
                 let idle = cur.is_none() && pending.txns == 0;
-                let flushed = ack_pos(&applied, sent_end, idle, idle_pos).max(acked);
+                flushed_on_target = durable.progress().await?.max(flushed_on_target).min(*applied.borrow());
+                let flushed = ack_pos(flushed_on_target, sent_end, idle, idle_pos).max(acked);
                 repl.send_status(received.max(flushed), flushed).await?;
                 acked = flushed;
                 let done = *applied.borrow();
@@ -611,14 +627,37 @@ async fn read_stream(
     }
 }
 
-/// What may be acknowledged: what the target committed; when nothing is in flight, the
-/// walsender's keepalive position.
-fn ack_pos(applied: &watch::Receiver<u64>, sent_end: u64, idle: bool, idle_pos: u64) -> u64 {
-    let a = *applied.borrow();
-    if idle && a >= sent_end {
-        a.max(idle_pos)
+/// What may be acknowledged: what the target made durable; when nothing is in flight and
+/// all of it is durable, the walsender's keepalive position.
+fn ack_pos(durable: u64, sent_end: u64, idle: bool, idle_pos: u64) -> u64 {
+    if idle && durable >= sent_end {
+        durable.max(idle_pos)
     } else {
-        a
+        durable
+    }
+}
+
+/// The target's durable progress for one source: `pg_replication_origin_progress(.., true)`
+/// flushes the target's WAL up to the last commit under the origin and returns that commit's
+/// source end LSN. Asked on a connection of its own (the apply session is busy pipelining).
+struct Durable {
+    conn: Conn,
+    origin: String,
+    site: &'static str,
+}
+
+impl Durable {
+    async fn progress(&self) -> Result<u64, Error> {
+        let p: Option<String> = self
+            .conn
+            .query_one(
+                "SELECT pg_replication_origin_progress($1, true)::text",
+                &[&self.origin],
+            )
+            .await
+            .map_err(|e| Error::db(self.site, "reading the durable origin progress", e))?
+            .get(0);
+        Ok(p.as_deref().and_then(parse_lsn).unwrap_or(0))
     }
 }
 

@@ -4,7 +4,9 @@
 //! `cargo test --release -p gsb-replicator --test perf -- --ignored --nocapture --test-threads 1`
 //!
 //! `GSB_PERF_ROWS` (default 50000) sets the catch-up backlog, `GSB_PERF_RATE` (default 1000)
-//! the writes/s per direction and `GSB_PERF_SECS` (default 10) the duration of the lag probe.
+//! the writes/s per direction and `GSB_PERF_SECS` (default 10) the duration of the lag probe;
+//! `GSB_PERF_FSYNC=on` runs the servers with `fsync = on` (a production disk's commit cost; the
+//! harness default is off).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,7 +39,24 @@ fn env_or(name: &str, default: u64) -> u64 {
 
 async fn pair() -> (PgServer, PgServer, Config) {
     // Default polling and pruning: the figures are those of a default deployment.
-    let (p, b) = common::servers(SITE_SCHEMA).await;
+    let (p, b) = if std::env::var("GSB_PERF_FSYNC").is_ok_and(|v| v == "on") {
+        let (p, b) = tokio::task::spawn_blocking(|| {
+            let start = || PgServer::start_with(&[("fsync", "on")]);
+            (start(), start())
+        })
+        .await
+        .unwrap();
+        for s in [&p, &b] {
+            s.client("site")
+                .await
+                .batch_execute(SITE_SCHEMA)
+                .await
+                .unwrap();
+        }
+        (p, b)
+    } else {
+        common::servers(SITE_SCHEMA).await
+    };
     let config = Config::from_toml_str(&common::config_text(&p, &b, "")).unwrap();
     (p, b, config)
 }
