@@ -84,8 +84,12 @@ pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Er
                     (SELECT count(*)::int FROM pg_stat_replication WHERE application_name <> 'gsb-replicator'), \
                     (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), \
                     current_user::text, \
-                    has_function_privilege('pg_replication_origin_session_setup(text)', 'execute') \
-                    AND has_function_privilege('pg_replication_origin_advance(text, pg_lsn)', 'execute')",
+                    (SELECT bool_and(has_function_privilege(f, 'execute')) FROM unnest(ARRAY[ \
+                        'pg_replication_origin_create(text)', 'pg_replication_origin_session_setup(text)', \
+                        'pg_replication_origin_session_reset()', \
+                        'pg_replication_origin_xact_setup(pg_lsn, timestamp with time zone)', \
+                        'pg_replication_origin_progress(text, boolean)', \
+                        'pg_replication_origin_advance(text, pg_lsn)']) f)",
             &[],
         )
         .await

@@ -18,12 +18,15 @@
 //!
 //! Crash safety: until a site's transaction commits nothing of it holds (its triggers, its
 //! cursor); the slot and the origin progress are redone by the next attempt (the progress is
-//! set before the commit, so a committed switch always has it). A crash between the two
-//! commits leaves one site switched: the next start finishes the other one; the change log of
-//! the switched site no longer grows, and what the other site's log gained in between is
-//! applied to the switched site by the trigger apply, whose conflict rule does not see the
-//! switched site's own writes since its switch (the one window where a concurrent edit of
-//! the same row could be decided against the logical rule; logged like every conflict).
+//! set and flushed before the commit, so a committed switch always has it). A crash between
+//! the two commits leaves one site switched: the next start finishes the other one; the
+//! change log of the switched site no longer grows, and what the other site's log gained in
+//! between is applied to the switched site (under the origin, so never shipped back) by the
+//! trigger apply, whose conflict rule does not see the switched site's own writes since its
+//! switch: a row edited on both sites in that window (between a crash between the two
+//! commits and the next start) can end different on the two sites, and only `gsb verify`
+//! shows it. Two-phase commit would close it but needs `max_prepared_transactions` > 0 on
+//! both servers (0 by default).
 
 use crate::db::{Conn, Site};
 use crate::logical::{origin_name, slot_name};
@@ -64,9 +67,16 @@ pub(crate) async fn switch_from_triggers(
         backup_tables = b_trig.len(),
         "switching from the trigger capture to the logical capture"
     );
-    // 1. With writers running.
-    let n1 = drain_change_log(p2b, cfg, p, b, metrics, Drain::CaughtUp).await?;
-    let n2 = drain_change_log(b2p, cfg, b, p, metrics, Drain::CaughtUp).await?;
+    // 1. With writers running, into each site still capturing (a site switched already, by an
+    // attempt that committed on one site only, gets its share under the origin in step 3).
+    let mut n1 = 0;
+    let mut n2 = 0;
+    if !b_trig.is_empty() {
+        n1 = drain_change_log(p2b, cfg, p, b, metrics, Drain::CaughtUp).await?;
+    }
+    if !p_trig.is_empty() {
+        n2 = drain_change_log(b2p, cfg, b, p, metrics, Drain::CaughtUp).await?;
+    }
     tracing::info!(
         primary_to_backup = n1,
         backup_to_primary = n2,
@@ -101,9 +111,10 @@ pub(crate) async fn switch_from_triggers(
     if result.is_ok() {
         result = finish(cfg, p, b, &sites, metrics).await;
     }
-    // 4. Commit (or roll back every open transaction).
-    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    // 4. Commit (or roll back every open transaction); after a failed COMMIT the rest roll
+    // back, so a failure leaves at most the sites committed before it switched.
     for lock in open {
+        let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
         let r = lock
             .batch_execute(end)
             .await
@@ -161,6 +172,13 @@ async fn finish(
         )
         .await
         .map_err(|e| Error::db(ps, format!("setting the start of {origin}"), e))?;
+        // The advance is WAL-logged but not flushed: a synchronous commit of a transaction with
+        // an xid flushes it, before this site's switch can commit.
+        peer.batch_execute(
+            "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); COMMIT",
+        )
+        .await
+        .map_err(|e| Error::db(ps, format!("flushing the start of {origin}"), e))?;
         let at = parse_lsn(&at).map(fmt_lsn).unwrap_or(at);
         tracing::info!(site = s, start = %at, "the logical stream of this site starts here");
     }
@@ -176,13 +194,15 @@ async fn finish(
         dst.execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
             .await
             .map_err(|e| Error::db(s, format!("setting up origin {origin}"), e))?;
-        let n = drain_change_log(inbound, cfg, src, dst, metrics, Drain::Settled).await?;
+        let drained = drain_change_log(inbound, cfg, src, dst, metrics, Drain::Settled).await;
         if tables.is_empty() {
-            // Committed already (no transaction is open on the plain session).
+            // Committed already (no transaction is open on the plain session); released
+            // whatever the drain did, so the next attempt can advance it.
             dst.execute("SELECT pg_replication_origin_session_reset()", &[])
                 .await
                 .map_err(|e| Error::db(s, format!("releasing origin {origin}"), e))?;
         }
+        let n = drained?;
         tracing::info!(
             direction = inbound.name,
             changes = n,
@@ -218,8 +238,10 @@ async fn begin_and_lock(c: &Conn, site: Site, tables: &[String]) -> Result<(), E
     c.batch_execute("BEGIN")
         .await
         .map_err(|e| Error::db(s, "starting the capture switch", e))?;
+    // Bounded: behind a long transaction on the tables the switch gives up and is retried
+    // (writers queue behind a waiting lock).
     c.batch_execute(&format!(
-        "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
+        "SET LOCAL lock_timeout = '10s'; LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
         tables.join(", ")
     ))
     .await
