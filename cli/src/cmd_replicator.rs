@@ -11,8 +11,8 @@ fn load(config_path: &Path) -> anyhow::Result<gsb_replicator::Config> {
         .with_context(|| format!("reading {}", config_path.display()))?;
     let mut config = gsb_replicator::Config::from_toml_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
-    if let (Some(c), Some(dir)) = (config.coordination.as_mut(), config_path.parent()) {
-        c.resolve_paths(dir);
+    if let Some(dir) = config_path.parent() {
+        config.resolve_paths(dir);
     }
     Ok(config)
 }
@@ -69,8 +69,8 @@ pub fn check(config_text: &str) -> Result<(), String> {
 
 /// Connects to both sites' databases and checks the capture's prerequisites there: one line
 /// per site; exit 1 when one is unreachable or lacks something (the line names the fix).
-pub async fn check_databases(config_text: &str) -> anyhow::Result<ExitCode> {
-    let config = gsb_replicator::Config::from_toml_str(config_text)?;
+pub async fn check_databases(config_path: &Path) -> anyhow::Result<ExitCode> {
+    let config = load(config_path)?;
     let mut ok = true;
     for (site, r) in gsb_replicator::check_databases(&config).await {
         match r {

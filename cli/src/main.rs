@@ -375,7 +375,7 @@ async fn check_config(path: &Path, databases: bool) -> anyhow::Result<ExitCode> 
     if errors.is_empty() {
         println!("{}: ok ({})", path.display(), checked.join(", "));
         if databases && table.contains_key("replicator") {
-            return cmd_replicator::check_databases(&text).await;
+            return cmd_replicator::check_databases(path).await;
         }
         Ok(ExitCode::SUCCESS)
     } else {

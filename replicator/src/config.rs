@@ -71,6 +71,11 @@ pub struct Config {
     /// deleted row that arrives after its tombstone is pruned is applied as new and resurrects
     /// the row. Longer keeps more rows (one small row per deleted key).
     pub tombstone_retention: Duration,
+    /// `ca_file`: PEM certificates the sites' database servers are verified against. When set,
+    /// every database link (SQL and replication) is TLS with the server certificate verified
+    /// and its host name checked; without it, a connection string with `sslmode=require` is
+    /// TLS verified against the system's roots, and any other is plain.
+    pub ca_file: Option<std::path::PathBuf>,
     /// `[coordination]` (the proxies' etcd): when set, the one active replicator is elected on
     /// etcd (a leased key), so a standby takes over whichever database is down; otherwise by
     /// an advisory lock on the primary.
@@ -96,6 +101,7 @@ struct Raw {
     prune_interval: Option<String>,
     verify_interval: Option<String>,
     tombstone_retention: Option<String>,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -237,6 +243,7 @@ impl Config {
             prune_interval: dur("prune_interval", raw.prune_interval, "5s", false)?,
             verify_interval: dur("verify_interval", raw.verify_interval, "0s", true)?,
             tombstone_retention: dur("tombstone_retention", raw.tombstone_retention, "7d", false)?,
+            ca_file: raw.ca_file,
             coordination: match table.get("coordination") {
                 None => None,
                 Some(v) => {
@@ -249,6 +256,17 @@ impl Config {
                 }
             },
         })
+    }
+
+    /// Makes a relative `ca_file` relative to `dir` (the config file's directory), as every
+    /// path in the file; the `[coordination]` paths too.
+    pub fn resolve_paths(&mut self, dir: &std::path::Path) {
+        if let Some(p) = self.ca_file.as_mut().filter(|p| p.is_relative()) {
+            *p = dir.join(&*p);
+        }
+        if let Some(c) = self.coordination.as_mut() {
+            c.resolve_paths(dir);
+        }
     }
 }
 

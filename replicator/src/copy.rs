@@ -46,8 +46,8 @@ impl fmt::Display for CopyReport {
 
 /// Copies `config_tables` from the primary to the backup now.
 pub async fn copy_config(config: &Config) -> Result<CopyReport, Error> {
-    let mut p = connect(Site::Primary, &config.primary_dsn).await?;
-    let mut b = connect(Site::Backup, &config.backup_dsn).await?;
+    let mut p = connect(&config.link(Site::Primary)?).await?;
+    let mut b = connect(&config.link(Site::Backup)?).await?;
     let mut infos = Vec::new();
     for t in &config.config_tables {
         let name = qualify(t);

@@ -60,7 +60,7 @@ impl Elector {
         let mut announced = false;
         let lock = match &self.etcd {
             Some(_) => None,
-            None => Some(connect(Site::Primary, &config.primary_dsn).await?),
+            None => Some(connect(&config.link(Site::Primary)?).await?),
         };
         loop {
             let got = match (&mut self.etcd, &lock) {

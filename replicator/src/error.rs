@@ -4,7 +4,10 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Could not connect to a site's database (retried by `run`).
-    #[error("{site}: cannot connect to the database: {source}")]
+    #[error(
+        "{site}: cannot connect to the database: {source}{}",
+        tls_cause(source)
+    )]
     Connect {
         /// `primary` or `backup`.
         site: &'static str,
@@ -167,4 +170,12 @@ impl Error {
             source: e,
         }
     }
+}
+
+/// `: <the TLS failure>` when a connection failed in its TLS handshake (the driver's own text
+/// only says that the handshake failed).
+fn tls_cause(e: &tokio_postgres::Error) -> String {
+    gsb_health::tls::tls_failure(e)
+        .map(|t| format!(": {t} (the server's certificate is checked against replicator.ca_file, or the system's roots without it)"))
+        .unwrap_or_default()
 }

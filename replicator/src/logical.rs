@@ -202,8 +202,8 @@ pub(crate) async fn session(
     let (ss, ts) = (d.source.as_str(), d.target.as_str());
     let slot = slot_name(d);
     let origin = origin_name(d.source);
-    let src = connect(d.source, d.dsn(d.source, cfg)).await?;
-    let mut dst = connect(d.target, d.dsn(d.target, cfg)).await?;
+    let src = connect(&cfg.link(d.source)?).await?;
+    let mut dst = connect(&cfg.link(d.target)?).await?;
     let apply_name = format!("gsb-apply-{}", d.name);
     // A session of a replicator that died may still hold the origin or the slot.
     // Commits do not wait for the WAL flush (as native logical replication and pglogical
@@ -265,7 +265,7 @@ pub(crate) async fn session(
             wait_slot_free(&src, ss, &slot).await?;
         }
     }
-    let mut repl = ReplConn::connect(ss, d.dsn(d.source, cfg)).await?;
+    let mut repl = ReplConn::connect(&cfg.link(d.source)?).await?;
     let start = match (progress, slot_row.is_some()) {
         (Some(p), true) => p,
         (Some(_), false) => {
@@ -348,7 +348,7 @@ pub(crate) async fn session(
         rows: Default::default(),
     };
     let durable = Durable {
-        conn: connect(d.target, d.dsn(d.target, cfg)).await?,
+        conn: connect(&cfg.link(d.target)?).await?,
         origin: origin.clone(),
         site: ts,
     };
@@ -416,7 +416,7 @@ async fn initial_sync(
 ) -> Result<u64, Error> {
     let mut counted = Vec::new();
     let (ss, ts) = (d.source.as_str(), d.target.as_str());
-    let mut snap = connect(d.source, d.dsn(d.source, cfg)).await?;
+    let mut snap = connect(&cfg.link(d.source)?).await?;
     let stx = snap
         .client
         .build_transaction()
@@ -690,7 +690,7 @@ async fn report_window(
         return Ok(());
     }
     let ts = d.target.as_str();
-    let dst = connect(d.target, d.dsn(d.target, cfg)).await?;
+    let dst = connect(&cfg.link(d.target)?).await?;
     let ids: Vec<i64> = dst
         .query(
             "SELECT id FROM gsb.conflicts WHERE id > $1 AND loser_origin = $2 ORDER BY id",
@@ -1001,8 +1001,8 @@ pub async fn resync(cfg: &Config) -> Result<ResyncReport, Error> {
     };
     for d in [p2b, b2p] {
         let (ss, ts) = (d.source.as_str(), d.target.as_str());
-        let src = connect(d.source, d.dsn(d.source, cfg)).await?;
-        let dst = connect(d.target, d.dsn(d.target, cfg)).await?;
+        let src = connect(&cfg.link(d.source)?).await?;
+        let dst = connect(&cfg.link(d.target)?).await?;
         let slot = slot_name(&d);
         let origin = origin_name(d.source);
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -112,18 +112,13 @@ async fn lead_once(
             work.clone(),
         ));
     }
-    tasks.spawn(heartbeat(
-        Site::Primary,
-        config.primary_dsn.clone(),
-        config.heartbeat_interval,
-        work.clone(),
-    ));
-    tasks.spawn(heartbeat(
-        Site::Backup,
-        config.backup_dsn.clone(),
-        config.heartbeat_interval,
-        work.clone(),
-    ));
+    for site in [Site::Primary, Site::Backup] {
+        tasks.spawn(heartbeat(
+            config.link(site)?,
+            config.heartbeat_interval,
+            work.clone(),
+        ));
+    }
     tasks.spawn(copy::schedule(
         config.clone(),
         metrics.clone(),
@@ -162,8 +157,8 @@ fn set_active(metrics: &Metrics, status: &SharedStatus, active: bool) {
 /// checks its prerequisites first, switches a pair still capturing by trigger (`upgrade.rs`)
 /// and sets up each source's publication instead of triggers.
 pub(crate) async fn setup(config: &Config, metrics: &Metrics) -> Result<(), Error> {
-    let mut p = connect(Site::Primary, &config.primary_dsn).await?;
-    let mut b = connect(Site::Backup, &config.backup_dsn).await?;
+    let mut p = connect(&config.link(Site::Primary)?).await?;
+    let mut b = connect(&config.link(Site::Backup)?).await?;
     let logical = config.capture == Capture::Logical;
     if logical {
         crate::logical::check_prerequisites(&p, Site::Primary).await?;
@@ -181,8 +176,8 @@ pub(crate) async fn setup(config: &Config, metrics: &Metrics) -> Result<(), Erro
     install(&mut b.client, Site::Backup, &b_capture, &b_two, !logical).await?;
     if logical {
         let (p2b, b2p) = directions(config);
-        let p_lock = connect(Site::Primary, &config.primary_dsn).await?;
-        let b_lock = connect(Site::Backup, &config.backup_dsn).await?;
+        let p_lock = connect(&config.link(Site::Primary)?).await?;
+        let b_lock = connect(&config.link(Site::Backup)?).await?;
         // Publications first: pgoutput reads them as of each decoded commit, so a slot made
         // by the switch must not predate them.
         crate::logical::prepare_source(&p, &p2b, &p_two).await?;
@@ -264,12 +259,10 @@ async fn infos(
 /// capture) every prerequisite met, else the first one missing with its fix.
 pub async fn check_databases(config: &Config) -> Vec<(Site, Result<(), Error>)> {
     let mut out = Vec::new();
-    for (site, dsn) in [
-        (Site::Primary, &config.primary_dsn),
-        (Site::Backup, &config.backup_dsn),
-    ] {
+    for site in [Site::Primary, Site::Backup] {
         let r = async {
-            let c = tokio::time::timeout(Duration::from_secs(10), connect(site, dsn))
+            let link = config.link(site)?;
+            let c = tokio::time::timeout(Duration::from_secs(10), connect(&link))
                 .await
                 .map_err(|_| {
                     Error::Protocol(format!("{}: no answer within 10s", site.as_str()))

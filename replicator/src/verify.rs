@@ -130,8 +130,8 @@ async fn rows_in(
 
 /// Compares the `two_way` tables (equal) and `usage_tables` (backup rows present on the primary).
 pub async fn verify(config: &Config) -> Result<VerifyReport, Error> {
-    let p = connect(Site::Primary, &config.primary_dsn).await?;
-    let b = connect(Site::Backup, &config.backup_dsn).await?;
+    let p = connect(&config.link(Site::Primary)?).await?;
+    let b = connect(&config.link(Site::Backup)?).await?;
     let mut tables = Vec::new();
     let all = config
         .two_way

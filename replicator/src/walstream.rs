@@ -10,10 +10,15 @@ use bytes::{Buf, BufMut, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::{self, Message};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::db::Link;
 use crate::Error;
+
+/// The connection's byte stream: TCP, or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 pub(crate) const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -47,17 +52,53 @@ enum Frame {
     Other(Message),
 }
 
+/// Asks the server for TLS (SSLRequest) and runs the handshake, the certificate verified
+/// against `tls`'s roots for `host`.
+async fn start_tls(
+    site: &'static str,
+    mut stream: TcpStream,
+    host: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Error> {
+    let err = |what: String| Error::Replication { site, what };
+    let mut out = BytesMut::new();
+    frontend::ssl_request(&mut out);
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| err(format!("asking for TLS: {e}")))?;
+    let mut answer = [0u8; 1];
+    stream
+        .read_exact(&mut answer)
+        .await
+        .map_err(|e| err(format!("asking for TLS: {e}")))?;
+    if answer[0] != b'S' {
+        return Err(err(
+            "the server does not accept TLS (asked for by replicator.ca_file or sslmode=require): turn on ssl in its postgresql.conf".into(),
+        ));
+    }
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| err(format!("{host} is not a TLS server name: {e}")))?;
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(name, stream)
+        .await
+        .map_err(|e| err(format!("TLS handshake with {host}: {e}")))
+}
+
 /// A replication connection to one site.
 pub(crate) struct ReplConn {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     buf: BytesMut,
     site: &'static str,
 }
 
 impl ReplConn {
-    /// Connects with `replication=database` using the libpq-style `dsn` (TCP hosts only).
-    pub(crate) async fn connect(site: &'static str, dsn: &str) -> Result<ReplConn, Error> {
-        let cfg: tokio_postgres::Config = dsn
+    /// Connects with `replication=database` over `link` (TCP hosts only; TLS when the link
+    /// has it, negotiated with an SSLRequest as libpq does).
+    pub(crate) async fn connect(link: &Link) -> Result<ReplConn, Error> {
+        let site = link.site.as_str();
+        let cfg: tokio_postgres::Config = link
+            .dsn
             .parse()
             .map_err(|e| Error::db(site, "parsing the connection string", e))?;
         let host = cfg
@@ -83,6 +124,10 @@ impl ReplConn {
                 what: format!("connecting to {host}:{port}: {e}"),
             })?;
         let _ = stream.set_nodelay(true);
+        let stream: Box<dyn Io> = match &link.tls {
+            None => Box::new(stream),
+            Some(tls) => Box::new(start_tls(site, stream, &host, tls.clone()).await?),
+        };
         let mut c = ReplConn {
             stream,
             buf: BytesMut::with_capacity(64 * 1024),

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::Capture;
-use crate::db::{connect, Site};
+use crate::db::{connect, Link, Site};
 use crate::metrics::{with_dir, Metrics, SharedStatus};
 use crate::{sql, Config, Error};
 
@@ -25,16 +25,6 @@ pub(crate) struct Direction {
     pub target: Site,
     /// Qualified tables shipped this way (including `gsb.heartbeat`).
     pub tables: Vec<String>,
-}
-
-impl Direction {
-    /// The connection string of `site`.
-    pub(crate) fn dsn<'a>(&self, site: Site, cfg: &'a Config) -> &'a str {
-        match site {
-            Site::Primary => &cfg.primary_dsn,
-            Site::Backup => &cfg.backup_dsn,
-        }
-    }
 }
 
 /// Runs the direction until `shutdown`, reconnecting with backoff after any failure.
@@ -87,8 +77,8 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
     let (ss, ts) = (d.source.as_str(), d.target.as_str());
-    let src = connect(d.source, d.dsn(d.source, cfg)).await?;
-    let dst = connect(d.target, d.dsn(d.target, cfg)).await?;
+    let src = connect(&cfg.link(d.source)?).await?;
+    let dst = connect(&cfg.link(d.target)?).await?;
     src.batch_execute("LISTEN gsb_changes")
         .await
         .map_err(|e| Error::db(ss, "LISTEN gsb_changes", e))?;
@@ -407,16 +397,12 @@ fn label(t: &str) -> &str {
 }
 
 /// Writes this site's heartbeat row every `heartbeat_interval` until `shutdown`.
-pub(crate) async fn heartbeat(
-    site: Site,
-    dsn: String,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
+pub(crate) async fn heartbeat(link: Link, every: Duration, shutdown: CancellationToken) {
+    let site = link.site;
     let mut conn = None;
     loop {
         if conn.is_none() {
-            match connect(site, &dsn).await {
+            match connect(&link).await {
                 Ok(c) => conn = Some(c),
                 Err(e) => {
                     tracing::debug!(site = site.as_str(), error = %e, "heartbeat: cannot connect")
