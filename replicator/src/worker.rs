@@ -132,16 +132,7 @@ async fn session(
                 lag = tracing::field::Empty,
                 conflicts = tracing::field::Empty
             );
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
-                &d.name,
-                &xid,
-                &id,
-                &to.0,
-                &to.1,
-                &batch.json,
-                &skew_ms,
-                &"primary",
-            ];
+            let params = apply_params(d, (&xid, &id), &to, &batch.json, &skew_ms);
             let applying = dst.query_one(&apply, &params).instrument(span.clone());
             // A full batch means a backlog: read the next one from the source while the target
             // applies this one (two sessions, two servers). The cursor still only moves in
@@ -316,16 +307,7 @@ pub(crate) async fn drain_change_log(
         let Some(to) = batch.to else {
             return Ok(total);
         };
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
-            &d.name,
-            &xid,
-            &id,
-            &to.0,
-            &to.1,
-            &batch.json,
-            &skew_ms,
-            &"primary",
-        ];
+        let params = apply_params(d, (&xid, &id), &to, &batch.json, &skew_ms);
         let res: String = dst
             .query_one(sql::APPLY, &params)
             .await
@@ -346,6 +328,19 @@ pub(crate) async fn drain_change_log(
             return Ok(total);
         }
     }
+}
+
+/// The parameters of `sql::APPLY` for a batch from cursor `from` to `to`.
+fn apply_params<'a>(
+    d: &'a Direction,
+    from: (&'a String, &'a i64),
+    to: &'a (String, i64),
+    json: &'a String,
+    skew_ms: &'a i64,
+) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 8] {
+    [
+        &d.name, from.0, from.1, &to.0, &to.1, json, skew_ms, &"primary",
+    ]
 }
 
 /// One fetched batch.

@@ -9,15 +9,11 @@ mod common;
 use gsb_replicator::{verify, Config};
 use gsb_tests::{gsb_bin, wait_until, Proc};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_of_the_binary_under_load_then_restart_loses_and_duplicates_nothing() {
-    let (p, b) = common::servers(common::SITE_TABLES).await;
-    let text = common::config_text(&p, &b, "batch_size = 200\n");
-    let config = Config::from_toml_str(&text).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gsb.toml");
-    std::fs::write(&path, &text).unwrap();
-    let spawn = || {
+/// Writes `text` as `dir/gsb.toml`; returns what starts `gsb replicator` on it.
+fn replicator_binary(text: &str, dir: &std::path::Path) -> impl Fn() -> Proc {
+    let path = dir.join("gsb.toml");
+    std::fs::write(&path, text).unwrap();
+    move || {
         Proc::spawn(
             "gsb-replicator",
             Command::new(gsb_bin())
@@ -25,7 +21,16 @@ async fn kill9_of_the_binary_under_load_then_restart_loses_and_duplicates_nothin
                 .arg("--config")
                 .arg(&path),
         )
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_binary_under_load_then_restart_loses_and_duplicates_nothing() {
+    let (p, b) = common::servers(common::SITE_TABLES).await;
+    let text = common::config_text(&p, &b, "batch_size = 200\n");
+    let config = Config::from_toml_str(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = replicator_binary(&text, dir.path());
     let mut rep = spawn();
     let (pc, bc) = (p.client("site").await, b.client("site").await);
     let writers = common::two_way_load(&p, &b, Duration::from_millis(10)).await;
@@ -42,28 +47,6 @@ async fn kill9_of_the_binary_under_load_then_restart_loses_and_duplicates_nothin
     )
     .await;
     common::assert_no_loss_no_duplicate([&pc, &bc], 6000).await;
-}
-
-/// Inserts one user `<tag>-<n>` per statement on `dsn` until `stop`; returns how many
-/// committed.
-async fn steady_writer(
-    dsn: String,
-    tag: &'static str,
-    stop: tokio_util::sync::CancellationToken,
-) -> i64 {
-    let c = gsb_tests::pg::connect(&dsn).await;
-    let mut n = 0;
-    while !stop.is_cancelled() {
-        c.execute(
-            "INSERT INTO users (id, email) VALUES (md5($1)::uuid, $1)",
-            &[&format!("{tag}-{n}")],
-        )
-        .await
-        .unwrap();
-        n += 1;
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    n
 }
 
 async fn triggers_left(p: &tokio_postgres::Client, b: &tokio_postgres::Client) -> i64 {
@@ -93,22 +76,12 @@ async fn kill9_during_the_switch_from_the_trigger_capture_loses_and_duplicates_n
         .unwrap();
     }
     let stop = tokio_util::sync::CancellationToken::new();
-    let wp = tokio::spawn(steady_writer(p.dsn("site"), "wp", stop.clone()));
-    let wb = tokio::spawn(steady_writer(b.dsn("site"), "wb", stop.clone()));
+    let wp = tokio::spawn(common::steady_writer(p.dsn("site"), "wp", stop.clone()));
+    let wb = tokio::spawn(common::steady_writer(b.dsn("site"), "wb", stop.clone()));
     let text = common::config_text(&p, &b, "batch_size = 500\n");
     let config = Config::from_toml_str(&text).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gsb.toml");
-    std::fs::write(&path, &text).unwrap();
-    let spawn = || {
-        Proc::spawn(
-            "gsb-replicator",
-            Command::new(gsb_bin())
-                .arg("replicator")
-                .arg("--config")
-                .arg(&path),
-        )
-    };
+    let spawn = replicator_binary(&text, dir.path());
     // Killed as soon as each step of the switch has been logged (the process runs on for a
     // moment: the kill lands somewhere after it), each time restarted from what is left.
     for step in [

@@ -318,24 +318,6 @@ async fn a_missing_prerequisite_refuses_the_start_naming_the_setting_and_the_fix
     );
 }
 
-/// Inserts one user `<tag>-<n>` per statement on `dsn` until `stop`; returns how many
-/// committed (each acknowledged insert must reach the other site exactly once).
-async fn steady_writer(dsn: String, tag: &'static str, stop: CancellationToken) -> i64 {
-    let c = gsb_tests::pg::connect(&dsn).await;
-    let mut n = 0;
-    while !stop.is_cancelled() {
-        c.execute(
-            "INSERT INTO users (id, email) VALUES (md5($1)::uuid, $1)",
-            &[&format!("{tag}-{n}")],
-        )
-        .await
-        .unwrap();
-        n += 1;
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    n
-}
-
 async fn capture_triggers(c: &tokio_postgres::Client) -> i64 {
     count(
         c,
@@ -380,8 +362,8 @@ async fn switching_from_the_trigger_capture_under_writes_keeps_what_its_change_l
         .unwrap();
     // The application keeps writing on both sites across the switch.
     let stop = CancellationToken::new();
-    let wp = tokio::spawn(steady_writer(ps.dsn("site"), "wp", stop.clone()));
-    let wb = tokio::spawn(steady_writer(bs.dsn("site"), "wb", stop.clone()));
+    let wp = tokio::spawn(common::steady_writer(ps.dsn("site"), "wp", stop.clone()));
+    let wb = tokio::spawn(common::steady_writer(bs.dsn("site"), "wb", stop.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = start(&logical);
     wait_until(WAIT, "the triggers removed", || async {

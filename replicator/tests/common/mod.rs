@@ -217,3 +217,21 @@ pub async fn count(c: &Client, sql: &str) -> i64 {
 pub async fn text(c: &Client, sql: &str) -> Option<String> {
     c.query_opt(sql, &[]).await.unwrap().map(|r| r.get(0))
 }
+
+/// Inserts one user `<tag>-<n>` per statement on `dsn` until `stop`; returns how many
+/// committed (each acknowledged insert must reach the other site exactly once).
+pub async fn steady_writer(dsn: String, tag: &'static str, stop: CancellationToken) -> i64 {
+    let c = gsb_tests::pg::connect(&dsn).await;
+    let mut n = 0;
+    while !stop.is_cancelled() {
+        c.execute(
+            "INSERT INTO users (id, email) VALUES (md5($1)::uuid, $1)",
+            &[&format!("{tag}-{n}")],
+        )
+        .await
+        .unwrap();
+        n += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    n
+}
