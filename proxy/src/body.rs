@@ -108,9 +108,9 @@ impl ProxyBody {
     }
 
     /// A site's body streamed through, aborted when `drain` is cancelled.
-    pub fn upstream(body: Incoming, drain: Option<CancellationToken>) -> ProxyBody {
-        // A body that is already complete needs no drain watch (and no allocation for it).
-        let drain = drain.filter(|_| !body.is_end_stream());
+    pub fn upstream(body: Incoming, drain: Option<&CancellationToken>) -> ProxyBody {
+        // A body that is already complete needs no drain watch (no token clone, no allocation).
+        let drain = drain.filter(|_| !body.is_end_stream()).cloned();
         ProxyBody {
             kind: Kind::Upstream {
                 body,
@@ -335,7 +335,7 @@ mod tests {
     async fn a_body_waiting_for_its_site_is_cut_when_the_drain_fires() {
         let (body, _site) = stalled_body(b"hello").await;
         let drain = CancellationToken::new();
-        let mut body = ProxyBody::upstream(body, Some(drain.clone()));
+        let mut body = ProxyBody::upstream(body, Some(&drain));
         let first = body.frame().await.expect("frame").expect("data");
         assert_eq!(first.into_data().expect("data"), "hello");
         // The rest never comes: the cut must wake the waiting body.
@@ -355,7 +355,7 @@ mod tests {
         let (body, _site) = stalled_body(b"hello").await;
         let drain = CancellationToken::new();
         drain.cancel();
-        let mut body = ProxyBody::upstream(body, Some(drain));
+        let mut body = ProxyBody::upstream(body, Some(&drain));
         let next = body.frame().await;
         assert!(matches!(next, Some(Err(_))), "cut before any data");
     }
@@ -364,7 +364,7 @@ mod tests {
     async fn a_body_that_is_not_drained_streams_whole() {
         let (body, mut site) = stalled_body(b"hello").await;
         let drain = CancellationToken::new();
-        let body = ProxyBody::upstream(body, Some(drain.clone()));
+        let body = ProxyBody::upstream(body, Some(&drain));
         site.write_all(b"world").await.expect("rest");
         let all = body.collect().await.expect("body").to_bytes();
         assert_eq!(all, "helloworld");

@@ -21,18 +21,53 @@ use tokio_util::task::TaskTracker;
 use crate::route::Router;
 
 /// The tokens of one route generation.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Generation {
     /// Cancelled `drain_timeout` after the move away from this generation.
     drain: CancellationToken,
     /// Cancelled at the move away from this generation when the old site is down.
     moved: CancellationToken,
+    /// Per worker, children of both: a request holds its worker's (one reference count bumped
+    /// on a value only that worker's thread touches) and waits on them, so the waiter lists
+    /// and locks of the tokens are never shared between the workers' cores.
+    workers: Box<[Arc<Tokens>]>,
+}
+
+impl Generation {
+    fn new(workers: usize) -> Generation {
+        let (drain, moved) = (CancellationToken::new(), CancellationToken::new());
+        let workers = (0..workers.max(1))
+            .map(|_| {
+                Arc::new(Tokens {
+                    drain: drain.child_token(),
+                    moved: moved.child_token(),
+                })
+            })
+            .collect();
+        Generation {
+            drain,
+            moved,
+            workers,
+        }
+    }
+}
+
+/// What work started under one route generation on one worker waits on.
+#[derive(Debug)]
+pub struct Tokens {
+    /// Cancelled `drain_timeout` after the move away from the generation: the work is cut.
+    pub drain: CancellationToken,
+    /// Cancelled at the move away from the generation when the old site is down: a request
+    /// still waiting there for its answer may go to the new active site.
+    pub moved: CancellationToken,
 }
 
 /// The tokens of the current route generation.
 #[derive(Debug)]
 pub struct Drain {
     current: ArcSwap<Generation>,
+    /// Request-path workers (one child token pair per worker and generation).
+    workers: usize,
     /// `failover.drain_timeout` in milliseconds; a config reload may change it (applies to the
     /// next move).
     timeout_ms: AtomicU64,
@@ -40,23 +75,30 @@ pub struct Drain {
 
 impl Default for Drain {
     fn default() -> Self {
-        Drain {
-            current: ArcSwap::from_pointee(Generation::default()),
-            timeout_ms: AtomicU64::new(2 * 3600 * 1000),
-        }
+        Drain::new(1)
     }
 }
 
 impl Drain {
+    /// Tokens for `workers` request-path workers.
+    pub fn new(workers: usize) -> Drain {
+        Drain {
+            current: ArcSwap::from_pointee(Generation::new(workers)),
+            workers,
+            timeout_ms: AtomicU64::new(2 * 3600 * 1000),
+        }
+    }
+
     /// The token work starting now holds; cancelled `drain_timeout` after the next move.
     pub fn token(&self) -> CancellationToken {
         self.current.load().drain.clone()
     }
 
-    /// Both tokens of the current generation: (drain, moved).
-    pub fn tokens(&self) -> (CancellationToken, CancellationToken) {
+    /// The tokens of the current generation for work on worker `worker` (any index works:
+    /// one past the workers shares a worker's tokens).
+    pub fn tokens(&self, worker: usize) -> Arc<Tokens> {
         let current = self.current.load();
-        (current.drain.clone(), current.moved.clone())
+        current.workers[worker % current.workers.len()].clone()
     }
 
     /// Sets the drain timeout of the next moves.
@@ -88,7 +130,7 @@ impl Drain {
             }
             let generation = *changes.borrow_and_update();
             let now = router.load();
-            let old = self.current.swap(Arc::new(Generation::default()));
+            let old = self.current.swap(Arc::new(Generation::new(self.workers)));
             if now.active != active && !now.usable[active.index()] {
                 // The old site is down: what still waits there for an answer won't get one.
                 old.moved.cancel();
@@ -148,7 +190,8 @@ mod tests {
         let router = Router::new(RouteSnapshot::initial(Site::Primary));
         let (drain, tracker, shutdown) = follow(&router).await;
 
-        let (before, moved) = drain.tokens();
+        let tokens = drain.tokens(0);
+        let (before, moved) = (&tokens.drain, &tokens.moved);
         router.publish(RouteSnapshot {
             active: Site::Backup,
             usable: [false, true],
@@ -176,7 +219,7 @@ mod tests {
         let router = Router::new(RouteSnapshot::initial(Site::Primary));
         let (drain, tracker, shutdown) = follow(&router).await;
 
-        let (_, moved) = drain.tokens();
+        let moved = drain.tokens(0).moved.clone();
         // A manual failover: the primary is still usable, so its requests may finish there.
         router.publish(RouteSnapshot {
             active: Site::Backup,

@@ -27,7 +27,7 @@ use tracing::Instrument;
 use crate::body::{AccessLog, ProxyBody, ReqBody, ReturnableBody};
 use crate::config::{Config, Mode};
 use crate::detect;
-use crate::drain::Drain;
+use crate::drain::{Drain, Tokens};
 use crate::error::{Error, ProxyError, RetryType};
 use crate::metrics::ProxyMetrics;
 use crate::passive::PassiveHealth;
@@ -238,6 +238,15 @@ fn upstream_client(opts: ClientOptions, tls: rustls::ClientConfig, h2: bool) -> 
         .build(https)
 }
 
+/// `settings` once per worker (the copies share the clients).
+fn per_worker(settings: Settings, workers: usize) -> Box<[ArcSwap<Settings>]> {
+    let mut copies: Vec<ArcSwap<Settings>> = (1..workers.max(1))
+        .map(|_| ArcSwap::from_pointee(settings.clone()))
+        .collect();
+    copies.push(ArcSwap::from_pointee(settings));
+    copies.into_boxed_slice()
+}
+
 /// `gsb_requests_total{site,code}` children, each resolved on the first answer with its code:
 /// the label lookup (hash of the label values under the vector's lock) is then paid once per
 /// site and code instead of once per request. A label set still appears only once used.
@@ -280,8 +289,10 @@ pub struct Forwarder {
     requests: RequestCounters,
     budget: RetryBudget,
     drain: Arc<Drain>,
-    /// What a config reload may change; read once per request (no lock).
-    settings: ArcSwap<Settings>,
+    /// What a config reload may change; read once per request (no lock). One copy per
+    /// worker: a request takes a reference on its worker's copy, so the reference count it
+    /// bumps is not shared between the workers' cores.
+    settings: Box<[ArcSwap<Settings>]>,
     /// Upgraded tunnels are tracked here so shutdown waits for them (bounded).
     tracker: TaskTracker,
     /// Cancelled when the shutdown grace period ends: tunnels still open are closed.
@@ -289,7 +300,7 @@ pub struct Forwarder {
 }
 
 /// The forwarder's reloadable settings (SIGHUP swaps them whole).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Settings {
     targets: [Target; 2],
     /// Per site, one per worker; rebuilt on reload only when the site's `url` or `ca_file`
@@ -345,8 +356,8 @@ impl Settings {
 
 /// What one attempt on one site needs, besides the body.
 struct Outgoing {
-    /// The route generation's drain token (see `drain.rs`).
-    drain: CancellationToken,
+    /// The route generation's tokens for the client connection's worker (see `drain.rs`).
+    tokens: Arc<Tokens>,
     method: Method,
     pq: Option<PathAndQuery>,
     headers: HeaderMap,
@@ -373,7 +384,8 @@ impl Forwarder {
             idle_timeout: p.idle_timeout,
             workers: p.workers(),
         };
-        let settings = ArcSwap::from_pointee(Settings::build(config, client_opts, None)?);
+        let built = Settings::build(config, client_opts, None)?;
+        let settings = per_worker(built, client_opts.workers);
         let durations =
             Site::ALL.map(|site| metrics.request_duration.with_label_values(&[site.as_str()]));
         let requests = RequestCounters::new(&metrics.requests);
@@ -396,20 +408,25 @@ impl Forwarder {
     /// [`Forwarder::reconfigure`]); sites whose `url`, `ca_file` and CA content did not change keep their
     /// pooled connections.
     pub fn prepare(&self, config: &Config) -> Result<Settings, Error> {
-        Settings::build(config, self.client_opts, Some(&self.settings.load()))
+        Settings::build(config, self.client_opts, Some(&self.settings[0].load()))
     }
 
     /// Swaps in reloaded settings: requests starting from now use them; requests already
     /// running keep the ones they started with.
     pub fn reconfigure(&self, settings: Settings) {
-        self.settings.store(Arc::new(settings));
+        for slot in &self.settings[1..] {
+            slot.store(Arc::new(settings.clone()));
+        }
+        self.settings[0].store(Arc::new(settings));
     }
 
     /// Closes worker `worker`'s site connections idle past the idle timeout (`all`: every
     /// idle one, at shutdown); called from the worker's own thread.
     pub fn sweep_idle(&self, worker: usize, all: bool) {
-        let settings = self.settings.load();
-        for clients in &settings.clients {
+        let Some(settings) = self.settings.get(worker) else {
+            return;
+        };
+        for clients in &settings.load().clients {
             if let Some(SiteClients {
                 kind: Upstream::Plain(pool),
                 ..
@@ -423,8 +440,10 @@ impl Forwarder {
     /// Answers one client request.
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
         let started = tokio::time::Instant::now();
-        let route = self.router.load();
-        let settings = self.settings.load_full();
+        // A copy of the snapshot, and the worker's own copy of the settings: no reference
+        // count shared between workers is touched per request.
+        let route = self.router.current();
+        let settings = self.settings[conn.worker % self.settings.len()].load_full();
         // Taken before the request is consumed, only when the request log is on.
         let log = settings.request_log.then(|| AccessLog {
             client: conn.peer,
@@ -501,7 +520,7 @@ impl Forwarder {
         settings: &Settings,
     ) -> Result<(Site, Response<ProxyBody>), ProxyError> {
         self.budget.deposit();
-        let (drain, moved) = self.drain.tokens();
+        let tokens = self.drain.tokens(conn.worker);
         // An upgrade (WebSocket...) keeps its Upgrade/Connection headers and is tunnelled.
         let upgrade = upgrade_protocol(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -519,7 +538,7 @@ impl Forwarder {
         };
         let has_body = returned.is_some();
         let mut out = Outgoing {
-            drain,
+            tokens,
             method: parts.method,
             pq: parts.uri.path_and_query().cloned(),
             headers,
@@ -541,7 +560,7 @@ impl Forwarder {
         };
         // Only a request that is safe to send twice may leave a site that went down while it
         // waited for the answer.
-        let moved = (idempotent && !has_body && upgrade.is_none() && may_retry).then_some(&moved);
+        let moved = idempotent && !has_body && upgrade.is_none() && may_retry;
         let result = self
             .attempt(
                 settings,
@@ -589,7 +608,7 @@ impl Forwarder {
                             .with_label_values(&[first.as_str(), other.as_str()])
                             .inc();
                         let headers = std::mem::take(&mut out.headers);
-                        match self.attempt(settings, other, &out, headers, b, None).await {
+                        match self.attempt(settings, other, &out, headers, b, false).await {
                             Ok(resp) => (other, resp),
                             Err(err2) => {
                                 self.count_error(&err2);
@@ -609,7 +628,13 @@ impl Forwarder {
         self.passive.report_status(site, resp.status().as_u16());
         Ok((
             site,
-            self.finish_response(resp, site, client_upgrade, upgrade.is_some(), out.drain),
+            self.finish_response(
+                resp,
+                site,
+                client_upgrade,
+                upgrade.is_some(),
+                &out.tokens.drain,
+            ),
         ))
     }
 
@@ -621,7 +646,7 @@ impl Forwarder {
         out: &Outgoing,
         headers: HeaderMap,
         body: ReqBody,
-        moved: Option<&CancellationToken>,
+        moved: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
         let target = &settings.targets[site.index()];
         let upstream = &settings.clients[site.index()][out.worker].kind;
@@ -649,16 +674,13 @@ impl Forwarder {
         };
         let exchange = tokio::time::timeout(settings.upstream_timeout, send);
         // A request still waiting for its answer when the old site's drain ends is cut too.
-        let moved_off = async {
-            match moved {
-                Some(token) => token.cancelled().await,
-                None => std::future::pending().await,
-            }
-        };
         let result = tokio::select! {
+            // The exchange first: an answer that is ready wins, and the tokens' waiter lists
+            // are only joined by a request that has to wait.
+            biased;
             r = exchange => r,
-            _ = out.drain.cancelled() => return Err(ProxyError::Drained { site }),
-            _ = moved_off => return Err(ProxyError::Moved { site }),
+            _ = out.tokens.drain.cancelled() => return Err(ProxyError::Drained { site }),
+            _ = out.tokens.moved.cancelled(), if moved => return Err(ProxyError::Moved { site }),
         };
         match result {
             Ok(Ok(resp)) => Ok(resp),
@@ -689,7 +711,7 @@ impl Forwarder {
         site: Site,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         is_upgrade: bool,
-        drain: CancellationToken,
+        drain: &CancellationToken,
     ) -> Response<ProxyBody> {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS && is_upgrade {
             let upgrade = resp.headers().get(header::UPGRADE).cloned();
@@ -699,7 +721,7 @@ impl Forwarder {
                 h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 h.insert(header::UPGRADE, proto);
                 let upstream_up = hyper::upgrade::on(&mut resp);
-                self.spawn_tunnel(site, client_up, upstream_up, drain);
+                self.spawn_tunnel(site, client_up, upstream_up, drain.clone());
             }
             let (parts, _) = resp.into_parts();
             return Response::from_parts(parts, ProxyBody::empty());

@@ -107,7 +107,10 @@ impl H1Pool {
                 },
             }
         }
-        let mut send = self.connect().await.map_err(PoolError::Connect)?;
+        // Boxed: the connect path (resolve, connect, handshake) is several hundred bytes of
+        // state that every request's future would carry, and copy when it is boxed, while
+        // most requests take a kept connection.
+        let mut send = Box::pin(self.connect()).await.map_err(PoolError::Connect)?;
         match send.try_send_request(req).await {
             Ok(resp) => {
                 self.checkin(send, &resp);

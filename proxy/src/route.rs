@@ -105,6 +105,12 @@ impl Router {
         self.snapshot.load_full()
     }
 
+    /// A copy of the current snapshot (no lock, no await, and no reference count bumped:
+    /// the request path reads it from every worker at once).
+    pub fn current(&self) -> RouteSnapshot {
+        RouteSnapshot::clone(&self.snapshot.load())
+    }
+
     /// Publishes a new snapshot; only the control task calls this.
     pub fn publish(&self, next: RouteSnapshot) {
         let generation = next.generation;

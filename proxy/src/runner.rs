@@ -73,7 +73,7 @@ async fn run_inner(
     let passive = Arc::new(PassiveHealth::default());
     let tracker = TaskTracker::new();
     let hard_stop = CancellationToken::new();
-    let drain = Arc::new(Drain::default());
+    let drain = Arc::new(Drain::new(config.proxy.workers()));
     // Built before binding: a site URL or `ca_file` that cannot be used stops the start first.
     let forwarder = Arc::new(Forwarder::new(
         &config,

@@ -20,6 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use futures_util::future::Either;
 use http::{Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -28,7 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,7 +47,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const BACKLOG: u32 = 1024;
 
 /// What every connection task of the public listeners shares.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ServerCtx {
     /// The request path.
     pub forwarder: Arc<Forwarder>,
@@ -56,9 +57,11 @@ pub struct ServerCtx {
     pub idle_timeout: Duration,
     /// `gsb_client_connections`.
     pub connections: IntGauge,
-    /// Stop accepting and close connections gracefully (in-flight requests finish).
+    /// Stop accepting and close connections gracefully (in-flight requests finish). Each
+    /// worker holds a child of the process's token (see [`ServerCtx::for_worker`]).
     pub shutdown: CancellationToken,
-    /// The shutdown grace period is over: close whatever is left.
+    /// The shutdown grace period is over: close whatever is left. Always cancelled after
+    /// `shutdown`, so a connection only waits for it once it is closing.
     pub hard_stop: CancellationToken,
     /// `proxy.max_headers`: hyper enforces it on HTTP/1 heads; HTTP/2 requests are counted here.
     max_headers: usize,
@@ -104,6 +107,17 @@ impl ServerCtx {
             max_headers: proxy.max_headers,
             http1,
             http2,
+        }
+    }
+
+    /// The copy one worker's connections use: its tokens are children of the process's, so
+    /// the waiter lists every connection registers in (and their locks) belong to one thread
+    /// instead of being shared by all workers' cores.
+    fn for_worker(&self) -> ServerCtx {
+        ServerCtx {
+            shutdown: self.shutdown.child_token(),
+            hard_stop: self.hard_stop.child_token(),
+            ..self.clone()
         }
     }
 }
@@ -158,6 +172,7 @@ pub fn spawn_worker(
     std::thread::Builder::new()
         .name(format!("gsb-worker-{index}"))
         .spawn(move || {
+            let ctx = Arc::new(ctx.for_worker());
             runtime.block_on(async move {
                 let plain = match TcpListener::from_std(plain) {
                     Ok(l) => l,
@@ -238,32 +253,63 @@ pub async fn serve(
                 }
             },
         };
-        let accepted = Instant::now();
         let _ = tcp.set_nodelay(true);
-        let ctx = ctx.clone();
-        let tls = tls.clone();
-        let span = tracing::info_span!("conn", peer = %peer, listener = name);
-        tracker.spawn(
-            async move {
-                ctx.connections.inc();
-                let _gauge = GaugeGuard(&ctx.connections);
-                let info = ConnInfo::new(peer, name, worker);
-                match tls {
-                    None => serve_plain(tcp, info, &ctx, accepted).await,
-                    // Boxed: a TLS connection's futures (rustls state included) are large, and
-                    // every connection task is as large as its largest branch.
-                    Some(acceptor) => {
-                        Box::pin(serve_tls(tcp, acceptor, info, &ctx, accepted)).await
-                    }
-                }
-            }
-            .instrument(span),
-        );
+        let peer = Peer {
+            addr: peer,
+            listener: name,
+            worker,
+        };
+        tracker.spawn(connection(tcp, peer, tls.clone(), ctx.clone()));
     }
     tracing::info!(listener = name, worker, "stopped accepting");
 }
 
+/// The task of one accepted connection. Its allocation is the size of this future, held for
+/// as long as the client stays connected, parked or not: everything that only an active
+/// request needs (hyper's connection, the TLS state, the answer to a refused head) is boxed,
+/// and no value is kept twice (an async fn keeps its arguments for its whole run, so the plain
+/// connection's future is returned as it is rather than awaited inside another one), so that
+/// a parked connection keeps only its socket and small state (see the test).
+fn connection(
+    tcp: TcpStream,
+    peer: Peer,
+    tls: Option<TlsAcceptor>,
+    ctx: Arc<ServerCtx>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let accepted = Instant::now();
+    let span = tracing::info_span!("conn", peer = %peer.addr, listener = peer.listener);
+    match tls {
+        None => Either::Left(serve_plain(tcp, peer, ctx, accepted)),
+        Some(acceptor) => Either::Right(Box::pin(serve_tls(tcp, acceptor, peer, ctx, accepted))),
+    }
+    .instrument(span)
+}
+
+/// Who a connection is with, and where it was accepted (what its `ConnInfo` is made of once
+/// it sends a request).
+#[derive(Clone, Copy, Debug)]
+struct Peer {
+    addr: SocketAddr,
+    /// `http` or `https`.
+    listener: &'static str,
+    worker: usize,
+}
+
+impl Peer {
+    fn info(self) -> ConnInfo {
+        ConnInfo::new(self.addr, self.listener, self.worker)
+    }
+}
+
+/// Counts a connection in `gsb_client_connections` while it lives.
 struct GaugeGuard<'a>(&'a IntGauge);
+
+impl GaugeGuard<'_> {
+    fn new(gauge: &IntGauge) -> GaugeGuard<'_> {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
 
 impl Drop for GaugeGuard<'_> {
     fn drop(&mut self) {
@@ -381,7 +427,7 @@ type RequestFuture = Pin<Box<dyn Future<Output = Result<Response<ServedBody>, In
 
 /// The service of one connection: the forwarder, with the in-flight accounting around it.
 fn service(
-    ctx: &ServerCtx,
+    ctx: &Arc<ServerCtx>,
     info: ConnInfo,
     state: Arc<ConnState>,
 ) -> impl hyper::service::Service<
@@ -392,10 +438,12 @@ fn service(
 > + Send
        + Unpin
        + 'static {
-    let forwarder = ctx.forwarder.clone();
+    // The worker's own context (not the forwarder every worker shares): the reference count
+    // bumped per request stays on this worker's core.
+    let ctx = ctx.clone();
     let max_headers = ctx.max_headers;
     hyper::service::service_fn(move |req: Request<Incoming>| {
-        let forwarder = forwarder.clone();
+        let ctx = ctx.clone();
         let info = info.clone();
         let guard = InFlight::new(state.clone());
         let done = Responding(state.clone());
@@ -407,7 +455,7 @@ fn service(
             let resp = if req.version() == Version::HTTP_2 && req.headers().len() > max_headers {
                 ProxyError::HeadersTooLarge.into_response()
             } else {
-                forwarder.handle(req, info).await
+                ctx.forwarder.handle(req, info).await
             };
             drop(guard);
             Ok::<_, Infallible>(resp.map(|inner| ServedBody { inner, _done: done }))
@@ -417,26 +465,35 @@ fn service(
 
 /// A plain TCP connection: HTTP/2 if it opens with the prior-knowledge preface, else HTTP/1.1
 /// with parking between requests. Nothing is allocated for HTTP until the first bytes arrive.
-async fn serve_plain(tcp: TcpStream, info: ConnInfo, ctx: &ServerCtx, accepted: Instant) {
+async fn serve_plain(tcp: TcpStream, peer: Peer, owned: Arc<ServerCtx>, accepted: Instant) {
+    let ctx = &*owned;
+    let _gauge = GaugeGuard::new(&ctx.connections);
+    // The connection's one watchdog timer, armed for the first request head and re-armed only
+    // when it fires (see `drive`): no timer is registered or cleared per request.
+    let timer = tokio::time::sleep_until(accepted + ctx.header_read_timeout);
+    tokio::pin!(timer);
     let sniffed = tokio::select! {
-        r = tokio::time::timeout(ctx.header_read_timeout, sniff_h2(&tcp)) => r,
-        _ = ctx.shutdown.cancelled() => return,
-        _ = ctx.hard_stop.cancelled() => return,
-    };
-    let h2 = match sniffed {
-        Ok(Ok(Some(h2))) => h2,
-        // Closed before sending anything, or a socket error.
-        Ok(Ok(None)) | Ok(Err(_)) => return,
-        Err(_) => {
+        biased;
+        // Boxed: awaited once, and its state (a peek and a timer) would otherwise be part of
+        // the task for the connection's whole life.
+        r = Box::pin(sniff_h2(&tcp)) => r,
+        () = timer.as_mut() => {
             tracing::info!(timeout = ?ctx.header_read_timeout, "closing: no complete request head in time");
             return;
         }
+        // `hard_stop` comes after `shutdown`: waiting for the first is enough.
+        _ = ctx.shutdown.cancelled() => return,
+    };
+    let h2 = match sniffed {
+        Ok(Some(h2)) => h2,
+        // Closed before sending anything, or a socket error.
+        Ok(None) | Err(_) => return,
     };
     if h2 {
-        return Box::pin(serve_conn(tcp, true, info, ctx, accepted)).await;
+        return Box::pin(serve_conn(tcp, true, peer, &owned, accepted, timer)).await;
     }
     let state = Arc::new(ConnState::new(accepted));
-    let mut svc = service(ctx, info, state.clone());
+    let mut svc = service(&owned, peer.info(), state.clone());
     let mut stream = Tracked::new(tcp, state.clone(), true);
     loop {
         state
@@ -448,31 +505,37 @@ async fn serve_plain(tcp: TcpStream, info: ConnInfo, ctx: &ServerCtx, accepted: 
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades(),
         );
-        let outcome = Box::pin(drive(Pin::new(&mut *conn), &state, ctx)).await;
-        // Upgraded (the tunnel owns the socket now): nothing more to do here.
-        let Some(parts) = conn.into_parts() else {
-            return;
+        let outcome = Box::pin(drive(Pin::new(&mut *conn), &state, ctx, timer.as_mut())).await;
+        // Taken apart in a block with no await in it, so that hyper's parts are never kept
+        // in the task (while parked, it holds only the stream and the service).
+        (stream, svc) = {
+            // Upgraded (the tunnel owns the socket now): nothing more to do here.
+            let Some(parts) = conn.into_parts() else {
+                return;
+            };
+            let mut back = parts.io.into_inner();
+            // hyper's buffers go; bytes it had read but not parsed are handed to the next
+            // hyper connection (copied: even an empty `Bytes` split from hyper's read buffer
+            // keeps all of it allocated).
+            back.prefix = match parts.read_buf.is_empty() {
+                true => Bytes::new(),
+                false => Bytes::copy_from_slice(&parts.read_buf),
+            };
+            (back, parts.service)
         };
-        stream = parts.io.into_inner();
         match outcome {
             Outcome::Parked => {}
             Outcome::Closed => return,
             // A head hyper refused (431 for one too large): the client may still be sending
             // it. Closing with unread bytes would reset the connection and could destroy the
             // answer before the client reads it, so read and drop the rest for a moment.
-            Outcome::Rejected => return linger(stream.inner).await,
+            // Boxed: its read buffer would otherwise be part of every connection's task.
+            Outcome::Rejected => return Box::pin(linger(stream.inner)).await,
         }
-        // Parked: hyper's buffers go; bytes it had read but not parsed are handed back (copied:
-        // even an empty `Bytes` split from hyper's read buffer keeps all of it allocated).
-        stream.prefix = match parts.read_buf.is_empty() {
-            true => Bytes::new(),
-            false => Bytes::copy_from_slice(&parts.read_buf),
-        };
-        svc = parts.service;
-        // Now, not at the end of the loop body: it would be held while parked.
-        drop(parts.read_buf);
         state.parking.store(false, Ordering::Relaxed);
-        if stream.prefix.is_empty() && !wait_parked(&stream.inner, &state, ctx).await {
+        if stream.prefix.is_empty()
+            && !wait_parked(&stream.inner, &state, ctx, timer.as_mut()).await
+        {
             return;
         }
     }
@@ -512,24 +575,42 @@ async fn sniff_h2(tcp: &TcpStream) -> io::Result<Option<bool>> {
         if n == H2_PREFACE.len() {
             return Ok(Some(true));
         }
-        // Part of the preface so far: peek again once more has arrived.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Part of the preface so far: peek again once more has arrived. (Boxed: rare, and
+        // its timer would otherwise be part of every connection's task.)
+        Box::pin(tokio::time::sleep(Duration::from_millis(5))).await;
     }
 }
 
 /// A parked connection waits for the client's next bytes; `false` when it should close (idle
-/// timeout, shutdown, error).
-async fn wait_parked(tcp: &TcpStream, state: &ConnState, ctx: &ServerCtx) -> bool {
-    let idle_at = state.last_activity() + ctx.idle_timeout;
-    tokio::select! {
-        r = tcp.readable() => r.is_ok(),
-        _ = tokio::time::sleep_until(idle_at) => {
-            tracing::debug!("closing idle connection");
-            false
+/// timeout, shutdown, error). `timer` is the connection's watchdog: it may fire before the
+/// idle deadline (it was armed for an earlier one) and is then re-armed. Readiness is polled
+/// on the socket itself (its one reader slot, no waiter node kept in this task's state).
+async fn wait_parked(
+    tcp: &TcpStream,
+    state: &ConnState,
+    ctx: &ServerCtx,
+    mut timer: Pin<&mut Sleep>,
+) -> bool {
+    let shutdown = ctx.shutdown.cancelled();
+    tokio::pin!(shutdown);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = tcp.poll_read_ready(cx) {
+            return Poll::Ready(r.is_ok());
         }
-        _ = ctx.shutdown.cancelled() => false,
-        _ = ctx.hard_stop.cancelled() => false,
-    }
+        while timer.as_mut().poll(cx).is_ready() {
+            let idle_at = state.last_activity() + ctx.idle_timeout;
+            if Instant::now() >= idle_at {
+                tracing::debug!("closing idle connection");
+                return Poll::Ready(false);
+            }
+            timer.as_mut().reset(idle_at);
+        }
+        match shutdown.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// A TLS connection: handshake (bounded by the header read timeout), then HTTP/2 if ALPN chose
@@ -537,39 +618,54 @@ async fn wait_parked(tcp: &TcpStream, state: &ConnState, ctx: &ServerCtx) -> boo
 async fn serve_tls(
     tcp: TcpStream,
     acceptor: TlsAcceptor,
-    info: ConnInfo,
-    ctx: &ServerCtx,
+    peer: Peer,
+    owned: Arc<ServerCtx>,
     accepted: Instant,
 ) {
+    let ctx = &*owned;
+    let _gauge = GaugeGuard::new(&ctx.connections);
+    let timer = tokio::time::sleep_until(accepted + ctx.header_read_timeout);
+    tokio::pin!(timer);
     let handshake = tokio::select! {
-        r = tokio::time::timeout(ctx.header_read_timeout, acceptor.accept(tcp)) => r,
+        biased;
+        r = acceptor.accept(tcp) => r,
+        () = timer.as_mut() => {
+            tracing::debug!("TLS handshake timed out");
+            return;
+        }
         _ = ctx.shutdown.cancelled() => return,
     };
     match handshake {
-        Ok(Ok(stream)) => {
+        Ok(stream) => {
             let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_conn(stream, h2, info, ctx, accepted).await
+            serve_conn(stream, h2, peer, &owned, accepted, timer).await
         }
-        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-        Err(_) => tracing::debug!("TLS handshake timed out"),
+        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
     }
 }
 
-/// A TLS connection or an HTTP/2 one: served by one hyper connection to the end.
-async fn serve_conn<S>(stream: S, h2: bool, info: ConnInfo, ctx: &ServerCtx, accepted: Instant)
-where
+/// A TLS connection or an HTTP/2 one: served by one hyper connection to the end. `timer` is the
+/// connection's watchdog, still armed for the first request head.
+async fn serve_conn<S>(
+    stream: S,
+    h2: bool,
+    peer: Peer,
+    ctx: &Arc<ServerCtx>,
+    accepted: Instant,
+    timer: Pin<&mut Sleep>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = Arc::new(ConnState::new(accepted));
-    let svc = service(ctx, info, state.clone());
+    let svc = service(ctx, peer.info(), state.clone());
     let io = TokioIo::new(Tracked::new(stream, state.clone(), false));
     if h2 {
         let conn = ctx.http2.serve_connection(io, svc);
         tokio::pin!(conn);
-        drive(conn, &state, ctx).await;
+        drive(conn, &state, ctx, timer).await;
     } else {
         let mut conn = ctx.http1.serve_connection(io, svc).with_upgrades();
-        drive(Pin::new(&mut conn), &state, ctx).await;
+        drive(Pin::new(&mut conn), &state, ctx, timer).await;
     }
 }
 
@@ -624,22 +720,21 @@ enum Outcome {
 }
 
 /// Runs one hyper connection with the watchdog (first head, idle, shutdown).
-async fn drive<C: Graceful>(mut conn: Pin<&mut C>, state: &ConnState, ctx: &ServerCtx) -> Outcome {
+///
+/// `timer` is the connection's watchdog, kept across the hyper connections of a parked socket:
+/// it is re-armed only when it fires, so it may fire early (armed for a deadline that moved
+/// later since, e.g. while a request was in flight); the check then acts on the state as it
+/// is and arms it for the next moment that could matter. A busy connection thus costs one
+/// timer wake-up per idle timeout, not a registration per request.
+async fn drive<C: Graceful>(
+    mut conn: Pin<&mut C>,
+    state: &ConnState,
+    ctx: &ServerCtx,
+    mut timer: Pin<&mut Sleep>,
+) -> Outcome {
     // Set when the connection was asked to close (shutdown or idle); it may finish its work.
     let mut closing: Option<Instant> = None;
     loop {
-        // Always a deadline in the future: a check that changes nothing must not spin.
-        let check_at = if state.requests.load(Ordering::Relaxed) == 0 {
-            state.start + ctx.header_read_timeout
-        } else if state.in_flight.load(Ordering::Relaxed) > 0 {
-            Instant::now() + ctx.idle_timeout
-        } else {
-            let idle_at = state.last_activity() + ctx.idle_timeout;
-            match closing {
-                Some(since) => idle_at.max(since + ctx.idle_timeout),
-                None => idle_at,
-            }
-        };
         let may_park = closing.is_none();
         let polled = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
             Poll::Ready(r) => Poll::Ready(Step::Done(r)),
@@ -649,6 +744,9 @@ async fn drive<C: Graceful>(mut conn: Pin<&mut C>, state: &ConnState, ctx: &Serv
             Poll::Pending => Poll::Pending,
         });
         tokio::select! {
+            // The connection first: one being parked ends on its first poll, and the other
+            // branches are then never polled (no waiter registered, none to remove).
+            biased;
             step = polled => match step {
                 Step::Done(r) => {
                     return match r {
@@ -678,18 +776,19 @@ async fn drive<C: Graceful>(mut conn: Pin<&mut C>, state: &ConnState, ctx: &Serv
                 conn.as_mut().graceful();
                 closing = Some(Instant::now());
             }
-            _ = ctx.hard_stop.cancelled() => {
+            // Cancelled only after `shutdown`, whose branch set `closing` first.
+            _ = ctx.hard_stop.cancelled(), if closing.is_some() => {
                 tracing::debug!("closing: shutdown grace period over");
                 return Outcome::Closed;
             }
-            _ = tokio::time::sleep_until(check_at) => {
+            () = timer.as_mut() => {
                 let now = Instant::now();
                 if state.requests.load(Ordering::Relaxed) == 0 {
                     tracing::info!(timeout = ?ctx.header_read_timeout, "closing: no complete request head in time");
                     return Outcome::Closed;
                 }
-                let idle = state.in_flight.load(Ordering::Relaxed) == 0
-                    && now.duration_since(state.last_activity()) >= ctx.idle_timeout;
+                let in_flight = state.in_flight.load(Ordering::Relaxed) > 0;
+                let idle = !in_flight && now.duration_since(state.last_activity()) >= ctx.idle_timeout;
                 match closing {
                     _ if !idle => {}
                     None => {
@@ -704,6 +803,17 @@ async fn drive<C: Graceful>(mut conn: Pin<&mut C>, state: &ConnState, ctx: &Serv
                     }
                     Some(_) => {}
                 }
+                // Always a deadline in the future: a check that changes nothing must not spin.
+                let next = if in_flight {
+                    now + ctx.idle_timeout
+                } else {
+                    let idle_at = state.last_activity() + ctx.idle_timeout;
+                    match closing {
+                        Some(since) => idle_at.max(since + ctx.idle_timeout),
+                        None => idle_at,
+                    }
+                };
+                timer.as_mut().reset(next);
             }
         }
     }
@@ -821,4 +931,64 @@ pub async fn bind(
     TcpListener::bind(addr)
         .await
         .map_err(|source| crate::error::Error::Bind { addr, what, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::drain::Drain;
+    use crate::metrics::ProxyMetrics;
+    use crate::passive::PassiveHealth;
+    use crate::route::{RouteSnapshot, Router, Site};
+
+    fn ctx() -> Arc<ServerCtx> {
+        let config = Config::from_toml_str(
+            "[sites.primary]\nurl = \"http://127.0.0.1:1\"\n\
+             [sites.backup]\nurl = \"http://127.0.0.1:2\"\n",
+        )
+        .expect("config");
+        let metrics = ProxyMetrics::register(&prometheus::Registry::new(), false).expect("metrics");
+        let hard_stop = CancellationToken::new();
+        let forwarder = Forwarder::new(
+            &config,
+            Router::new(RouteSnapshot::initial(Site::Primary)),
+            Arc::new(PassiveHealth::default()),
+            metrics.clone(),
+            Arc::new(Drain::default()),
+            TaskTracker::new(),
+            hard_stop.clone(),
+        )
+        .expect("forwarder");
+        Arc::new(ServerCtx::new(
+            Arc::new(forwarder),
+            &config.proxy,
+            metrics.client_connections.clone(),
+            CancellationToken::new(),
+            hard_stop,
+        ))
+    }
+
+    /// Every open client connection, parked or not, holds its task's allocation: the size of
+    /// the connection future. Its large parts (hyper's connection, TLS, a refused head's
+    /// linger buffer) are boxed, so it stays a small fraction of the idle-memory goal
+    /// (4 KiB per connection, BENCHMARKS.md).
+    #[tokio::test]
+    async fn a_connection_task_is_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (tcp, peer) = listener.accept().await.expect("accept");
+        let peer = Peer {
+            addr: peer,
+            listener: "http",
+            worker: 0,
+        };
+        let task = connection(tcp, peer, None, ctx());
+        let size = std::mem::size_of_val(&task);
+        eprintln!("connection task future: {size} bytes");
+        assert!(size <= 1024, "a connection's task future is {size} bytes");
+        drop((task, client));
+    }
 }
