@@ -76,6 +76,9 @@ pub struct Config {
     /// and its host name checked; without it, a connection string with `sslmode=require` is
     /// TLS verified against the system's roots, and any other is plain.
     pub ca_file: Option<std::path::PathBuf>,
+    /// The TLS client settings, built from `ca_file` (or the system's roots) on first use and
+    /// shared by every connection and clone of this config.
+    pub(crate) tls: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>>>,
     /// `[coordination]` (the proxies' etcd): when set, the one active replicator is elected on
     /// etcd (a leased key), so a standby takes over whichever database is down; otherwise by
     /// an advisory lock on the primary.
@@ -244,6 +247,7 @@ impl Config {
             verify_interval: dur("verify_interval", raw.verify_interval, "0s", true)?,
             tombstone_retention: dur("tombstone_retention", raw.tombstone_retention, "7d", false)?,
             ca_file: raw.ca_file,
+            tls: Default::default(),
             coordination: match table.get("coordination") {
                 None => None,
                 Some(v) => {

@@ -60,7 +60,8 @@ pub(crate) struct Link {
 
 impl crate::Config {
     /// The link to `site`'s database: TLS when `ca_file` is set (verified against it) or
-    /// the connection string says `sslmode=require` (verified against the system's roots).
+    /// the connection string says `sslmode=require` (verified against the system's roots);
+    /// the TLS settings are read once per config.
     pub(crate) fn link(&self, site: Site) -> Result<Link, Error> {
         let dsn = match site {
             Site::Primary => &self.primary_dsn,
@@ -70,9 +71,14 @@ impl crate::Config {
             .parse::<tokio_postgres::Config>()
             .is_ok_and(|c| c.get_ssl_mode() == tokio_postgres::config::SslMode::Require);
         let tls = if self.ca_file.is_some() || require {
-            let c = gsb_health::tls::client_config(self.ca_file.as_deref())
-                .map_err(|e| Error::Protocol(format!("replicator.ca_file: {e}")))?;
-            Some(Arc::new(c))
+            Some(match self.tls.get() {
+                Some(c) => c.clone(),
+                None => {
+                    let c = gsb_health::tls::client_config(self.ca_file.as_deref())
+                        .map_err(|e| Error::Protocol(format!("replicator.ca_file: {e}")))?;
+                    self.tls.get_or_init(|| Arc::new(c)).clone()
+                }
+            })
         } else {
             None
         };

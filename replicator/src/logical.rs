@@ -221,12 +221,7 @@ pub(crate) async fn session(
     )
     .await
     .map_err(|e| Error::db(ts, "ending a stale apply session", e))?;
-    dst.execute(
-        "SELECT pg_replication_origin_create($1) WHERE pg_replication_origin_oid($1) IS NULL",
-        &[&origin],
-    )
-    .await
-    .map_err(|e| Error::db(ts, format!("creating replication origin {origin}"), e))?;
+    create_origin(&dst, d.target, &origin).await?;
     setup_origin_session(&dst, ts, &origin).await?;
     let progress: Option<String> = dst
         .query_one(
@@ -277,9 +272,7 @@ pub(crate) async fn session(
         (None, exists) => {
             if exists {
                 // Created, but the initial sync never committed: do both again.
-                src.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                    .await
-                    .map_err(|e| Error::db(ss, "dropping an unsynced slot", e))?;
+                drop_slot(&src, d.source, &slot).await?;
             }
             let rows = repl
                 .simple_query(&format!(
@@ -972,6 +965,57 @@ async fn apply_batches(
     Ok(())
 }
 
+/// Drops `slot` on `c` if it exists, ending a walsender still holding it (retried while it is
+/// still active for a moment after being told to end); returns its `wal_status` if it existed.
+pub(crate) async fn drop_slot(c: &Conn, site: Site, slot: &str) -> Result<Option<String>, Error> {
+    let s = site.as_str();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c
+            .query_opt(
+                "SELECT active_pid, coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| Error::db(s, "looking up the slot", e))?;
+        let Some(r) = r else { return Ok(None) };
+        let (pid, wal): (Option<i32>, String) = (r.get(0), r.get(1));
+        if let Some(pid) = pid {
+            c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+                .map_err(|e| Error::db(s, "ending the walsender", e))?;
+        }
+        match c
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+        {
+            Ok(_) => return Ok(Some(wal)),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "slot busy; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(Error::db(s, format!("dropping slot {slot}"), e)),
+        }
+    }
+}
+
+/// Creates the replication origin `origin` on `c` unless it exists.
+pub(crate) async fn create_origin(c: &Conn, site: Site, origin: &str) -> Result<(), Error> {
+    c.execute(
+        "SELECT pg_replication_origin_create($1) WHERE pg_replication_origin_oid($1) IS NULL",
+        &[&origin],
+    )
+    .await
+    .map_err(|e| {
+        Error::db(
+            site.as_str(),
+            format!("creating replication origin {origin}"),
+            e,
+        )
+    })?;
+    Ok(())
+}
+
 /// What `gsb resync` reset, per direction.
 #[derive(Debug, Clone)]
 pub struct ResyncReport {
@@ -1007,36 +1051,8 @@ pub async fn resync(cfg: &Config) -> Result<ResyncReport, Error> {
         let origin = origin_name(d.source);
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut what = Vec::new();
-        // The slot: a walsender still using it is ended first.
-        loop {
-            let r = src
-                .query_opt(
-                    "SELECT active_pid, coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
-                )
-                .await
-                .map_err(|e| Error::db(ss, "looking up the slot", e))?;
-            let Some(r) = r else { break };
-            let (pid, wal): (Option<i32>, String) = (r.get(0), r.get(1));
-            if let Some(pid) = pid {
-                src.execute("SELECT pg_terminate_backend($1)", &[&pid])
-                    .await
-                    .map_err(|e| Error::db(ss, "ending the walsender", e))?;
-            }
-            match src
-                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                .await
-            {
-                Ok(_) => {
-                    what.push(format!("slot {slot} on the {ss} dropped (was {wal})"));
-                    break;
-                }
-                Err(e) if Instant::now() < deadline => {
-                    tracing::debug!(error = %e, "slot busy; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(Error::db(ss, format!("dropping slot {slot}"), e)),
-            }
+        if let Some(wal) = drop_slot(&src, d.source, &slot).await? {
+            what.push(format!("slot {slot} on the {ss} dropped (was {wal})"));
         }
         loop {
             let r = dst

@@ -29,7 +29,7 @@
 //! both servers (0 by default).
 
 use crate::db::{Conn, Site};
-use crate::logical::{origin_name, slot_name};
+use crate::logical::{create_origin, drop_slot, origin_name, slot_name};
 use crate::metrics::Metrics;
 use crate::walstream::{fmt_lsn, parse_lsn};
 use crate::worker::{drain_change_log, Direction, Drain};
@@ -165,7 +165,7 @@ async fn finish(
             .get(0);
         let origin = origin_name(*site);
         let ps = outbound.target.as_str();
-        create_origin(peer, ps, &origin).await?;
+        create_origin(peer, outbound.target, &origin).await?;
         peer.execute(
             "SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)",
             &[&origin, &at],
@@ -190,7 +190,7 @@ async fn finish(
         let dst = if tables.is_empty() { plain } else { *lock };
         let s = site.as_str();
         let origin = origin_name(inbound.source);
-        create_origin(plain, s, &origin).await?;
+        create_origin(plain, *site, &origin).await?;
         dst.execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
             .await
             .map_err(|e| Error::db(s, format!("setting up origin {origin}"), e))?;
@@ -223,16 +223,6 @@ async fn finish(
     Ok(())
 }
 
-async fn create_origin(c: &Conn, site: &'static str, origin: &str) -> Result<(), Error> {
-    c.execute(
-        "SELECT pg_replication_origin_create($1) WHERE pg_replication_origin_oid($1) IS NULL",
-        &[&origin],
-    )
-    .await
-    .map_err(|e| Error::db(site, format!("creating replication origin {origin}"), e))?;
-    Ok(())
-}
-
 async fn begin_and_lock(c: &Conn, site: Site, tables: &[String]) -> Result<(), Error> {
     let s = site.as_str();
     c.batch_execute("BEGIN")
@@ -248,38 +238,15 @@ async fn begin_and_lock(c: &Conn, site: Site, tables: &[String]) -> Result<(), E
     .map_err(|e| Error::db(s, "locking the tables for the capture switch", e))
 }
 
-/// Drops the slot `slot` if it exists (ending a walsender still holding it) and creates it
-/// again: a slot left from an earlier attempt or capture may start anywhere.
+/// Drops the slot `slot` if it exists and creates it again: a slot left from an earlier
+/// attempt or capture may start anywhere.
 async fn fresh_slot(c: &Conn, site: Site, slot: &str) -> Result<(), Error> {
-    let s = site.as_str();
-    for attempt in 0.. {
-        c.execute(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-             WHERE slot_name = $1 AND active_pid IS NOT NULL",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| Error::db(s, "ending a walsender holding the slot", e))?;
-        match c
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-        {
-            Ok(_) => break,
-            // Still active for a moment after its walsender was told to end.
-            Err(e) if attempt < 50 && e.code().is_some() => {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(Error::db(s, format!("dropping slot {slot}"), e)),
-        }
-    }
+    drop_slot(c, site, slot).await?;
     c.execute(
         "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
         &[&slot],
     )
     .await
-    .map_err(|e| Error::db(s, format!("creating slot {slot}"), e))?;
+    .map_err(|e| Error::db(site.as_str(), format!("creating slot {slot}"), e))?;
     Ok(())
 }

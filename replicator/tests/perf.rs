@@ -39,24 +39,13 @@ fn env_or(name: &str, default: u64) -> u64 {
 
 async fn pair() -> (PgServer, PgServer, Config) {
     // Default polling and pruning: the figures are those of a default deployment.
-    let (p, b) = if std::env::var("GSB_PERF_FSYNC").is_ok_and(|v| v == "on") {
-        let (p, b) = tokio::task::spawn_blocking(|| {
-            let start = || PgServer::start_with(&[("fsync", "on")]);
-            (start(), start())
-        })
-        .await
-        .unwrap();
-        for s in [&p, &b] {
-            s.client("site")
-                .await
-                .batch_execute(SITE_SCHEMA)
-                .await
-                .unwrap();
-        }
-        (p, b)
+    let fsync: &'static [(&str, &str)] = if std::env::var("GSB_PERF_FSYNC").is_ok_and(|v| v == "on")
+    {
+        &[("fsync", "on")]
     } else {
-        common::servers(SITE_SCHEMA).await
+        &[]
     };
+    let (p, b) = common::servers_with(SITE_SCHEMA, fsync).await;
     let config = Config::from_toml_str(&common::config_text(&p, &b, "")).unwrap();
     (p, b, config)
 }

@@ -19,11 +19,25 @@ CREATE TABLE usage_records (id uuid PRIMARY KEY, meeting_id uuid, user_id uuid, 
 
 /// Two servers with `schema` installed in database `site`.
 pub async fn servers(schema: &str) -> (PgServer, PgServer) {
-    let mut s = tokio::task::spawn_blocking(|| PgServer::start_many(2))
-        .await
-        .unwrap();
-    let b = s.pop().unwrap();
-    let p = s.pop().unwrap();
+    servers_with(schema, &[]).await
+}
+
+/// The same with extra server `settings` (e.g. `fsync = on`).
+pub async fn servers_with(schema: &str, settings: &'static [(&str, &str)]) -> (PgServer, PgServer) {
+    let (p, b) = tokio::task::spawn_blocking(move || {
+        if settings.is_empty() {
+            let mut s = PgServer::start_many(2);
+            let b = s.pop().unwrap();
+            (s.pop().unwrap(), b)
+        } else {
+            (
+                PgServer::start_with(settings),
+                PgServer::start_with(settings),
+            )
+        }
+    })
+    .await
+    .unwrap();
     for srv in [&p, &b] {
         srv.client("site")
             .await
