@@ -61,6 +61,18 @@ pub(crate) struct Change {
     pub vals: Vec<Value>,
     /// Commit time of its source transaction, Unix microseconds.
     pub ts_us: i64,
+    /// A row the source held before replication started (the trigger capture's initial
+    /// snapshot): against a different local row, the primary's version wins.
+    pub initial: bool,
+}
+
+/// The trigger capture's cursor move, written in the batch's transaction: from what the
+/// reader started at to the batch's end (see `changelog.rs`).
+#[derive(Debug, Clone)]
+pub(crate) struct Fence {
+    pub direction: &'static str,
+    pub from: crate::changelog::Cursor,
+    pub to: crate::changelog::Cursor,
 }
 
 /// Source transactions applied in one target transaction.
@@ -76,6 +88,8 @@ pub(crate) struct Batch {
     pub end_lsn: u64,
     /// Commit time of the last transaction, Unix microseconds.
     pub commit_ts_us: i64,
+    /// The trigger capture's cursor move (the logical capture's is the origin progress).
+    pub fence: Option<Fence>,
 }
 
 /// What a batch did, in the shape [`crate::worker::record_result`] counts.
@@ -180,6 +194,7 @@ struct Ch {
     cells: Vec<Cell>,
     key: Vec<String>,
     ts_us: i64,
+    initial: bool,
 }
 
 /// The writes of one table in a batch.
@@ -209,7 +224,30 @@ pub(crate) struct Applier {
     /// The target's clock minus this host's, microseconds, as last measured (a batch with
     /// nothing to read decides clock skew by it instead of asking).
     clock: std::sync::atomic::AtomicI64,
+    /// `gsb.advance_cursor`, prepared with the first batch that carries a fence.
+    fence: Option<Statement>,
+    /// Batches applied inside the caller's transaction (savepoints instead of BEGIN/COMMIT).
+    nested: bool,
 }
+
+/// The statements that start, end and undo a batch's transaction.
+struct TxnWords {
+    begin: &'static str,
+    commit: &'static str,
+    rollback: &'static str,
+}
+
+const OWN_TXN: TxnWords = TxnWords {
+    begin: "BEGIN",
+    commit: "COMMIT",
+    rollback: "ROLLBACK",
+};
+
+const NESTED_TXN: TxnWords = TxnWords {
+    begin: "SAVEPOINT gsb_apply",
+    commit: "RELEASE SAVEPOINT gsb_apply",
+    rollback: "ROLLBACK TO SAVEPOINT gsb_apply",
+};
 
 fn db(site: &'static str, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
     let what = what.into();
@@ -258,7 +296,24 @@ impl Applier {
             setup,
             tables: HashMap::new(),
             clock: clock.into(),
+            fence: None,
+            nested: false,
         })
+    }
+
+    /// From now on, batches are applied inside the transaction the caller holds open on the
+    /// target (each batch a savepoint), committed by the caller.
+    pub(crate) fn nested(mut self) -> Self {
+        self.nested = true;
+        self
+    }
+
+    fn words(&self) -> &'static TxnWords {
+        if self.nested {
+            &NESTED_TXN
+        } else {
+            &OWN_TXN
+        }
     }
 
     /// Applies `b` in one transaction on `dst`: its changes and the origin progress
@@ -271,6 +326,15 @@ impl Applier {
             if newest.insert(&c.shape.name, &c.shape).is_none() {
                 order.push(c.shape.name.clone());
             }
+        }
+        if b.fence.is_some() && self.fence.is_none() {
+            let stmt = dst
+                .prepare(
+                    "SELECT gsb.advance_cursor($1::text, $2::text, $3::text, $4::int8, $5::text, $6::text, $7::int8)",
+                )
+                .await
+                .map_err(db(self.target, "preparing the cursor move"))?;
+            self.fence = Some(stmt);
         }
         for name in &order {
             let shape = newest[name.as_str()];
@@ -325,7 +389,7 @@ impl Applier {
         if res.is_err() {
             // Whatever failed, the transaction is not left open (a no-op if COMMIT already
             // rolled the aborted one back).
-            let _ = dst.batch_execute("ROLLBACK").await;
+            let _ = dst.batch_execute(self.words().rollback).await;
         }
         res
     }
@@ -353,7 +417,7 @@ impl Applier {
         let mut locked: Vec<Vec<tokio_postgres::Row>> = vec![Vec::new(); groups.len()];
         let now_us = if reads {
             // Round trip 1: begin, origin setup with the target's clock, lock and read.
-            let begin = dst.batch_execute("BEGIN");
+            let begin = dst.batch_execute(self.words().begin);
             let setup = dst.query_one(&self.setup, &setup_params);
             let locks = futures_util::future::join_all(
                 groups
@@ -443,7 +507,7 @@ impl Applier {
                 Ok(())
             } else {
                 let (b, s) = tokio::join!(
-                    dst.batch_execute("BEGIN"),
+                    dst.batch_execute(self.words().begin),
                     dst.query_one(&self.setup, &setup_params)
                 );
                 b.and(s).map(drop)
@@ -459,6 +523,29 @@ impl Applier {
                 arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
             async move { dst.execute(stmt, &params).await }
         }));
+        // The cursor move (trigger capture) after the writes, in the same round trip.
+        let fence = async {
+            match (&b.fence, &self.fence) {
+                (Some(f), Some(stmt)) => {
+                    let (from, to) = (&f.from, &f.to);
+                    dst.execute(
+                        stmt,
+                        &[
+                            &f.direction,
+                            &from.done,
+                            &from.part,
+                            &from.part_id,
+                            &to.done,
+                            &to.part,
+                            &to.part_id,
+                        ],
+                    )
+                    .await
+                    .map(drop)
+                }
+                _ => Ok(()),
+            }
+        };
         // COPYs one after the other (the connection serves one at a time), then COMMIT: sent
         // only after the last COPY, so nothing can follow the transaction's end.
         let tail = async {
@@ -469,14 +556,19 @@ impl Applier {
                 sink.send(data.clone()).await?;
                 sink.finish().await?;
             }
-            dst.batch_execute("COMMIT").await
+            dst.batch_execute(self.words().commit).await
         };
-        let (r_begin, r_logs, r_ws, r_tail) = tokio::join!(begin, logs, ws, tail);
+        let (r_begin, r_logs, r_ws, r_fence, r_tail) = tokio::join!(begin, logs, ws, fence, tail);
         r_begin.map_err(|e| Failed::fatal(Error::db(t, "starting a batch", e)))?;
         if let Some(e) = r_logs.into_iter().find_map(Result::err) {
             return Err(Failed::fatal(Error::db(t, "logging a conflict", e)));
         }
+        // A failed write aborts the transaction, failing what follows it: the write's error
+        // is the one that says why (and whether another way of applying may succeed).
         let write_err = r_ws.into_iter().find_map(Result::err);
+        if let (None, Err(e)) = (&write_err, r_fence) {
+            return Err(Failed::fatal(Error::db(t, "moving the cursor", e)));
+        }
         let failed = write_err.or(r_tail.err());
         if let Some(e) = failed {
             let constraint = e
@@ -573,9 +665,14 @@ impl Applier {
                         plan.applied += 1;
                         None
                     } else {
-                        let win = local.ts_us.is_none_or(|l| {
-                            c.ts_us > l || (c.ts_us == l && self.source_is_primary)
-                        });
+                        // Two sites' rows from before replication: the primary's.
+                        let win = if c.initial {
+                            self.source_is_primary
+                        } else {
+                            local.ts_us.is_none_or(|l| {
+                                c.ts_us > l || (c.ts_us == l && self.source_is_primary)
+                            })
+                        };
                         let (w, l) = if win {
                             (
                                 (remote.0, remote.1, Side::Merged),
@@ -922,6 +1019,7 @@ impl Table {
             cells,
             key,
             ts_us: c.ts_us,
+            initial: c.initial,
         })
     }
 
@@ -1273,6 +1371,7 @@ mod tests {
                 Value::Null,
             ],
             ts_us,
+            initial: false,
         }
     }
 
@@ -1298,6 +1397,7 @@ mod tests {
             changes,
             end_lsn,
             commit_ts_us: ts,
+            fence: None,
         }
     }
 
@@ -1464,6 +1564,7 @@ mod tests {
             op: Op::Insert,
             vals: vec![Value::Text("100000".into()), Value::Null, Value::Null],
             ts_us: t,
+            initial: false,
         });
         let n = changes.len() as i64;
         a.apply(&c, &batch(changes, 0x600)).await.unwrap();

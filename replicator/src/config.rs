@@ -66,11 +66,10 @@ pub struct Config {
     pub prune_interval: Duration,
     /// How often the running replicator verifies the sites; 0 disables (default 0s).
     pub verify_interval: Duration,
-    /// How long a delete's tombstone is kept in `gsb.row_versions` (default 7d). It must outlast
-    /// any outage (replicator, site or link down) you expect to recover from: a change to a
-    /// deleted row that arrives after its tombstone is pruned is applied as new and resurrects
-    /// the row. Longer keeps more rows (one small row per deleted key).
-    pub tombstone_retention: Duration,
+    /// `tombstone_retention` was set: the first generation's key, accepted so an older file
+    /// still loads, without effect since both captures share the apply (no tombstones: an
+    /// update of a row that is gone is skipped and logged). The start warns.
+    pub legacy_tombstone_retention: bool,
     /// `ca_file`: PEM certificates the sites' database servers are verified against. When set,
     /// every database link (SQL and replication) is TLS with the server certificate verified
     /// and its host name checked; without it, a connection string with `sslmode=require` is
@@ -245,7 +244,15 @@ impl Config {
             heartbeat_interval: dur("heartbeat_interval", raw.heartbeat_interval, "1s", false)?,
             prune_interval: dur("prune_interval", raw.prune_interval, "5s", false)?,
             verify_interval: dur("verify_interval", raw.verify_interval, "0s", true)?,
-            tombstone_retention: dur("tombstone_retention", raw.tombstone_retention, "7d", false)?,
+            legacy_tombstone_retention: {
+                dur(
+                    "tombstone_retention",
+                    raw.tombstone_retention.clone(),
+                    "7d",
+                    false,
+                )?;
+                raw.tombstone_retention.is_some()
+            },
             ca_file: raw.ca_file,
             tls: Default::default(),
             coordination: match table.get("coordination") {
@@ -309,7 +316,7 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(e.starts_with("replicator.capture: expected"), "{e}");
-        assert_eq!(c.tombstone_retention, Duration::from_secs(7 * 24 * 3600));
+        assert!(!c.legacy_tombstone_retention);
         let e = Config::from_toml_str(&format!("{MIN}tombstone_retention = \"0s\"\n"))
             .unwrap_err()
             .0;

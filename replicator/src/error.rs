@@ -16,7 +16,7 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
     /// A statement failed (retried by `run` unless the cause is permanent).
-    #[error("{site}: {context}: {source}")]
+    #[error("{site}: {context}: {}", db_text(.source))]
     Db {
         /// `primary` or `backup`.
         site: &'static str,
@@ -103,9 +103,13 @@ pub enum Error {
         /// What happened.
         what: String,
     },
-    /// A server setting or privilege the logical capture needs is missing.
-    #[error("{site}: {setting}: {found}; the logical capture needs it: {fix} (or set replicator.capture = \"triggers\" where logical decoding cannot be enabled)")]
+    /// A server setting or privilege the capture needs is missing.
+    #[error("{site}: {setting}: {found}; the {capture} capture needs it: {fix}{hint}")]
     Prerequisite {
+        /// `logical` or `trigger`.
+        capture: &'static str,
+        /// For the logical capture, the fallback where it cannot be enabled.
+        hint: &'static str,
         /// `primary` or `backup`.
         site: &'static str,
         /// The setting or privilege, e.g. `wal_level`.
@@ -169,6 +173,23 @@ impl Error {
             context,
             source: e,
         }
+    }
+}
+
+/// The driver error with the server's message and code (the driver's own text says only
+/// "db error"), or with its cause for other failures.
+fn db_text(e: &tokio_postgres::Error) -> String {
+    if let Some(d) = e.as_db_error() {
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            d.severity(),
+            d.message(),
+            d.code().code()
+        );
+    }
+    match std::error::Error::source(e) {
+        Some(cause) if !e.to_string().contains(&cause.to_string()) => format!("{e}: {cause}"),
+        _ => e.to_string(),
     }
 }
 

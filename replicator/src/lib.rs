@@ -1,7 +1,8 @@
 //! gsb-replicator: two-way real-time sync of the two sites' databases, conflicts with a
 //! conflict log, daily config copy primary -> backup, usage merge backup -> primary, and
 //! `verify`. Two captures: from the WAL by logical decoding (`pgoutput` over the replication
-//! protocol, the default) or by row triggers into `gsb.changes` (the fallback).
+//! protocol, the default) or by row triggers into `gsb.changes` (the fallback), both applied
+//! by one apply with one conflict rule (`apply.rs`).
 //!
 //! Invariants: a change applied by the replicator is never captured again (replication
 //! origins for the logical capture, `gsb.applying` for the triggers); the restart position
@@ -9,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod apply;
+mod changelog;
 mod config;
 mod copy;
 mod db;

@@ -18,6 +18,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, Batch, Change, Op, Shape};
+use crate::config::Capture;
 use crate::db::{connect, Conn, Site};
 use crate::metrics::{with_dir, Metrics, SharedStatus};
 use crate::pgoutput::{self, Msg, Value};
@@ -40,9 +41,24 @@ pub(crate) fn origin_name(source: Site) -> String {
     format!("gsb_from_{}", source.as_str())
 }
 
-/// Checks what the logical capture needs on a site; each failure names the setting and the fix.
-pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Error> {
+/// Checks what `capture` needs on a site; each failure names the setting and the fix. Both
+/// captures need commit timestamps and replication origins (they share one apply); the
+/// logical capture also `wal_level = logical`, a free slot and WAL sender, and REPLICATION.
+pub(crate) async fn check_prerequisites(
+    c: &Client,
+    site: Site,
+    capture: Capture,
+) -> Result<(), Error> {
     let s = site.as_str();
+    let logical = capture == Capture::Logical;
+    let (word, hint) = if logical {
+        (
+            "logical",
+            " (or set replicator.capture = \"triggers\" where logical decoding cannot be enabled)",
+        )
+    } else {
+        ("trigger", "")
+    };
     let setting = |name: &'static str| async move {
         c.query_one("SELECT current_setting($1)", &[&name])
             .await
@@ -52,6 +68,8 @@ pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Er
     let version = setting("server_version_num").await?;
     if version.parse::<i32>().unwrap_or(0) < 150_000 {
         return Err(Error::Prerequisite {
+            capture: word,
+            hint,
             site: s,
             setting: "server_version",
             found: format!("is {version} (server_version_num)"),
@@ -59,8 +77,10 @@ pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Er
         });
     }
     let wal_level = setting("wal_level").await?;
-    if wal_level != "logical" {
+    if logical && wal_level != "logical" {
         return Err(Error::Prerequisite {
+            capture: word,
+            hint,
             site: s,
             setting: "wal_level",
             found: format!("is {wal_level}"),
@@ -70,6 +90,8 @@ pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Er
     let ts = setting("track_commit_timestamp").await?;
     if ts != "on" {
         return Err(Error::Prerequisite {
+            capture: word,
+            hint,
             site: s,
             setting: "track_commit_timestamp",
             found: format!("is {ts}"),
@@ -96,8 +118,10 @@ pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Er
         .map_err(|e| Error::db(s, "reading the replication settings", e))?;
     let (slots, used, senders, sending): (i32, i32, i32, i32) =
         (r.get(0), r.get(1), r.get(2), r.get(3));
-    if slots - used < 1 {
+    if logical && slots - used < 1 {
         return Err(Error::Prerequisite {
+            capture: word,
+            hint,
             site: s,
             setting: "max_replication_slots",
             found: format!("is {slots} and {used} are used by others"),
@@ -107,8 +131,10 @@ pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Er
             ),
         });
     }
-    if senders - sending < 1 {
+    if logical && senders - sending < 1 {
         return Err(Error::Prerequisite {
+            capture: word,
+            hint,
             site: s,
             setting: "max_wal_senders",
             found: format!("is {senders} and {sending} are in use by others"),
@@ -119,8 +145,10 @@ pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Er
         });
     }
     let (repl, user, origin_ok): (bool, String, bool) = (r.get(4), r.get(5), r.get(6));
-    if !repl {
+    if logical && !repl {
         return Err(Error::Prerequisite {
+            capture: word,
+            hint,
             site: s,
             setting: "REPLICATION",
             found: format!("role {user} lacks it"),
@@ -129,6 +157,8 @@ pub(crate) async fn check_prerequisites(c: &Client, site: Site) -> Result<(), Er
     }
     if !origin_ok {
         return Err(Error::Prerequisite {
+            capture: word,
+            hint,
             site: s,
             setting: "replication origins",
             found: format!("role {user} may not use them"),
@@ -204,23 +234,13 @@ pub(crate) async fn session(
     let origin = origin_name(d.source);
     let src = connect(&cfg.link(d.source)?).await?;
     let mut dst = connect(&cfg.link(d.target)?).await?;
-    let apply_name = format!("gsb-apply-{}", d.name);
-    // A session of a replicator that died may still hold the origin or the slot.
     // Commits do not wait for the WAL flush (as native logical replication and pglogical
     // apply): the slot is acknowledged only up to what the target has made durable
     // (`Durable`), so a target crash loses nothing the source would not send again.
-    dst.batch_execute(&format!(
-        "SET application_name = '{apply_name}'; SET synchronous_commit = off"
-    ))
-    .await
-    .map_err(|e| Error::db(ts, "naming the apply session", e))?;
-    dst.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name = $1 AND pid <> pg_backend_pid()",
-        &[&apply_name],
-    )
-    .await
-    .map_err(|e| Error::db(ts, "ending a stale apply session", e))?;
+    dst.batch_execute("SET synchronous_commit = off")
+        .await
+        .map_err(|e| Error::db(ts, "setting up the apply session", e))?;
+    claim_apply_session(&dst, d).await?;
     create_origin(&dst, d.target, &origin).await?;
     setup_origin_session(&dst, ts, &origin).await?;
     let progress: Option<String> = dst
@@ -357,7 +377,31 @@ pub(crate) async fn session(
     a.and(r)
 }
 
-async fn setup_origin_session(dst: &Conn, ts: &'static str, origin: &str) -> Result<(), Error> {
+/// Names `dst` the apply session of `d` and ends any other session of that name (a replicator
+/// that died or lost its role may still hold the origin).
+pub(crate) async fn claim_apply_session(dst: &Conn, d: &Direction) -> Result<(), Error> {
+    let ts = d.target.as_str();
+    let apply_name = format!("gsb-apply-{}", d.name);
+    dst.batch_execute(&format!("SET application_name = '{apply_name}'"))
+        .await
+        .map_err(|e| Error::db(ts, "naming the apply session", e))?;
+    dst.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+        &[&apply_name],
+    )
+    .await
+    .map_err(|e| Error::db(ts, "ending a stale apply session", e))?;
+    Ok(())
+}
+
+/// Sets up `origin` on the session `dst`, waiting up to 10 s for a session being ended to
+/// release it.
+pub(crate) async fn setup_origin_session(
+    dst: &Conn,
+    ts: &'static str,
+    origin: &str,
+) -> Result<(), Error> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match dst
@@ -896,6 +940,7 @@ fn change(shape: &Arc<Shape>, op: Op, vals: Vec<Value>, ts_us: i64) -> Change {
         op,
         vals,
         ts_us,
+        initial: false,
     }
 }
 

@@ -21,7 +21,6 @@ pub(crate) struct Metrics {
     pub oldest_pending_age: GaugeVec,
     pub conflicts: IntCounterVec,
     pub skew_rejected: IntCounterVec,
-    pub tombstones_pruned: IntCounterVec,
     pub errors: IntCounterVec,
     pub batch_seconds: HistogramVec,
     pub active: IntGauge,
@@ -71,10 +70,6 @@ impl Metrics {
                 Opts::new("gsb_replication_clock_skew_rejected_total", "Remote changes rejected: stamp beyond max_clock_skew"),
                 &["direction"],
             )?,
-            tombstones_pruned: IntCounterVec::new(
-                Opts::new("gsb_replication_tombstones_pruned_total", "Tombstones older than tombstone_retention removed from gsb.row_versions"),
-                &["site"],
-            )?,
             errors: IntCounterVec::new(
                 Opts::new("gsb_replication_errors_total", "Replication sessions that failed (then retried)"),
                 &["direction"],
@@ -105,7 +100,6 @@ impl Metrics {
         r.register(Box::new(m.oldest_pending_age.clone()))?;
         r.register(Box::new(m.conflicts.clone()))?;
         r.register(Box::new(m.skew_rejected.clone()))?;
-        r.register(Box::new(m.tombstones_pruned.clone()))?;
         r.register(Box::new(m.errors.clone()))?;
         r.register(Box::new(m.batch_seconds.clone()))?;
         r.register(Box::new(m.active.clone()))?;

@@ -25,6 +25,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let metrics = Metrics::register(&registry)?;
+    if config.legacy_tombstone_retention {
+        tracing::warn!(
+            "replicator.tombstone_retention no longer has an effect: both captures share one apply, which keeps no tombstones (an update of a row that is gone is skipped and logged); remove the key"
+        );
+    }
     let status: SharedStatus = Arc::new(Mutex::new(Status::default()));
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
@@ -152,18 +157,17 @@ fn set_active(metrics: &Metrics, status: &SharedStatus, active: bool) {
     status.lock().unwrap_or_else(|p| p.into_inner()).active = active;
 }
 
-/// Installs the schema on both sites: the primary captures two_way tables and applies two_way
-/// and usage tables; the backup captures both and applies two_way. The logical capture
-/// checks its prerequisites first, switches a pair still capturing by trigger (`upgrade.rs`)
-/// and sets up each source's publication instead of triggers.
+/// Checks the capture's prerequisites and installs the schema on both sites: the primary
+/// captures two_way tables and applies two_way and usage tables; the backup captures both and
+/// applies two_way. The trigger capture then moves cursors the first generation left to the
+/// shared apply (`upgrade::adopt`); the logical capture sets up each source's publication
+/// instead of triggers and switches a pair still capturing by trigger (`upgrade.rs`).
 pub(crate) async fn setup(config: &Config, metrics: &Metrics) -> Result<(), Error> {
     let mut p = connect(&config.link(Site::Primary)?).await?;
     let mut b = connect(&config.link(Site::Backup)?).await?;
     let logical = config.capture == Capture::Logical;
-    if logical {
-        crate::logical::check_prerequisites(&p, Site::Primary).await?;
-        crate::logical::check_prerequisites(&b, Site::Backup).await?;
-    }
+    crate::logical::check_prerequisites(&p, Site::Primary, config.capture).await?;
+    crate::logical::check_prerequisites(&b, Site::Backup, config.capture).await?;
     let p_two = infos(&p.client, Site::Primary, &config.two_way).await?;
     let p_usage = infos(&p.client, Site::Primary, &config.usage_tables).await?;
     let b_two = infos(&b.client, Site::Backup, &config.two_way).await?;
@@ -174,10 +178,12 @@ pub(crate) async fn setup(config: &Config, metrics: &Metrics) -> Result<(), Erro
     let b_capture: Vec<TableInfo> = b_two.iter().chain(&b_usage).cloned().collect();
     install(&mut p.client, Site::Primary, &p_two, &p_apply, !logical).await?;
     install(&mut b.client, Site::Backup, &b_capture, &b_two, !logical).await?;
-    if logical {
-        let (p2b, b2p) = directions(config);
-        let p_lock = connect(&config.link(Site::Primary)?).await?;
-        let b_lock = connect(&config.link(Site::Backup)?).await?;
+    let (p2b, b2p) = directions(config);
+    let p_lock = connect(&config.link(Site::Primary)?).await?;
+    let b_lock = connect(&config.link(Site::Backup)?).await?;
+    if !logical {
+        crate::upgrade::adopt(config, [&p, &b, &p_lock, &b_lock], &p2b, &b2p, metrics).await?;
+    } else {
         // Publications first: pgoutput reads them as of each decoded commit, so a slot made
         // by the switch must not predate them.
         crate::logical::prepare_source(&p, &p2b, &p_two).await?;
@@ -267,9 +273,7 @@ pub async fn check_databases(config: &Config) -> Vec<(Site, Result<(), Error>)> 
                 .map_err(|_| {
                     Error::Protocol(format!("{}: no answer within 10s", site.as_str()))
                 })??;
-            if config.capture == Capture::Logical {
-                crate::logical::check_prerequisites(&c, site).await?;
-            }
+            crate::logical::check_prerequisites(&c, site, config.capture).await?;
             Ok(())
         }
         .await;

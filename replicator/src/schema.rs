@@ -171,7 +171,23 @@ pub(crate) async fn install(
             .map_err(db("recording the schema version"))?;
         tracing::info!(site = s, version = 4, "upgraded gsb schema");
     }
-    tx.batch_execute(&sql::functions(s))
+    if version < 5 {
+        tx.batch_execute(sql::MIGRATION_5)
+            .await
+            .map_err(db("upgrading the gsb schema to version 5"))?;
+        tx.execute("INSERT INTO gsb.schema_version (version) VALUES (5)", &[])
+            .await
+            .map_err(db("recording the schema version"))?;
+        tracing::info!(site = s, version = 5, "upgraded gsb schema");
+    }
+    // A site registered before version 5 keeps stamping its captured changes until the first
+    // generation's apply no longer reads its log (`upgrade::adopt`).
+    let format: i32 = tx
+        .query_opt("SELECT capture_format FROM gsb.site", &[])
+        .await
+        .map_err(db("reading gsb.site"))?
+        .map_or(2, |r| r.get(0));
+    tx.batch_execute(&sql::functions(s, format))
         .await
         .map_err(db("creating the gsb functions"))?;
     let found: Option<String> = tx
@@ -283,14 +299,23 @@ pub(crate) async fn install(
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
-        // Existing rows become changes stamped 0 (ties go to the primary): initial sync = union.
-        let snapshot = format!(
-            "WITH k AS (SELECT r, jsonb_build_object({pk_obj}) AS pk FROM (SELECT to_jsonb(x) AS r FROM {q} x) s), \
-             v AS (INSERT INTO gsb.row_versions (tbl, pk, hlc, origin) SELECT $1, pk, 0, $2 FROM k \
-                   ON CONFLICT DO NOTHING RETURNING pk) \
-             INSERT INTO gsb.changes (tbl, op, pk, \"row\", hlc, origin) \
-             SELECT $1, 'I', k.pk, k.r, 0, $2 FROM k JOIN v ON v.pk = k.pk"
-        );
+        // Existing rows become changes stamped 0, "initial" (against a different row on the
+        // other site the primary's wins): initial sync = union.
+        let snapshot = if format == 1 {
+            format!(
+                "WITH k AS (SELECT r, jsonb_build_object({pk_obj}) AS pk FROM (SELECT to_jsonb(x) AS r FROM {q} x) s), \
+                 v AS (INSERT INTO gsb.row_versions (tbl, pk, hlc, origin) SELECT $1, pk, 0, $2 FROM k \
+                       ON CONFLICT DO NOTHING RETURNING pk) \
+                 INSERT INTO gsb.changes (tbl, op, pk, \"row\", hlc, origin) \
+                 SELECT $1, 'I', k.pk, k.r, 0, $2 FROM k JOIN v ON v.pk = k.pk"
+            )
+        } else {
+            format!(
+                "INSERT INTO gsb.changes (tbl, op, pk, \"row\", hlc, origin) \
+                 SELECT $1, 'I', jsonb_build_object({pk_obj}), r, 0, $2 \
+                 FROM (SELECT to_jsonb(x) AS r FROM {q} x) s"
+            )
+        };
         let n = tx
             .execute(&snapshot, &[&t.name, &s])
             .await

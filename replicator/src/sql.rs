@@ -1,7 +1,7 @@
 //! The SQL installed in each site database (schema `gsb`), and the statements the workers run.
 
 /// Current schema version recorded in `gsb.schema_version`.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// Version 1 of the `gsb` schema (run once, inside the install transaction).
 pub const MIGRATION_1: &str = r#"
@@ -100,10 +100,34 @@ ALTER TABLE gsb.conflicts ADD COLUMN winner_ts timestamptz, ADD COLUMN loser_ts 
 CREATE TYPE gsb.lchange AS (n int, tbl text, op text, key jsonb, r jsonb, ts timestamptz);
 "#;
 
-/// One captured write (`p_tbl`, `p_op`, `p_pk`, `p_row` in scope): stamp it above the row's
+/// Version 5: the trigger capture shares the logical capture's apply. Its reader takes the
+/// changes of every transaction committed between two snapshots (PgQ's batches), applied in id
+/// order; the cursor is that pair of snapshots. The change log's stamps become optional (the
+/// commit timestamp decides), `site.capture_format` 2 marks a site whose triggers no longer
+/// stamp, and a cursor whose `done` is NULL was left by the first generation's apply.
+pub const MIGRATION_5: &str = r#"
+ALTER TABLE gsb.changes ALTER COLUMN hlc DROP NOT NULL, ALTER COLUMN origin DROP NOT NULL;
+-- the apply order within a batch, and its continuation when a batch is cut
+CREATE INDEX changes_id ON gsb.changes (id);
+ALTER TABLE gsb.cursors ADD COLUMN done pg_snapshot, ADD COLUMN part pg_snapshot,
+    ADD COLUMN part_id bigint;
+ALTER TABLE gsb.cursors ALTER COLUMN done SET DEFAULT '1:1:';
+ALTER TABLE gsb.site ADD COLUMN capture_format int NOT NULL DEFAULT 1;
+ALTER TABLE gsb.site ALTER COLUMN capture_format SET DEFAULT 2;
+"#;
+
+/// One captured write, format 2 (`p_tbl`, `p_op`, `p_pk`, `p_row` in scope): appended to the
+/// change log as it is; its version is its transaction's commit timestamp.
+const RECORD: &str = r#"
+    INSERT INTO gsb.changes (tbl, op, pk, "row") VALUES (p_tbl, p_op, p_pk, p_row);
+    PERFORM pg_notify('gsb_changes', '');
+"#;
+
+/// One captured write, format 1 (`p_tbl`, `p_op`, `p_pk`, `p_row` in scope): stamp it above the row's
 /// current version and the HLC floor, record the new version and append it to the change log.
 /// One statement (one executor run per captured row); the site name is baked in at install.
-const RECORD: &str = r#"
+/// Kept for sites whose log the first generation's apply may still read (`capture_format` 1).
+const RECORD_V1: &str = r#"
     WITH p AS (
         SELECT greatest(
                    (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint << 16)
@@ -167,18 +191,43 @@ BEGIN
 END $f$;
 "#;
 
-/// Functions (re)created on every install, for `site` (`primary` or `backup`: a plain word,
-/// baked into the capture functions as a literal so no write reads `gsb.site` for it).
-pub fn functions(site: &str) -> String {
+/// The capture functions of `format` (1: stamped, for the first generation's apply; 2: the
+/// change as it is) for `site` (`primary` or `backup`: a plain word, baked in as a literal so
+/// no write reads `gsb.site` for it).
+pub fn capture_functions(site: &str, format: i32) -> String {
     debug_assert!(site.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
-    let capture = CAPTURE_FUNCTIONS
-        .replace("{{record}}", RECORD.trim())
-        .replace("{{site}}", site);
+    let record = if format == 1 { RECORD_V1 } else { RECORD };
+    CAPTURE_FUNCTIONS
+        .replace("{{record}}", record.trim())
+        .replace("{{site}}", site)
+}
+
+/// Functions (re)created on every install: the capture of `format` for `site`, the cursor
+/// fence and the first generation's apply (still used to drain a change log it left).
+pub fn functions(site: &str, format: i32) -> String {
+    let capture = capture_functions(site, format);
     format!("{capture}\n{FUNCTIONS}\n{DROPPED}")
 }
 
 /// Functions (re)created on every install that do not depend on the site.
 const FUNCTIONS: &str = r#"
+-- Moves a trigger capture cursor from what the caller read to where its batch ends, in the
+-- batch's transaction; fails if another replicator moved it meanwhile.
+CREATE OR REPLACE FUNCTION gsb.advance_cursor(p_direction text, p_done text, p_part text,
+    p_part_id bigint, p_to_done text, p_to_part text, p_to_part_id bigint)
+RETURNS int LANGUAGE plpgsql AS $f$
+BEGIN
+    UPDATE gsb.cursors SET done = p_to_done::pg_snapshot, part = p_to_part::pg_snapshot,
+        part_id = p_to_part_id, applied_at = now()
+    WHERE direction = p_direction AND done::text = p_done
+        AND part::text IS NOT DISTINCT FROM p_part AND part_id IS NOT DISTINCT FROM p_part_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'gsb: cursor % moved while a batch expected (%, %, %): another replicator applied it',
+            p_direction, p_done, p_part, p_part_id;
+    END IF;
+    RETURN 1;
+END $f$;
+
 CREATE OR REPLACE FUNCTION gsb.apply_batch(
     p_direction text, p_from_xid xid8, p_from_id bigint, p_to_xid xid8, p_to_id bigint,
     p_changes jsonb, p_max_skew_ms bigint, p_primary text)
@@ -355,7 +404,10 @@ macro_rules! fetch {
         concat!(
             r#"
 WITH a AS (
-    SELECT id, xid, tbl, op, pk, "row", hlc, origin, prev_hlc, prev_origin, created_at
+    -- a change the format 2 triggers recorded carries no stamp: its capture time stands in
+    SELECT id, xid, tbl, op, pk, "row",
+           coalesce(hlc, (floor(extract(epoch FROM created_at) * 1000)::bigint << 16) | (id & 65535)) AS hlc,
+           coalesce(origin, (SELECT site FROM gsb.site)) AS origin, prev_hlc, prev_origin, created_at
     FROM gsb.changes
     WHERE (xid, id) > ($1::text::xid8, $2::int8)
       "#,
@@ -377,33 +429,38 @@ FROM b
     };
 }
 
-/// Reads the next batch from a source: only changes of finished transactions (xid below the
-/// snapshot's xmin), so a transaction still open with a lower xid is never skipped.
-pub const FETCH: &str = fetch!("AND xid < pg_snapshot_xmin(pg_current_snapshot())");
+/// The first generation's fetch (kept to drain a change log its apply left): only changes of
+/// finished transactions (xid below the snapshot's xmin), so a transaction still open with a
+/// lower xid is never skipped.
+pub const V1_FETCH: &str = fetch!("AND xid < pg_snapshot_xmin(pg_current_snapshot())");
 
 /// The same with every committed change, for a source whose captured tables are locked
 /// against writers (or no longer captured): no transaction still open can add one below.
-pub const FETCH_SETTLED: &str = fetch!("");
+pub const V1_FETCH_SETTLED: &str = fetch!("");
 
-/// Applies a batch on the target (see `gsb.apply_batch`).
-pub const APPLY: &str = "SELECT gsb.apply_batch($1::text, $2::text::xid8, $3::int8, $4::text::xid8, $5::int8, $6::text::jsonb, $7::int8, $8::text)::text";
+/// The first generation's apply of a batch on the target (see `gsb.apply_batch`).
+pub const V1_APPLY: &str = "SELECT gsb.apply_batch($1::text, $2::text::xid8, $3::int8, $4::text::xid8, $5::int8, $6::text::jsonb, $7::int8, $8::text)::text";
 
-/// Backlog on a source after a cursor: rows and age in seconds of the oldest.
+/// Backlog on a source after a cursor (done, part, part_id): rows and age in seconds of the
+/// oldest.
 pub const PENDING: &str = r#"
 SELECT count(*)::int8, extract(epoch FROM now() - min(created_at))::float8
 FROM gsb.changes
-WHERE (xid, id) > ($1::text::xid8, $2::int8) AND tbl = ANY($3::text[])
+WHERE xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(xid, $1::text::pg_snapshot)
+  AND NOT coalesce(pg_visible_in_snapshot(xid, $2::text::pg_snapshot) AND id <= $3::int8, false)
+  AND tbl = ANY($4::text[])
 "#;
 
-/// Prunes changes the peer has applied.
-pub const PRUNE: &str =
-    "DELETE FROM gsb.changes WHERE (xid, id) <= ($1::text::xid8, $2::int8) AND tbl = ANY($3::text[])";
+/// Prunes the changes a cursor's `done` snapshot covers.
+pub const PRUNE: &str = "DELETE FROM gsb.changes \
+    WHERE xid < pg_snapshot_xmax($1::text::pg_snapshot) \
+    AND pg_visible_in_snapshot(xid, $1::text::pg_snapshot) AND tbl = ANY($2::text[])";
 
-/// Prunes tombstones stamped before `$1` (an HLC: milliseconds << 16) on a target.
-pub const PRUNE_TOMBSTONES: &str = "DELETE FROM gsb.row_versions WHERE deleted AND hlc < $1::int8";
-
-/// Reads a cursor on the target.
-pub const CURSOR: &str = "SELECT xid::text, id FROM gsb.cursors WHERE direction = $1::text";
+/// Reads a cursor on the target: the trigger capture's (done, part, part_id; done NULL while
+/// the first generation's is in force), then the first generation's (xid, id).
+pub const CURSOR: &str =
+    "SELECT done::text, part::text, part_id, xid::text, id FROM gsb.cursors WHERE direction = $1::text";
 
 /// Writes this site's heartbeat row.
 pub const HEARTBEAT: &str =

@@ -28,6 +28,7 @@
 //! shows it. Two-phase commit would close it but needs `max_prepared_transactions` > 0 on
 //! both servers (0 by default).
 
+use crate::changelog;
 use crate::db::{Conn, Site};
 use crate::logical::{create_origin, drop_slot, origin_name, slot_name};
 use crate::metrics::Metrics;
@@ -72,10 +73,10 @@ pub(crate) async fn switch_from_triggers(
     let mut n1 = 0;
     let mut n2 = 0;
     if !b_trig.is_empty() {
-        n1 = drain_change_log(p2b, cfg, p, b, metrics, Drain::CaughtUp).await?;
+        n1 = drain_change_log(p2b, cfg, p, b, metrics, Drain::CaughtUp, false).await?;
     }
     if !p_trig.is_empty() {
-        n2 = drain_change_log(b2p, cfg, b, p, metrics, Drain::CaughtUp).await?;
+        n2 = drain_change_log(b2p, cfg, b, p, metrics, Drain::CaughtUp, false).await?;
     }
     tracing::info!(
         primary_to_backup = n1,
@@ -194,7 +195,9 @@ async fn finish(
         dst.execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
             .await
             .map_err(|e| Error::db(s, format!("setting up origin {origin}"), e))?;
-        let drained = drain_change_log(inbound, cfg, src, dst, metrics, Drain::Settled).await;
+        let nested = !tables.is_empty();
+        let drained =
+            drain_change_log(inbound, cfg, src, dst, metrics, Drain::Settled, nested).await;
         if tables.is_empty() {
             // Committed already (no transaction is open on the plain session); released
             // whatever the drain did, so the next attempt can advance it.
@@ -228,6 +231,9 @@ async fn begin_and_lock(c: &Conn, site: Site, tables: &[String]) -> Result<(), E
     c.batch_execute("BEGIN")
         .await
         .map_err(|e| Error::db(s, "starting the capture switch", e))?;
+    if tables.is_empty() {
+        return Ok(());
+    }
     // Bounded: behind a long transaction on the tables the switch gives up and is retried
     // (writers queue behind a waiting lock).
     c.batch_execute(&format!(
@@ -236,6 +242,108 @@ async fn begin_and_lock(c: &Conn, site: Site, tables: &[String]) -> Result<(), E
     ))
     .await
     .map_err(|e| Error::db(s, "locking the tables for the capture switch", e))
+}
+
+/// Moves a pair on the trigger capture from the first generation's apply (HLC stamps, row
+/// versions) to the apply it shares with the logical capture, losing nothing its change logs
+/// hold. Per direction whose cursor the first generation left: one transaction on the source
+/// locks its captured tables (`lock_timeout` 10 s); with every writer of them committed, the
+/// target drains the whole change log with the first generation's apply, under the source's
+/// replication origin (the rows are the source's for the new rule), and records the source's
+/// snapshot of that moment as the new cursor, in one transaction; then the lock is released.
+/// Every later change commits after that snapshot, so it is exactly what the new reader
+/// starts with. Once both directions have moved, each site's triggers stop stamping (format
+/// 2) and its row versions are dropped. A crash at any point leaves a state the next start
+/// finishes: a direction moves in one target commit; the change log's format 1 rows are read
+/// by either apply.
+///
+/// A row last written by the first generation's apply carries no origin, so the new rule
+/// sees it as the target's own: the next change of it from the source wins by its later
+/// commit time (and is logged as a conflict, the winner right, the log over-reporting once).
+pub(crate) async fn adopt(
+    cfg: &Config,
+    [p, b, p_lock, b_lock]: [&Conn; 4],
+    p2b: &Direction,
+    b2p: &Direction,
+    metrics: &Metrics,
+) -> Result<(), Error> {
+    for (d, src, lock, dst) in [(p2b, p, p_lock, b), (b2p, b, b_lock, p)] {
+        if changelog::read_cursor(dst, d.target, d.name)
+            .await?
+            .is_some()
+        {
+            continue;
+        }
+        let tables = triggered(src, d.source).await?;
+        tracing::info!(
+            direction = d.name,
+            tables = tables.len(),
+            "moving the trigger capture to the shared apply: draining the change log under a lock"
+        );
+        let (ss, ts) = (d.source.as_str(), d.target.as_str());
+        begin_and_lock(lock, d.source, &tables).await?;
+        let origin = origin_name(d.source);
+        let moved = async {
+            let at: String = lock
+                .query_one("SELECT pg_current_snapshot()::text", &[])
+                .await
+                .map_err(|e| Error::db(ss, "reading the snapshot of the move", e))?
+                .get(0);
+            create_origin(dst, d.target, &origin).await?;
+            crate::logical::setup_origin_session(dst, ts, &origin).await?;
+            dst.batch_execute("BEGIN")
+                .await
+                .map_err(|e| Error::db(ts, "starting the move", e))?;
+            let n = drain_change_log(d, cfg, src, dst, metrics, Drain::Settled, true).await?;
+            dst.execute(
+                "UPDATE gsb.cursors SET done = $2::text::pg_snapshot, part = NULL, part_id = NULL, \
+                 applied_at = now() WHERE direction = $1",
+                &[&d.name, &at],
+            )
+            .await
+            .map_err(|e| Error::db(ts, "recording the new cursor", e))?;
+            dst.batch_execute("COMMIT")
+                .await
+                .map_err(|e| Error::db(ts, "committing the move", e))?;
+            Ok::<_, Error>(n)
+        }
+        .await;
+        if moved.is_err() {
+            let _ = dst.batch_execute("ROLLBACK").await;
+        }
+        let _ = dst
+            .execute("SELECT pg_replication_origin_session_reset()", &[])
+            .await;
+        let _ = lock.batch_execute("ROLLBACK").await;
+        let n = moved?;
+        tracing::info!(
+            direction = d.name,
+            changes = n,
+            "change log drained; the shared apply reads it from now on"
+        );
+    }
+    for (c, site) in [(p, Site::Primary), (b, Site::Backup)] {
+        let s = site.as_str();
+        let format: i32 = c
+            .query_one("SELECT capture_format FROM gsb.site", &[])
+            .await
+            .map_err(|e| Error::db(s, "reading gsb.site", e))?
+            .get(0);
+        if format != 1 {
+            continue;
+        }
+        c.batch_execute(&format!(
+            "BEGIN; {} UPDATE gsb.site SET capture_format = 2; TRUNCATE gsb.row_versions; COMMIT",
+            crate::sql::capture_functions(s, 2)
+        ))
+        .await
+        .map_err(|e| Error::db(s, "moving the capture triggers to format 2", e))?;
+        tracing::info!(
+            site = s,
+            "capture triggers no longer stamp changes (format 2)"
+        );
+    }
+    Ok(())
 }
 
 /// Drops the slot `slot` if it exists and creates it again: a slot left from an earlier

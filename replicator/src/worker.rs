@@ -1,13 +1,16 @@
-//! One replication direction: fetch finished changes from the source, apply them on the target
-//! in one transaction that also advances the cursor; and each site's heartbeat writer.
+//! One replication direction's loop (either capture), the trigger capture's session (the
+//! change log read by `changelog.rs`, applied by `apply.rs`, the cursor moved in each batch's
+//! transaction), the first generation's drain, and each site's heartbeat writer.
 
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::apply::Applier;
+use crate::changelog;
 use crate::config::Capture;
-use crate::db::{connect, Link, Site};
+use crate::db::{connect, Conn, Link, Site};
 use crate::metrics::{with_dir, Metrics, SharedStatus};
 use crate::{sql, Config, Error};
 
@@ -69,6 +72,9 @@ pub(crate) async fn run_direction(
     }
 }
 
+/// One session of the trigger capture: the source's change log read by `changelog::Reader`,
+/// applied by the logical capture's `Applier` under the source's replication origin, the
+/// cursor moved in each batch's transaction.
 async fn session(
     d: &Direction,
     cfg: &Config,
@@ -79,13 +85,10 @@ async fn session(
     let (ss, ts) = (d.source.as_str(), d.target.as_str());
     let src = connect(&cfg.link(d.source)?).await?;
     let dst = connect(&cfg.link(d.target)?).await?;
+    crate::logical::claim_apply_session(&dst, d).await?;
     src.batch_execute("LISTEN gsb_changes")
         .await
         .map_err(|e| Error::db(ss, "LISTEN gsb_changes", e))?;
-    let fetch = src
-        .prepare(sql::FETCH)
-        .await
-        .map_err(|e| Error::db(ss, "preparing fetch", e))?;
     let pending = src
         .prepare(sql::PENDING)
         .await
@@ -94,81 +97,82 @@ async fn session(
         .prepare(sql::PRUNE)
         .await
         .map_err(|e| Error::db(ss, "preparing prune", e))?;
-    let prune_tombstones = dst
-        .prepare(sql::PRUNE_TOMBSTONES)
-        .await
-        .map_err(|e| Error::db(ts, "preparing tombstone prune", e))?;
-    let apply = dst
-        .prepare(sql::APPLY)
-        .await
-        .map_err(|e| Error::db(ts, "preparing apply", e))?;
-    let row = dst
-        .query_opt(sql::CURSOR, &[&d.name])
-        .await
-        .map_err(|e| Error::db(ts, "reading the cursor", e))?;
-    let (mut xid, mut id): (String, i64) = match row {
-        Some(r) => (r.get(0), r.get(1)),
-        None => ("0".into(), 0),
-    };
-    tracing::info!(direction = d.name, cursor_xid = %xid, cursor_id = id, "replicating");
-    let skew_ms = cfg.max_clock_skew.as_millis() as i64;
+    let origin = crate::logical::origin_name(d.source);
+    ensure_origin(d, &dst, &origin).await?;
+    let mut applier = applier_for(d, cfg, &dst, &origin).await?;
+    let mut reader = changelog::Reader::new(&src, d.source, &d.tables).await?;
+    let mut cursor = changelog::read_cursor(&dst, d.target, d.name)
+        .await?
+        .ok_or_else(|| {
+            Error::Protocol(format!(
+                "{ts}: the cursor of {} is still the first generation's (the setup drains it first)",
+                d.name
+            ))
+        })?;
+    tracing::info!(direction = d.name, cursor = ?cursor, "replicating");
     let mut last_pending = Instant::now() - PENDING_EVERY;
     let mut last_prune = Instant::now();
     let mut last_hb: Option<(Instant, f64)> = None;
-    // A batch fetched while the previous one was being applied (only under backlog).
-    let mut prefetched: Option<Fetched> = None;
     loop {
         let t0 = Instant::now();
-        let batch = match prefetched.take() {
-            Some(b) => b,
-            None => fetch_batch(&src, &fetch, ss, &xid, id, &d.tables, cfg.batch_size).await?,
-        };
-        let n = batch.rows;
-        if let Some(to) = batch.to {
-            let span = tracing::info_span!(
-                "batch",
-                direction = d.name,
-                rows = n,
-                lag = tracing::field::Empty,
-                conflicts = tracing::field::Empty
-            );
-            let params = apply_params(d, (&xid, &id), &to, &batch.json, &skew_ms);
-            let applying = dst.query_one(&apply, &params).instrument(span.clone());
-            // A full batch means a backlog: read the next one from the source while the target
-            // applies this one (two sessions, two servers). The cursor still only moves in
-            // the apply transaction; a prefetched batch is dropped if this apply fails.
-            let res = if n >= cfg.batch_size {
-                let ahead = fetch_batch(&src, &fetch, ss, &to.0, to.1, &d.tables, cfg.batch_size);
-                let (applied, ahead) = tokio::join!(applying, ahead);
-                prefetched = Some(ahead?);
-                applied
-            } else {
-                applying.await
-            };
-            let res: String = res
-                .map_err(|e| Error::db(ts, format!("applying {n} changes"), e))?
-                .get(0);
-            (xid, id) = to;
-            metrics
-                .batch_seconds
-                .with_label_values(&[d.name])
-                .observe(t0.elapsed().as_secs_f64());
-            let res: serde_json::Value = serde_json::from_str(&res)
-                .map_err(|e| Error::Protocol(format!("apply_batch returned bad JSON: {e}")))?;
-            let n_conflicts = record_result(d, cfg, &res, metrics);
-            if let Some(hb) = res["heartbeat_lag"].as_f64() {
-                last_hb = Some((Instant::now(), hb.max(0.0)));
+        let mut full = false;
+        match reader.next(&src, d.name, &cursor, cfg.batch_size).await? {
+            changelog::Next::Batch(batch) => {
+                let n = batch.changes.len();
+                full = n as i64 >= cfg.batch_size;
+                let span = tracing::info_span!(
+                    "batch",
+                    direction = d.name,
+                    rows = n,
+                    lag = tracing::field::Empty,
+                    conflicts = tracing::field::Empty
+                );
+                let res = applier.apply(&dst, &batch).instrument(span.clone()).await?;
+                if let Some(f) = batch.fence {
+                    cursor = f.to;
+                }
+                metrics
+                    .batch_seconds
+                    .with_label_values(&[d.name])
+                    .observe(t0.elapsed().as_secs_f64());
+                let n_conflicts = record_result(d, cfg, &res, metrics);
+                if let Some(hb) = res["heartbeat_lag"].as_f64() {
+                    last_hb = Some((Instant::now(), hb.max(0.0)));
+                }
+                span.record("lag", res["max_lag"].as_f64().unwrap_or(0.0));
+                span.record("conflicts", n_conflicts);
+                span.in_scope(|| tracing::debug!("batch applied"));
+                with_dir(status, d.name, |s| s.last_apply = Some(chrono::Utc::now()));
             }
-            let lag = res["max_lag"].as_f64();
-            span.record("lag", lag.unwrap_or(0.0));
-            span.record("conflicts", n_conflicts);
-            span.in_scope(|| tracing::debug!("batch applied"));
-            with_dir(status, d.name, |s| s.last_apply = Some(chrono::Utc::now()));
+            changelog::Next::Idle(snap) => {
+                // Nothing new: at most once a second the cursor moves to the source's snapshot
+                // of now, so the next reads start from a recent horizon.
+                if cursor.part.is_none()
+                    && snap != cursor.done
+                    && last_pending.elapsed() >= PENDING_EVERY
+                {
+                    let to = changelog::Cursor {
+                        done: snap,
+                        part: None,
+                        part_id: None,
+                    };
+                    dst.execute(
+                        "SELECT gsb.advance_cursor($1::text, $2::text, $3::text, $4::int8, $5::text, NULL, NULL)",
+                        &[&d.name, &cursor.done, &cursor.part, &cursor.part_id, &to.done],
+                    )
+                    .await
+                    .map_err(|e| Error::db(ts, "moving the cursor", e))?;
+                    cursor = to;
+                }
+            }
         }
         if last_pending.elapsed() >= PENDING_EVERY {
             last_pending = Instant::now();
             let p = src
-                .query_one(&pending, &[&xid, &id, &d.tables])
+                .query_one(
+                    &pending,
+                    &[&cursor.done, &cursor.part, &cursor.part_id, &d.tables],
+                )
                 .await
                 .map_err(|e| Error::db(ss, "counting pending changes", e))?;
             let rows: i64 = p.get(0);
@@ -197,36 +201,60 @@ async fn session(
         if last_prune.elapsed() >= cfg.prune_interval {
             last_prune = Instant::now();
             let k = src
-                .execute(&prune, &[&xid, &id, &d.tables])
+                .execute(&prune, &[&cursor.done, &d.tables])
                 .await
                 .map_err(|e| Error::db(ss, "pruning applied changes", e))?;
             tracing::debug!(direction = d.name, pruned = k, "pruned applied changes");
-            // Each site is the target of one direction, so each site's tombstones are pruned
-            // by exactly one session.
-            let before = tombstone_horizon(cfg.tombstone_retention);
-            let k = dst
-                .execute(&prune_tombstones, &[&before])
-                .await
-                .map_err(|e| Error::db(ts, "pruning old tombstones", e))?;
-            if k > 0 {
-                metrics.tombstones_pruned.with_label_values(&[ts]).inc_by(k);
-                tracing::debug!(site = ts, pruned = k, retention = ?cfg.tombstone_retention, "pruned old tombstones");
-            }
         }
-        if n >= cfg.batch_size {
+        if full {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
             continue;
         }
-        // The NOTIFY wakes us at once; the poll also catches commits whose xid was held back
-        // by an older open transaction.
+        // The NOTIFY of a captured write wakes us at once; the poll is the fallback.
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = src.notify.notified() => {}
             _ = tokio::time::sleep(cfg.poll_interval) => {}
         }
     }
+}
+
+/// Creates the source's replication origin `origin` on `dst` and sets it up on the session
+/// unless one already is; true when it set it up.
+async fn ensure_origin(d: &Direction, dst: &Conn, origin: &str) -> Result<bool, Error> {
+    let ts = d.target.as_str();
+    crate::logical::create_origin(dst, d.target, origin).await?;
+    let ready: bool = dst
+        .query_one("SELECT pg_replication_origin_session_is_setup()", &[])
+        .await
+        .map_err(|e| Error::db(ts, "checking the replication origin", e))?
+        .get(0);
+    if !ready {
+        crate::logical::setup_origin_session(dst, ts, origin).await?;
+    }
+    Ok(!ready)
+}
+
+/// The apply of direction `d` on `dst` for the trigger capture: the logical capture's, under
+/// the source's replication origin `origin` (set up on the session).
+async fn applier_for(
+    d: &Direction,
+    cfg: &Config,
+    dst: &Conn,
+    origin: &str,
+) -> Result<Applier, Error> {
+    let ts = d.target.as_str();
+    Applier::new(
+        dst,
+        d.source.as_str(),
+        ts,
+        d.source == Site::Primary,
+        origin,
+        cfg.max_clock_skew.as_micros() as i64,
+    )
+    .await
 }
 
 /// Counts what an apply function reported (applied and conflicts per table, clock-skew
@@ -276,10 +304,61 @@ pub(crate) enum Drain {
 }
 
 /// Applies what the source's trigger change log holds after the target's cursor, batch by
-/// batch, each batch and its cursor in one `gsb.apply_batch` call on `dst` (which may be inside
-/// the caller's transaction). Returns the changes applied. Used by the switch to the logical
-/// capture.
+/// batch, each batch with its cursor move. `nested`: `dst` is inside the caller's transaction
+/// (each batch a savepoint; the caller commits). Returns the changes applied. Used by the
+/// switches between captures. A cursor the first generation left is drained by its own apply
+/// (`gsb.apply_batch`), as it was written for.
 pub(crate) async fn drain_change_log(
+    d: &Direction,
+    cfg: &Config,
+    src: &tokio_postgres::Client,
+    dst: &Conn,
+    metrics: &Metrics,
+    how: Drain,
+    nested: bool,
+) -> Result<i64, Error> {
+    let Some(mut cursor) = changelog::read_cursor(dst, d.target, d.name).await? else {
+        return drain_v1(d, cfg, src, dst, metrics, how).await;
+    };
+    let ts = d.target.as_str();
+    let origin = crate::logical::origin_name(d.source);
+    let set_up = ensure_origin(d, dst, &origin).await?;
+    let drained = async {
+        let mut applier = applier_for(d, cfg, dst, &origin).await?;
+        if nested {
+            applier = applier.nested();
+        }
+        let mut reader = changelog::Reader::new(src, d.source, &d.tables).await?;
+        let mut total = 0;
+        loop {
+            let batch = match reader.next(src, d.name, &cursor, cfg.batch_size).await? {
+                changelog::Next::Batch(b) => b,
+                changelog::Next::Idle(_) => return Ok(total),
+            };
+            let n = batch.changes.len() as i64;
+            let res = applier.apply(dst, &batch).await?;
+            record_result(d, cfg, &res, metrics);
+            total += n;
+            if let Some(f) = batch.fence {
+                cursor = f.to;
+            }
+            if how == Drain::CaughtUp && n < cfg.batch_size {
+                return Ok(total);
+            }
+        }
+    }
+    .await;
+    if set_up {
+        // Released, so the caller may advance or set up the origin itself.
+        dst.execute("SELECT pg_replication_origin_session_reset()", &[])
+            .await
+            .map_err(|e| Error::db(ts, format!("releasing origin {origin}"), e))?;
+    }
+    drained
+}
+
+/// `drain_change_log` for a cursor the first generation's apply left.
+async fn drain_v1(
     d: &Direction,
     cfg: &Config,
     src: &tokio_postgres::Client,
@@ -290,8 +369,8 @@ pub(crate) async fn drain_change_log(
     let (ss, ts) = (d.source.as_str(), d.target.as_str());
     let fetch = src
         .prepare(match how {
-            Drain::CaughtUp => sql::FETCH,
-            Drain::Settled => sql::FETCH_SETTLED,
+            Drain::CaughtUp => sql::V1_FETCH,
+            Drain::Settled => sql::V1_FETCH_SETTLED,
         })
         .await
         .map_err(|e| Error::db(ss, "preparing fetch", e))?;
@@ -299,7 +378,7 @@ pub(crate) async fn drain_change_log(
         .query_opt(sql::CURSOR, &[&d.name])
         .await
         .map_err(|e| Error::db(ts, "reading the cursor", e))?
-        .map_or(("0".into(), 0), |r| (r.get(0), r.get(1)));
+        .map_or(("0".into(), 0), |r| (r.get(3), r.get(4)));
     let skew_ms = cfg.max_clock_skew.as_millis() as i64;
     let mut total = 0;
     loop {
@@ -309,7 +388,7 @@ pub(crate) async fn drain_change_log(
         };
         let params = apply_params(d, (&xid, &id), &to, &batch.json, &skew_ms);
         let res: String = dst
-            .query_one(sql::APPLY, &params)
+            .query_one(sql::V1_APPLY, &params)
             .await
             .map_err(|e| {
                 Error::db(
@@ -330,7 +409,7 @@ pub(crate) async fn drain_change_log(
     }
 }
 
-/// The parameters of `sql::APPLY` for a batch from cursor `from` to `to`.
+/// The parameters of `sql::V1_APPLY` for a batch from cursor `from` to `to`.
 fn apply_params<'a>(
     d: &'a Direction,
     from: (&'a String, &'a i64),
@@ -378,12 +457,6 @@ async fn fetch_batch(
         to,
         json: r.get(3),
     })
-}
-
-/// The HLC below which tombstones are older than `retention` (HLC = Unix ms << 16).
-pub(crate) fn tombstone_horizon(retention: Duration) -> i64 {
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    now_ms.saturating_sub(retention.as_millis() as i64).max(0) << 16
 }
 
 /// `public.users` -> `users` for metric labels.

@@ -1,9 +1,10 @@
-//! The apply paths over two real PostgreSQL servers: a large batch mixing clean rows,
-//! conflicts, deletes and a unique key swap (default capture), and the trigger capture's
-//! clock-skew rejection and tombstone pruning.
+//! The apply over two real PostgreSQL servers, fed by either capture: a large batch mixing
+//! clean rows, conflicts, deletes and a unique key swap. (The clock-skew rule is the apply's
+//! own, tested in `apply.rs` with stamps a test can set.)
 
 use std::time::Duration;
 
+#[macro_use]
 mod common;
 
 use common::{count, start, text};
@@ -23,9 +24,10 @@ CREATE TABLE usage_records (id uuid PRIMARY KEY, kind text, minutes int);
 
 const WAIT: Duration = Duration::from_secs(30);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_batch_mixes_set_based_rows_conflicts_deletes_and_a_unique_key_swap() {
-    let (ps, bs, config) = common::pair(SITE_SCHEMA, "").await;
+both_captures!(a_large_batch_mixes_set_based_rows_conflicts_deletes_and_a_unique_key_swap);
+
+async fn a_large_batch_mixes_set_based_rows_conflicts_deletes_and_a_unique_key_swap(capture: &str) {
+    let (ps, bs, config) = common::pair(SITE_SCHEMA, &common::capture_line(capture)).await;
     let (p, b) = (ps.client("site").await, bs.client("site").await);
     let r = start(&config);
     p.batch_execute("INSERT INTO users SELECT i, 'u' || i, 'v0' FROM generate_series(1, 100) i")
@@ -97,139 +99,5 @@ async fn a_large_batch_mixes_set_based_rows_conflicts_deletes_and_a_unique_key_s
     );
     // No echo: the backup shipped its own 15 writes, none of the primary's applied there.
     assert_eq!(r.applied("backup_to_primary", "users"), 15);
-    r.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_stamped_beyond_the_clock_skew_is_rejected_logged_and_counted() {
-    // The trigger capture's HLC stamp (a skewed clock is simulated through its floor); the
-    // logical capture's commit-time rejection is in tests/logical.rs.
-    let (ps, bs, config) = common::pair(
-        SITE_SCHEMA,
-        "capture = \"triggers\"\nmax_clock_skew = \"10s\"\n",
-    )
-    .await;
-    let (p, b) = (ps.client("site").await, bs.client("site").await);
-    let r = start(&config);
-    p.batch_execute("INSERT INTO users VALUES (1, 'ok1', 'n')")
-        .await
-        .unwrap();
-    wait_until(WAIT, "first user on the backup", || async {
-        count(&b, "SELECT count(*) FROM users").await == 1
-    })
-    .await;
-    // A primary whose clock runs an hour ahead: its HLC floor makes the next stamp an hour
-    // in the future (the stamp is the capture trigger's, as for a real skewed clock).
-    p.batch_execute(
-        "UPDATE gsb.site SET hlc_floor = (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint + 3600000) << 16; \
-         INSERT INTO users VALUES (2, 'skewed', 'n'); \
-         UPDATE gsb.site SET hlc_floor = 0",
-    )
-    .await
-    .unwrap();
-    // Then a normal write, committed after it: once it is on the backup, the skewed one has
-    // been through the apply too (commit order).
-    p.batch_execute("INSERT INTO users VALUES (3, 'ok3', 'n')")
-        .await
-        .unwrap();
-    wait_until(WAIT, "third user on the backup", || async {
-        count(&b, "SELECT count(*) FROM users WHERE id = 3").await == 1
-    })
-    .await;
-    assert_eq!(
-        count(&b, "SELECT count(*) FROM users WHERE id = 2").await,
-        0,
-        "the skewed change is not applied"
-    );
-    assert_eq!(
-        count(
-            &b,
-            "SELECT count(*) FROM gsb.row_versions WHERE pk = '{\"id\": 2}'"
-        )
-        .await,
-        0,
-        "nor is its version recorded"
-    );
-    assert_eq!(
-        count(
-            &b,
-            "SELECT count(*) FROM gsb.conflicts WHERE reason = 'clock_skew' AND pk = '{\"id\": 2}' AND loser_origin = 'primary' AND loser_row->>'email' = 'skewed'"
-        )
-        .await,
-        1
-    );
-    // The hour-ahead stamp did not raise the backup's clock floor either.
-    let floor_ahead: bool = b
-        .query_one(
-            "SELECT hlc_floor >> 16 > floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint + 60000 FROM gsb.site",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(!floor_ahead);
-    assert_eq!(
-        r.counter(
-            "gsb_replication_clock_skew_rejected_total",
-            "direction",
-            "primary_to_backup"
-        ),
-        1
-    );
-    r.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tombstones_older_than_the_retention_are_pruned_on_both_sites() {
-    // Tombstones are the trigger capture's (the logical capture needs none: an update of a
-    // row that is gone is skipped and logged).
-    let (ps, bs, config) = common::pair(
-        SITE_SCHEMA,
-        "capture = \"triggers\"\ntombstone_retention = \"10s\"\n",
-    )
-    .await;
-    let (p, b) = (ps.client("site").await, bs.client("site").await);
-    let r = start(&config);
-    p.batch_execute("INSERT INTO users SELECT i, 'u' || i, 'n' FROM generate_series(1, 50) i")
-        .await
-        .unwrap();
-    wait_until(WAIT, "users on the backup", || async {
-        count(&b, "SELECT count(*) FROM users").await == 50
-    })
-    .await;
-    p.batch_execute("DELETE FROM users WHERE id <= 20")
-        .await
-        .unwrap();
-    let tombstones = "SELECT count(*) FROM gsb.row_versions WHERE tbl = 'public.users' AND deleted";
-    wait_until(
-        WAIT,
-        "deletes on the backup, tombstones on both",
-        || async {
-            count(&b, "SELECT count(*) FROM users").await == 30 && count(&b, tombstones).await == 20
-        },
-    )
-    .await;
-    // Still there right after the delete: the retention has not passed.
-    assert_eq!(count(&p, tombstones).await, 20);
-    wait_until(WAIT, "tombstones pruned on both sites", || async {
-        count(&p, tombstones).await == 0 && count(&b, tombstones).await == 0
-    })
-    .await;
-    // Live rows keep their versions.
-    for c in [&p, &b] {
-        assert_eq!(
-            count(
-                c,
-                "SELECT count(*) FROM gsb.row_versions WHERE tbl = 'public.users'"
-            )
-            .await,
-            30
-        );
-    }
-    assert_eq!(
-        r.counter("gsb_replication_tombstones_pruned_total", "site", "primary")
-            + r.counter("gsb_replication_tombstones_pruned_total", "site", "backup"),
-        40
-    );
     r.shutdown().await;
 }

@@ -4,6 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+#[macro_use]
 mod common;
 
 use gsb_replicator::{verify, Config};
@@ -24,10 +25,12 @@ fn replicator_binary(text: &str, dir: &std::path::Path) -> impl Fn() -> Proc {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_of_the_binary_under_load_then_restart_loses_and_duplicates_nothing() {
+both_captures!(kill9_of_the_binary_under_load_then_restart_loses_and_duplicates_nothing);
+
+async fn kill9_of_the_binary_under_load_then_restart_loses_and_duplicates_nothing(capture: &str) {
     let (p, b) = common::servers(common::SITE_TABLES).await;
-    let text = common::config_text(&p, &b, "batch_size = 200\n");
+    let extra = format!("batch_size = 200\n{}", common::capture_line(capture));
+    let text = common::config_text(&p, &b, &extra);
     let config = Config::from_toml_str(&text).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spawn = replicator_binary(&text, dir.path());

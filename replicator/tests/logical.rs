@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+#[macro_use]
 mod common;
 
 use common::{count, start, text};
@@ -193,9 +194,10 @@ async fn both_servers_crashed_and_restarted_mid_stream_lose_and_duplicate_nothin
     r.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_column_added_on_both_sites_while_running_is_replicated() {
-    let (ps, bs, config) = common::pair(SCHEMA, "").await;
+both_captures!(a_column_added_on_both_sites_while_running_is_replicated);
+
+async fn a_column_added_on_both_sites_while_running_is_replicated(capture: &str) {
+    let (ps, bs, config) = common::pair(SCHEMA, &common::capture_line(capture)).await;
     let (p, b) = (ps.client("site").await, bs.client("site").await);
     let r = start(&config);
     common::wait_streaming(&p, &b).await;

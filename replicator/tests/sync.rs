@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+#[macro_use]
 mod common;
 
 use common::{count, start, text};
@@ -27,14 +28,19 @@ struct Pair {
     config: Config,
 }
 
-async fn pair() -> Pair {
-    let (p, b, config) = common::pair(SITE_SCHEMA, "").await;
+async fn pair(capture: &str) -> Pair {
+    let (p, b, config) = common::pair(SITE_SCHEMA, &common::capture_line(capture)).await;
     Pair { p, b, config }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn insert_update_delete_both_ways_without_echo() {
-    let t = pair().await;
+both_captures!(
+    insert_update_delete_both_ways_without_echo,
+    concurrent_conflicts_converge_and_are_logged_delete_wins,
+    stopped_site_catches_up_and_replicator_restart_under_load_loses_nothing,
+);
+
+async fn insert_update_delete_both_ways_without_echo(capture: &str) {
+    let t = pair(capture).await;
     let (p, b) = (t.p.client("site").await, t.b.client("site").await);
     let r = start(&t.config);
     // Counted below: every write goes through the stream (none through the initial sync).
@@ -86,9 +92,8 @@ async fn insert_update_delete_both_ways_without_echo() {
     r.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_conflicts_converge_and_are_logged_delete_wins() {
-    let t = pair().await;
+async fn concurrent_conflicts_converge_and_are_logged_delete_wins(capture: &str) {
+    let t = pair(capture).await;
     let (p, b) = (t.p.client("site").await, t.b.client("site").await);
     let r = start(&t.config);
     p.batch_execute("INSERT INTO users (id, email, name) VALUES ('00000000-0000-0000-0000-000000000001', 'a@x', 'v0'), ('00000000-0000-0000-0000-000000000002', 'b@x', 'v0')").await.unwrap();
@@ -140,7 +145,7 @@ async fn concurrent_conflicts_converge_and_are_logged_delete_wins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_copy_replaces_one_way_and_usage_is_one_way() {
-    let t = pair().await;
+    let t = pair("logical").await;
     let (p, b) = (t.p.client("site").await, t.b.client("site").await);
     p.batch_execute("INSERT INTO site_config VALUES ('title', 'Meet'), ('color', 'blue'); INSERT INTO client_versions VALUES ('mac', '1.2', 'u')").await.unwrap();
     b.batch_execute(
@@ -200,7 +205,7 @@ async fn config_copy_replaces_one_way_and_usage_is_one_way() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_detects_a_hand_made_divergence() {
-    let t = pair().await;
+    let t = pair("logical").await;
     let (p, b) = (t.p.client("site").await, t.b.client("site").await);
     let r = start(&t.config);
     p.batch_execute("INSERT INTO users (id, email, name) SELECT gen_random_uuid(), 'u' || i, 'n' FROM generate_series(1, 500) i").await.unwrap();
@@ -225,9 +230,8 @@ async fn verify_detects_a_hand_made_divergence() {
     assert!(report.to_string().contains(&key), "{report}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stopped_site_catches_up_and_replicator_restart_under_load_loses_nothing() {
-    let mut t = pair().await;
+async fn stopped_site_catches_up_and_replicator_restart_under_load_loses_nothing(capture: &str) {
+    let mut t = pair(capture).await;
     let p = t.p.client("site").await;
     let r = start(&t.config);
     // Backup down for a while under writes on the primary.

@@ -249,3 +249,33 @@ pub async fn steady_writer(dsn: String, tag: &'static str, stop: CancellationTok
     }
     n
 }
+
+/// The `[replicator]` line choosing `capture` (`logical` or `triggers`).
+pub fn capture_line(capture: &str) -> String {
+    format!("capture = \"{capture}\"\n")
+}
+
+/// Defines the tests `logical::<name>` and `triggers::<name>`, each running
+/// `<name>(capture)`: both captures feed one apply and conflict path, so the same story
+/// must hold for each.
+#[allow(unused_macros)]
+macro_rules! both_captures {
+    ($($name:ident),* $(,)?) => {
+        mod logical {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name("logical").await
+                }
+            )*
+        }
+        mod triggers {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name("triggers").await
+                }
+            )*
+        }
+    };
+}
