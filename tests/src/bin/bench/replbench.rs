@@ -90,14 +90,15 @@ struct Replicator {
 }
 
 impl Replicator {
-    fn new(pair: &Pair) -> anyhow::Result<Replicator> {
+    /// `gsb replicator` on `pair` with default settings but `capture` (`logical`, `triggers`).
+    fn new(pair: &Pair, capture: &str) -> anyhow::Result<Replicator> {
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let config = dir.path().join("gsb.toml");
         std::fs::write(
             &config,
             format!(
-                "[replicator]\nprimary_dsn = \"{}\"\nbackup_dsn = \"{}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n",
+                "[replicator]\nprimary_dsn = \"{}\"\nbackup_dsn = \"{}\"\nmetrics_listen = \"127.0.0.1:{port}\"\ncapture = \"{capture}\"\n",
                 pair.primary.dsn("site"),
                 pair.backup.dsn("site")
             ),
@@ -756,12 +757,17 @@ pub async fn replication(scale: &Scale, report: &mut Report) -> anyhow::Result<(
              backlog; its capture off = subscription disabled. Bucardo two way: see its line."
         ),
     );
-    if !["gsb", "pglogical", "bucardo"].iter().any(|w| wanted(w)) {
-        bail!("BENCH_ONLY names no contender: use gsb, pglogical and/or bucardo");
+    if !["gsb", "gsb-triggers", "pglogical", "bucardo"]
+        .iter()
+        .any(|w| wanted(w))
+    {
+        bail!("BENCH_ONLY names no contender: use gsb, gsb-triggers, pglogical and/or bucardo");
     }
-    if wanted("gsb") {
-        if let Err(e) = gsb(&p, report).await {
-            report.note(&format!("replication: gsb: {e:#}"));
+    for (who, capture) in [("gsb", "logical"), ("gsb-triggers", "triggers")] {
+        if wanted(who) {
+            if let Err(e) = gsb(&p, report, who, capture).await {
+                report.note(&format!("replication: {who}: {e:#}"));
+            }
         }
     }
     if wanted("pglogical") {
@@ -814,7 +820,8 @@ pub(crate) async fn lag_runs(
     }
 }
 
-async fn gsb(p: &Params, report: &mut Report) -> anyhow::Result<()> {
+/// gsb (contender `who`) with `capture`, every figure.
+async fn gsb(p: &Params, report: &mut Report, who: &str, capture: &str) -> anyhow::Result<()> {
     let Params {
         dur,
         big,
@@ -823,7 +830,7 @@ async fn gsb(p: &Params, report: &mut Report) -> anyhow::Result<()> {
         conflicts: ncf,
     } = *p;
     let pair = Pair::start(Vec::new()).await?;
-    let mut repl = Replicator::new(&pair)?;
+    let mut repl = Replicator::new(&pair, capture)?;
     repl.start().await?;
     add_probe(&pair).await?;
     let pids = [
@@ -831,9 +838,9 @@ async fn gsb(p: &Params, report: &mut Report) -> anyhow::Result<()> {
         ("primary PostgreSQL", pair.primary.pid()),
         ("backup PostgreSQL", pair.backup.pid()),
     ];
-    lag_runs(&pair, dur, &pids, "gsb", "g", report).await;
+    lag_runs(&pair, dur, &pids, who, "g", report).await;
     let res = conflicts(&pair, ncf).await;
-    put_conflicts(report, "gsb", ncf, res);
+    put_conflicts(report, who, ncf, res);
     // Catch-up and apply rates: no visibility probe needed.
     drop_probe(&pair).await?;
     let pc = connect(&pair.primary.dsn("site")).await;
@@ -842,16 +849,32 @@ async fn gsb(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     backlog(&pc, "cu", big).await?;
     repl.start().await?;
     let t = wait_backlog(&bc, "cu", big, Duration::from_secs(600)).await;
-    put_catch_up(report, "gsb", big, t);
+    put_catch_up(report, who, big, t);
     repl.stop();
     tokio::try_join!(backlog(&pc, "ap", each), backlog(&bc, "ab", each))?;
     repl.start().await?;
-    two_way_apply(&pair, each, report, "gsb").await?;
+    two_way_apply(&pair, each, report, who).await?;
     repl.stop();
     // Capture overhead on the primary's server: the same database with the replicator
-    // streaming it (logical decoding of every write, applied on the backup) vs stopped.
-    let res = capture_overhead(&pair.primary, pgb_secs, &mut repl).await;
-    put_overhead(report, "gsb", "replicator stopped", res);
+    // streaming it (logical decoding, or the triggers, of every write, applied on the backup)
+    // vs stopped (and the triggers disabled: as if gsb were not installed).
+    if capture == "triggers" {
+        let primary = connect(&pair.primary.dsn("site")).await;
+        let mut off = TriggersOff {
+            repl: &mut repl,
+            primary,
+        };
+        let res = capture_overhead(&pair.primary, pgb_secs, &mut off).await;
+        put_overhead(
+            report,
+            who,
+            "replicator stopped, capture trigger on users disabled",
+            res,
+        );
+    } else {
+        let res = capture_overhead(&pair.primary, pgb_secs, &mut repl).await;
+        put_overhead(report, who, "replicator stopped", res);
+    }
     Ok(())
 }
 
@@ -870,6 +893,30 @@ impl Capture for Replicator {
 
     async fn off(&mut self) -> anyhow::Result<()> {
         self.stop();
+        Ok(())
+    }
+}
+
+/// gsb's trigger capture: off = replicator stopped and the capture trigger on the primary's
+/// users disabled.
+struct TriggersOff<'a> {
+    repl: &'a mut Replicator,
+    primary: Client,
+}
+
+impl Capture for TriggersOff<'_> {
+    async fn on(&mut self) -> anyhow::Result<()> {
+        self.primary
+            .batch_execute("ALTER TABLE users ENABLE TRIGGER gsb_capture")
+            .await?;
+        self.repl.start().await
+    }
+
+    async fn off(&mut self) -> anyhow::Result<()> {
+        self.repl.stop();
+        self.primary
+            .batch_execute("ALTER TABLE users DISABLE TRIGGER gsb_capture")
+            .await?;
         Ok(())
     }
 }
@@ -1023,7 +1070,7 @@ pub async fn config_copy(scale: &Scale, report: &mut Report) -> anyhow::Result<(
          INSERT INTO client_versions SELECT 'os' || g, '1.' || g, 'https://dl/' || g FROM generate_series(1, 5) g;"
     ))
     .await?;
-    let repl = Replicator::new(&pair)?;
+    let repl = Replicator::new(&pair, "logical")?;
     let start = Instant::now();
     let out = Command::new(gsb_bin())
         .args(["copy-config", "--config"])
