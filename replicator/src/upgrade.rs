@@ -253,7 +253,7 @@ async fn begin_and_lock(c: &Conn, site: Site, tables: &[String]) -> Result<(), E
 /// snapshot of that moment as the new cursor, in one transaction; then the lock is released.
 /// Every later change commits after that snapshot, so it is exactly what the new reader
 /// starts with. Once both directions have moved, each site's triggers stop stamping (format
-/// 2) and its row versions are dropped. A crash at any point leaves a state the next start
+/// 2, swapped under the captured tables' lock) and its row versions are dropped. A crash at any point leaves a state the next start
 /// finishes: a direction moves in one target commit; the change log's format 1 rows are read
 /// by either apply.
 ///
@@ -332,12 +332,20 @@ pub(crate) async fn adopt(
         if format != 1 {
             continue;
         }
-        c.batch_execute(&format!(
-            "BEGIN; {} UPDATE gsb.site SET capture_format = 2; TRUNCATE gsb.row_versions; COMMIT",
-            crate::sql::capture_functions(s, 2)
-        ))
-        .await
-        .map_err(|e| Error::db(s, "moving the capture triggers to format 2", e))?;
+        // Under the tables' lock: no writer still runs the stamping function after it.
+        let tables = triggered(c, site).await?;
+        begin_and_lock(c, site, &tables).await?;
+        let swapped = c
+            .batch_execute(&format!(
+                "{} UPDATE gsb.site SET capture_format = 2; TRUNCATE gsb.row_versions; COMMIT",
+                crate::sql::capture_functions(s, 2)
+            ))
+            .await
+            .map_err(|e| Error::db(s, "moving the capture triggers to format 2", e));
+        if swapped.is_err() {
+            let _ = c.batch_execute("ROLLBACK").await;
+        }
+        swapped?;
         tracing::info!(
             site = s,
             "capture triggers no longer stamp changes (format 2)"

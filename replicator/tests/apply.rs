@@ -12,22 +12,12 @@ use common::{count, start, text};
 use gsb_replicator::verify;
 use gsb_tests::wait_until;
 
-/// `users.email` is unique: a second key the set-based apply can trip over.
-const SITE_SCHEMA: &str = "
-CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, name text);
-CREATE TABLE meetings (id uuid PRIMARY KEY, topic text, status text);
-CREATE TABLE site_config (key text PRIMARY KEY, value text);
-CREATE TABLE custom_pages (path text PRIMARY KEY, title text, body text);
-CREATE TABLE client_versions (platform text PRIMARY KEY, version text, download_url text);
-CREATE TABLE usage_records (id uuid PRIMARY KEY, kind text, minutes int);
-";
-
 const WAIT: Duration = Duration::from_secs(30);
 
 both_captures!(a_large_batch_mixes_set_based_rows_conflicts_deletes_and_a_unique_key_swap);
 
 async fn a_large_batch_mixes_set_based_rows_conflicts_deletes_and_a_unique_key_swap(capture: &str) {
-    let (ps, bs, config) = common::pair(SITE_SCHEMA, &common::capture_line(capture)).await;
+    let (ps, bs, config) = common::pair(common::INT_USERS, &common::capture_line(capture)).await;
     let (p, b) = (ps.client("site").await, bs.client("site").await);
     let r = start(&config);
     p.batch_execute("INSERT INTO users SELECT i, 'u' || i, 'v0' FROM generate_series(1, 100) i")

@@ -13,21 +13,16 @@ use common::{count, start, text};
 use gsb_replicator::verify;
 use gsb_tests::wait_until;
 
-const SCHEMA: &str = "
-CREATE TABLE users (id int PRIMARY KEY, email text, name text);
-CREATE TABLE meetings (id uuid PRIMARY KEY, topic text, status text);
-CREATE TABLE site_config (key text PRIMARY KEY, value text);
-CREATE TABLE custom_pages (path text PRIMARY KEY, title text, body text);
-CREATE TABLE client_versions (platform text PRIMARY KEY, version text, download_url text);
-CREATE TABLE usage_records (id uuid PRIMARY KEY, kind text, minutes int);
-";
-
 const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_is_shipped_while_an_older_transaction_stays_open_and_row_order_holds() {
     // Batches of two changes: every set below is cut.
-    let (ps, bs, config) = common::pair(SCHEMA, "capture = \"triggers\"\nbatch_size = 2\n").await;
+    let (ps, bs, config) = common::pair(
+        common::INT_USERS,
+        "capture = \"triggers\"\nbatch_size = 2\n",
+    )
+    .await;
     let (p, b) = (ps.client("site").await, bs.client("site").await);
     let r = start(&config);
     common::wait_streaming(&p, &b).await;
@@ -68,7 +63,7 @@ async fn a_commit_is_shipped_while_an_older_transaction_stays_open_and_row_order
     // Many small transactions with a row changed over and over: sets cut in batches of two.
     for i in 0..20 {
         p.batch_execute(&format!(
-            "UPDATE users SET email = 'k{i}' WHERE id = 2; INSERT INTO users VALUES ({}, 'n', 'x')",
+            "UPDATE users SET email = 'k{i}' WHERE id = 2; INSERT INTO users VALUES ({0}, 'n{0}', 'x')",
             100 + i
         ))
         .await
@@ -128,7 +123,7 @@ async fn first_generation_insert(c: &tokio_postgres::Client, site: &str, id: i32
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_log_of_the_first_generation_is_drained_then_read_by_the_shared_apply() {
-    let (ps, bs, config) = common::pair(SCHEMA, "capture = \"triggers\"\n").await;
+    let (ps, bs, config) = common::pair(common::INT_USERS, "capture = \"triggers\"\n").await;
     let (p, b) = (ps.client("site").await, bs.client("site").await);
     let r = start(&config);
     common::wait_streaming(&p, &b).await;
@@ -150,7 +145,7 @@ async fn a_change_log_of_the_first_generation_is_drained_then_read_by_the_shared
             let mut n = 0;
             while !stop.is_cancelled() {
                 c.batch_execute(&format!(
-                    "INSERT INTO users VALUES ({}, 'w', 'w')",
+                    "INSERT INTO users VALUES ({0}, 'w{0}', 'w')",
                     base + n
                 ))
                 .await

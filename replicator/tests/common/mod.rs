@@ -17,6 +17,17 @@ CREATE TABLE client_versions (platform text PRIMARY KEY, version text, download_
 CREATE TABLE usage_records (id uuid PRIMARY KEY, meeting_id uuid, user_id uuid, kind text, minutes int, site text, recorded_at timestamptz);
 ";
 
+/// The replicated tables with small integer user ids, and `users.email` unique (a second key
+/// the set-based apply can trip over).
+pub const INT_USERS: &str = "
+CREATE TABLE users (id int PRIMARY KEY, email text UNIQUE, name text);
+CREATE TABLE meetings (id uuid PRIMARY KEY, topic text, status text);
+CREATE TABLE site_config (key text PRIMARY KEY, value text);
+CREATE TABLE custom_pages (path text PRIMARY KEY, title text, body text);
+CREATE TABLE client_versions (platform text PRIMARY KEY, version text, download_url text);
+CREATE TABLE usage_records (id uuid PRIMARY KEY, kind text, minutes int);
+";
+
 /// Two servers with `schema` installed in database `site`.
 pub async fn servers(schema: &str) -> (PgServer, PgServer) {
     servers_with(schema, &[]).await
