@@ -11,9 +11,10 @@
 //! smoke run). The report (Markdown: setups, one table of figures and gsb/peer ratios, notes) goes
 //! to stdout; progress goes to stderr.
 //!
-//! `replication` measures gsb (two way), pglogical (one way) and Bucardo (two way), each on a
-//! fresh pair of servers. For development, `BENCH_ONLY=bucardo` (a comma-separated list of
-//! `gsb`, `pglogical`, `bucardo`) runs only those contenders, e.g.
+//! `replication` measures gsb (two way; `gsb` with the logical capture, `gsb-triggers` with the
+//! trigger capture), pglogical (one way) and Bucardo (two way), each on a fresh pair of
+//! servers. For development, `BENCH_ONLY=bucardo` (a comma-separated list of `gsb`,
+//! `gsb-triggers`, `pglogical`, `bucardo`) runs only those contenders, e.g.
 //! `BENCH_ONLY=bucardo bench replication --scale 0.1`; `bench pglogical` is pglogical alone.
 //! `BENCH_BUCARDO_LOG=<dir>` keeps Bucardo's log files (they live in a temp dir otherwise) and
 //! `BENCH_BUCARDO_LOG_LEVEL=VERBOSE` (or DEBUG) makes them say what each sync run did.

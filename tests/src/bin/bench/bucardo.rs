@@ -21,8 +21,8 @@ use nix::unistd::Pid;
 use gsb_tests::pg::{connect, Cluster, ClusterOptions};
 
 use crate::replbench::{
-    add_probe, backlog, capture_overhead, conflicts, drop_probe, lag_runs, put_catch_up,
-    put_conflicts, put_overhead, two_way_apply, wait_backlog, Capture, Pair, Params,
+    add_probe, backlog, conflicts, drop_probe, lag_runs, overheads, put_catch_up, put_conflicts,
+    two_way_apply, wait_backlog, Capture, Pair, Params,
 };
 use crate::report::Report;
 
@@ -436,13 +436,8 @@ pub(crate) async fn bucardo(p: &Params, report: &mut Report) -> anyhow::Result<(
     tokio::try_join!(backlog(&pc, "ap", each), backlog(&bcl, "ab", each))?;
     bc.start().await?;
     two_way_apply(&pair, each, report, "Bucardo").await?;
-    let res = capture_overhead(&pair.primary, pgb_secs, &mut bc).await;
-    put_overhead(
-        report,
-        "Bucardo",
-        "daemons stopped, Bucardo's triggers disabled",
-        res,
-    );
+    let off_is = "daemons stopped, Bucardo's triggers disabled";
+    overheads(&pair, pgb_secs, &mut bc, report, "Bucardo", off_is).await;
     let warnings = std::fs::read_to_string(bc.log.join("warning.log")).unwrap_or_default();
     if !warnings.trim().is_empty() {
         let lines: Vec<&str> = warnings.lines().collect();

@@ -576,18 +576,44 @@ pub(crate) async fn two_way_apply(
     Ok(())
 }
 
+/// Both capture overhead figures of `contender` (`off`: what its capture off is): with
+/// everything sharing both cores, then with the writer's server and pgbench on core 0 and the
+/// replication side (the other site's server, the replicator or Bucardo's daemons) on core 1,
+/// as when the other site runs on its own machine: what the capture itself costs the writer.
+pub(crate) async fn overheads(
+    pair: &Pair,
+    secs: u64,
+    capture: &mut impl Capture,
+    report: &mut Report,
+    contender: &str,
+    off: &str,
+) {
+    for pinned in [false, true] {
+        let res = capture_overhead(pair, secs, capture, pinned).await;
+        put_overhead(report, contender, off, res, pinned);
+    }
+    pin_tree(pair.primary.pid(), "0-1");
+    pin_tree(pair.backup.pid(), "0-1");
+}
+
 /// Records the pgbench A/B of [`capture_overhead`] (or its failure).
-pub(crate) fn put_overhead(
+fn put_overhead(
     report: &mut Report,
     contender: &str,
     off: &str,
     res: anyhow::Result<(f64, f64)>,
+    pinned: bool,
 ) {
+    let how = if pinned {
+        " (writer on core 0, replication side on core 1)"
+    } else {
+        ""
+    };
     match res {
         Ok((with, without)) => {
             report.put(
                 "replication",
-                "pgbench tps while capturing (streaming to the other site)",
+                &format!("pgbench tps while capturing (streaming to the other site){how}"),
                 "tps",
                 false,
                 contender,
@@ -595,25 +621,63 @@ pub(crate) fn put_overhead(
             );
             report.put(
                 "replication",
-                "pgbench tps with the capture off (baseline)",
+                &format!("pgbench tps with the capture off (baseline){how}"),
                 "tps",
                 false,
                 contender,
                 without,
             );
             report.note(&format!(
-                "replication: {contender} capture off = {off}: {without:.0} tps vs {with:.0} capturing"
+                "replication: {contender} capture off = {off}{how}: {without:.0} tps vs {with:.0} capturing"
             ));
             report.put(
                 "replication",
-                "capture overhead",
+                &format!("capture overhead{how}"),
                 "%",
                 true,
                 contender,
                 (1.0 - with / without) * 100.0,
             );
         }
-        Err(e) => report.note(&format!("replication: {contender} capture overhead: {e:#}")),
+        Err(e) => report.note(&format!(
+            "replication: {contender} capture overhead{how}: {e:#}"
+        )),
+    }
+}
+
+/// Sets the CPU affinity of `pid` (its threads too) and of every process below it to `cpus`
+/// (a `taskset` list); processes forked later inherit it.
+fn pin_tree(pid: Option<u32>, cpus: &str) {
+    let Some(pid) = pid else { return };
+    let _ = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .output();
+    if let Ok(out) = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+    {
+        for child in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+        {
+            pin_tree(Some(child), cpus);
+        }
+    }
+}
+
+/// The replication side on core 1: the other site's server, and the replicator's or
+/// Bucardo's processes (started anew by each `Capture::on`).
+fn pin_replication_side(pair: &Pair) {
+    pin_tree(pair.backup.pid(), "1");
+    for pattern in ["gsb replicator", "[Bb]ucardo"] {
+        if let Ok(out) = Command::new("pgrep").args(["-f", pattern]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+            {
+                pin_tree(Some(pid), "1");
+            }
+        }
     }
 }
 
@@ -752,7 +816,10 @@ pub async fn replication(scale: &Scale, report: &mut Report) -> anyhow::Result<(
              at once (the two UPDATEs sent together, row after row), then the time until every row \
              is equal on both sites. Capture overhead: pgbench -c4 -j2 -T{pgb_secs} (INSERT + \
              UPDATE by key, autocommit) on the primary's database while the contender streams it \
-             to the backup vs with its capture off (best of 2 alternating runs each). pglogical 2 \
+             to the backup vs with its capture off (best of 2 alternating runs each); then again with \
+             the primary's server and pgbench on core 0 and the replication side (the backup's \
+             server, the replicator, Bucardo's daemons) on core 1 (taskset), as when the other \
+             site is its own machine: what the capture costs the writer itself. pglogical 2 \
              one way (provider -> subscriber, users table) at the same rates and with the same \
              backlog; its capture off = subscription disabled. Bucardo two way: see its line."
         ),
@@ -864,16 +931,18 @@ async fn gsb(p: &Params, report: &mut Report, who: &str, capture: &str) -> anyho
             repl: &mut repl,
             primary,
         };
-        let res = capture_overhead(&pair.primary, pgb_secs, &mut off).await;
-        put_overhead(
+        let off_is = "replicator stopped, capture trigger on users disabled";
+        overheads(&pair, pgb_secs, &mut off, report, who, off_is).await;
+    } else {
+        overheads(
+            &pair,
+            pgb_secs,
+            &mut repl,
             report,
             who,
-            "replicator stopped, capture trigger on users disabled",
-            res,
-        );
-    } else {
-        let res = capture_overhead(&pair.primary, pgb_secs, &mut repl).await;
-        put_overhead(report, who, "replicator stopped", res);
+            "replicator stopped",
+        )
+        .await;
     }
     Ok(())
 }
@@ -982,18 +1051,25 @@ async fn pglogical(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     sub.on().await?;
     let t = wait_backlog(&bc, "cu", big, Duration::from_secs(600)).await;
     put_catch_up(report, "pglogical", big, t);
-    let res = capture_overhead(&pair.primary, pgb_secs, &mut sub).await;
-    put_overhead(report, "pglogical", "subscription disabled", res);
+    let off_is = "subscription disabled";
+    overheads(&pair, pgb_secs, &mut sub, report, "pglogical", off_is).await;
     Ok(())
 }
 
-/// pgbench tps on `site` while `capture` streams it to the other site, and while it is off
-/// (alternating, best of two runs each); leaves the capture off.
-pub(crate) async fn capture_overhead(
-    server: &Cluster,
+/// pgbench tps on the primary while `capture` streams it to the other site, and while it is
+/// off (alternating, best of two runs each); leaves the capture off. `pinned`: the primary's
+/// server and pgbench on core 0, the replication side on core 1.
+async fn capture_overhead(
+    pair: &Pair,
     secs: u64,
     capture: &mut impl Capture,
+    pinned: bool,
 ) -> anyhow::Result<(f64, f64)> {
+    let server = &pair.primary;
+    if pinned {
+        pin_tree(server.pid(), "0");
+        pin_replication_side(pair);
+    }
     let seed = "INSERT INTO users SELECT md5(g::text)::uuid, 'seed-' || g, 'seed', now(), now() \
                 FROM generate_series(1, 10000) g ON CONFLICT DO NOTHING";
     connect(&server.dsn("site"))
@@ -1010,7 +1086,14 @@ pub(crate) async fn capture_overhead(
     )?;
     let bin = Cluster::find_bin_dir()?.join("pgbench");
     let run = |db: &str| -> anyhow::Result<f64> {
-        let out = Command::new(&bin)
+        let mut cmd = if pinned {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "0"]).arg(&bin);
+            c
+        } else {
+            Command::new(&bin)
+        };
+        let out = cmd
             .args(["-n", "-c4", "-j2", &format!("-T{secs}"), "-h", "127.0.0.1"])
             .args([
                 "-p",
@@ -1042,6 +1125,9 @@ pub(crate) async fn capture_overhead(
         capture.off().await?;
         without = without.max(run("site")?);
         capture.on().await?;
+        if pinned {
+            pin_replication_side(pair);
+        }
         // Let it catch up with what the stopped run wrote before measuring.
         tokio::time::sleep(Duration::from_secs(3)).await;
         with = with.max(run("site")?);
