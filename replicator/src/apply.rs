@@ -915,9 +915,14 @@ impl Table {
         let all: Vec<usize> = (0..cols.len()).collect();
         let t = |i: usize| format!("t.{}", ident(&cols[i].name));
         let keys_t = key.iter().map(|&i| t(i)).collect::<Vec<_>>().join(", ");
+        // The last writer in the select list, not a LATERAL join: a row another transaction
+        // changes while this waits for its lock is re-read (EvalPlanQual) and the list is
+        // computed again from the new version, where a joined function's row would be the
+        // old version's (its writer and time with the new values: a wrong decision).
         let lock = format!(
-            "SELECT {ktext}, o.roident::int8, (extract(epoch FROM o.\"timestamp\") * 1000000)::int8, {vals} \
-             FROM {q} t LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) o ON true \
+            "SELECT {ktext}, (pg_xact_commit_timestamp_origin(t.xmin)).roident::int8, \
+                    (extract(epoch FROM (pg_xact_commit_timestamp_origin(t.xmin)).\"timestamp\") * 1000000)::int8, {vals} \
+             FROM {q} t \
              WHERE ({keys_t}) IN ({src}) ORDER BY {keys_t} FOR UPDATE OF t",
             ktext = key.iter().map(|&i| format!("{}::text", t(i))).collect::<Vec<_>>().join(", "),
             vals = all.iter().map(|&i| format!("{}::text", t(i))).collect::<Vec<_>>().join(", "),

@@ -14,7 +14,10 @@ use gsb_tests::wait_until;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-both_captures!(a_large_batch_mixes_set_based_rows_conflicts_deletes_and_a_unique_key_swap);
+both_captures!(
+    a_large_batch_mixes_set_based_rows_conflicts_deletes_and_a_unique_key_swap,
+    rows_updated_on_both_sites_at_once_converge,
+);
 
 async fn a_large_batch_mixes_set_based_rows_conflicts_deletes_and_a_unique_key_swap(capture: &str) {
     let (ps, bs, config) = common::pair(common::INT_USERS, &common::capture_line(capture)).await;
@@ -89,5 +92,46 @@ async fn a_large_batch_mixes_set_based_rows_conflicts_deletes_and_a_unique_key_s
     );
     // No echo: the backup shipped its own 15 writes, none of the primary's applied there.
     assert_eq!(r.applied("backup_to_primary", "users"), 15);
+    r.shutdown().await;
+}
+
+/// Each row updated on both sites at the same moment (the two UPDATEs sent together, row after
+/// row, while both directions apply): the apply often finds the row locked by the local update
+/// and must judge the version it gets once the lock is free, not the one it first saw.
+async fn rows_updated_on_both_sites_at_once_converge(capture: &str) {
+    let (ps, bs, config) = common::pair(common::INT_USERS, &common::capture_line(capture)).await;
+    let (p, b) = (ps.client("site").await, bs.client("site").await);
+    let r = start(&config);
+    common::wait_streaming(&p, &b).await;
+    p.batch_execute("INSERT INTO users SELECT g, 'cf' || g, 'cf' FROM generate_series(1, 400) g")
+        .await
+        .unwrap();
+    wait_until(WAIT, "rows on the backup", || async {
+        count(&b, "SELECT count(*) FROM users").await == 400
+    })
+    .await;
+    let sql = "UPDATE users SET name = $1 WHERE id = $2";
+    let (sp, sb) = (p.prepare(sql).await.unwrap(), b.prepare(sql).await.unwrap());
+    for i in 1..=400i32 {
+        let (a, z) = (format!("a-{i}"), format!("b-{i}"));
+        type P<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync); 2];
+        let (pa, pz): (P, P) = ([&a, &i], [&z, &i]);
+        let (x, y) = tokio::join!(p.execute(&sp, &pa), b.execute(&sb, &pz));
+        x.unwrap();
+        y.unwrap();
+    }
+    wait_until(WAIT, "converged", || async {
+        verify(&config).await.unwrap().is_equal()
+    })
+    .await;
+    // Every row holds one of its two edits; the losing one is in a conflict log.
+    assert_eq!(
+        count(
+            &p,
+            "SELECT count(*) FROM users WHERE name = 'a-' || id OR name = 'b-' || id"
+        )
+        .await,
+        400
+    );
     r.shutdown().await;
 }
