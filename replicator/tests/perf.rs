@@ -46,7 +46,10 @@ async fn pair() -> (PgServer, PgServer, Config) {
         &[]
     };
     let (p, b) = common::servers_with(SITE_SCHEMA, fsync).await;
-    let config = Config::from_toml_str(&common::config_text(&p, &b, "")).unwrap();
+    // GSB_PERF_CAPTURE=triggers: the trigger capture instead of the default.
+    let capture = std::env::var("GSB_PERF_CAPTURE").unwrap_or_else(|_| "logical".into());
+    let text = common::config_text(&p, &b, &common::capture_line(&capture));
+    let config = Config::from_toml_str(&text).unwrap();
     (p, b, config)
 }
 
@@ -76,12 +79,13 @@ async fn count(c: &Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
-/// Sets the capture up (publication and slot on each site, the logical capture's default) by
+/// Sets the capture up (publication and slot on each site, or the capture triggers) by
 /// running the replicator until both sites have it; what is written afterwards is kept for it.
 async fn install(config: &Config, p: &Client, b: &Client) {
     let r = start(config);
     wait_until(Duration::from_secs(30), "capture set up", || async {
-        let q = "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'gsb_%'";
+        let q = "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'gsb_%') \
+                 + (SELECT count(*) FROM pg_trigger WHERE tgname = 'gsb_capture')";
         count(p, q).await >= 1 && count(b, q).await >= 1
     })
     .await;
