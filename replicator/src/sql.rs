@@ -123,8 +123,9 @@ const RECORD: &str = r#"
     PERFORM pg_notify('gsb_changes', '');
 "#;
 
-/// One captured write, format 1 (`p_tbl`, `p_op`, `p_pk`, `p_row` in scope): stamp it above the row's
-/// current version and the HLC floor, record the new version and append it to the change log.
+/// One captured write, format 1 (`p_tbl`, `p_op`, `p_pk`, `p_row` in scope): stamp it above the
+/// row's current version and the HLC floor, record the new version and append it to the change
+/// log.
 /// One statement (one executor run per captured row); the site name is baked in at install.
 /// Kept for sites whose log the first generation's apply may still read (`capture_format` 1).
 const RECORD_V1: &str = r#"

@@ -253,9 +253,9 @@ async fn begin_and_lock(c: &Conn, site: Site, tables: &[String]) -> Result<(), E
 /// snapshot of that moment as the new cursor, in one transaction; then the lock is released.
 /// Every later change commits after that snapshot, so it is exactly what the new reader
 /// starts with. Once both directions have moved, each site's triggers stop stamping (format
-/// 2, swapped under the captured tables' lock) and its row versions are dropped. A crash at any point leaves a state the next start
-/// finishes: a direction moves in one target commit; the change log's format 1 rows are read
-/// by either apply.
+/// 2, swapped under the captured tables' lock) and its row versions are dropped. A crash at
+/// any point leaves a state the next start finishes: a direction moves in one target commit;
+/// the change log's format 1 rows are read by either apply.
 ///
 /// A row last written by the first generation's apply carries no origin, so the new rule
 /// sees it as the target's own: the next change of it from the source wins by its later
