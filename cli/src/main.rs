@@ -1,7 +1,8 @@
 //! `gsb`: the one command users run. Thin: parses arguments, sets up logging, signals and the
 //! metrics registry, and hands over to the product crates.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+mod alloc;
 mod cmd_admin;
 mod cmd_proxy;
 mod cmd_replicator;
@@ -255,6 +256,7 @@ fn spawn_parent_watch(token: CancellationToken) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    gsb_proxy::set_idle_release(alloc::release_thread_memory);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -30,3 +30,4 @@ pub use config::{Config, ConfigError};
 pub use error::Error;
 pub use route::{RouteSnapshot, Router, Site};
 pub use runner::{run, run_with_reload};
+pub use server::set_idle_release;

@@ -65,6 +65,9 @@ pub struct ServerCtx {
     pub hard_stop: CancellationToken,
     /// `proxy.max_headers`: hyper enforces it on HTTP/1 heads; HTTP/2 requests are counted here.
     max_headers: usize,
+    /// Requests this worker has taken (each worker's copy has its own counter, see
+    /// [`ServerCtx::for_worker`]): the tick tells an idle worker from a busy one by it.
+    served: Arc<AtomicU64>,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
 }
@@ -105,6 +108,7 @@ impl ServerCtx {
             shutdown,
             hard_stop,
             max_headers: proxy.max_headers,
+            served: Arc::new(AtomicU64::new(0)),
             http1,
             http2,
         }
@@ -117,6 +121,7 @@ impl ServerCtx {
         ServerCtx {
             shutdown: self.shutdown.child_token(),
             hard_stop: self.hard_stop.child_token(),
+            served: Arc::new(AtomicU64::new(0)),
             ..self.clone()
         }
     }
@@ -205,26 +210,53 @@ pub fn spawn_worker(
 }
 
 /// Ticks every [`TIMER_TICK`] until shutdown, closing the worker's site connections idle past
-/// the idle timeout (and every idle one at shutdown). The tick also keeps the time driver
-/// awake: on a current-thread runtime, a timer registered earlier than the driver's next
-/// planned wake-up makes tokio wake its own driver through its eventfd (a `write(2)`); hyper's
-/// header read timeout is such a timer on every request when nothing earlier is pending. With
-/// this tick pending, none is earlier (measured: one `write(2)` per request without it, see
-/// BENCHMARKS.md).
+/// the idle timeout (and every idle one at shutdown), and handing the worker's freed memory
+/// back to the system once it went a whole tick without a request (see [`set_idle_release`]).
+/// The tick also keeps the time driver awake: on a current-thread runtime, a timer registered
+/// earlier than the driver's next planned wake-up makes tokio wake its own driver through its
+/// eventfd (a `write(2)`); hyper's header read timeout is such a timer on every request when
+/// nothing earlier is pending. With this tick pending, none is earlier (measured: one
+/// `write(2)` per request without it, see BENCHMARKS.md).
 async fn tick(ctx: &ServerCtx, worker: usize) {
     let mut tick = tokio::time::interval(TIMER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Requests counted at the last tick, and whether memory was released since the last one.
+    let mut seen = 0;
+    let mut released = true;
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
-            _ = tick.tick() => ctx.forwarder.sweep_idle(worker, false),
+            _ = tick.tick() => {
+                ctx.forwarder.sweep_idle(worker, false);
+                let served = ctx.served.load(Ordering::Relaxed);
+                if served != seen {
+                    (seen, released) = (served, false);
+                } else if !released {
+                    released = true;
+                    if let Some(release) = IDLE_RELEASE.get() {
+                        release();
+                    }
+                }
+            }
         }
     }
     ctx.forwarder.sweep_idle(worker, true);
 }
 
-/// See [`tick`].
-const TIMER_TICK: Duration = Duration::from_millis(500);
+/// See [`tick`]. Short enough that a worker whose burst ended releases its memory within a
+/// fraction of a second; a busy worker is woken by it ten times a second, for nothing.
+const TIMER_TICK: Duration = Duration::from_millis(100);
+
+/// What an idle worker calls on its own thread (see [`set_idle_release`]).
+static IDLE_RELEASE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets what a worker thread calls once it went a tick ([`TIMER_TICK`]) without a request
+/// after having served some: the binary's allocator returns the pages the worker freed (the
+/// buffers of a burst of requests), which it would otherwise keep. The allocator is the
+/// binary's choice, so the proxy only offers the moment; the first call wins.
+pub fn set_idle_release(release: fn()) {
+    let _ = IDLE_RELEASE.set(release);
+}
 
 /// Accepts on `listener` until shutdown; each connection is served on its own task on `tracker`.
 /// `name` (`http` or `https`) goes into the connection span and `X-Forwarded-Proto`.
@@ -443,6 +475,7 @@ fn service(
     let ctx = ctx.clone();
     let max_headers = ctx.max_headers;
     hyper::service::service_fn(move |req: Request<Incoming>| {
+        ctx.served.fetch_add(1, Ordering::Relaxed);
         let ctx = ctx.clone();
         let info = info.clone();
         let guard = InFlight::new(state.clone());
