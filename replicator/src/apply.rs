@@ -329,9 +329,7 @@ impl Applier {
         }
         if b.fence.is_some() && self.fence.is_none() {
             let stmt = dst
-                .prepare(
-                    "SELECT gsb.advance_cursor($1::text, $2::text, $3::text, $4::int8, $5::text, $6::text, $7::int8)",
-                )
+                .prepare(crate::sql::ADVANCE_CURSOR)
                 .await
                 .map_err(db(self.target, "preparing the cursor move"))?;
             self.fence = Some(stmt);
@@ -527,21 +525,8 @@ impl Applier {
         let fence = async {
             match (&b.fence, &self.fence) {
                 (Some(f), Some(stmt)) => {
-                    let (from, to) = (&f.from, &f.to);
-                    dst.execute(
-                        stmt,
-                        &[
-                            &f.direction,
-                            &from.done,
-                            &from.part,
-                            &from.part_id,
-                            &to.done,
-                            &to.part,
-                            &to.part_id,
-                        ],
-                    )
-                    .await
-                    .map(drop)
+                    let params = crate::changelog::advance_params(&f.direction, &f.from, &f.to);
+                    dst.execute(stmt, &params).await.map(drop)
                 }
                 _ => Ok(()),
             }

@@ -43,6 +43,23 @@ pub(crate) struct Cursor {
     pub part_id: Option<i64>,
 }
 
+/// The parameters of `sql::ADVANCE_CURSOR` moving `direction`'s cursor from `from` to `to`.
+pub(crate) fn advance_params<'a>(
+    direction: &'a &'static str,
+    from: &'a Cursor,
+    to: &'a Cursor,
+) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 7] {
+    [
+        direction,
+        &from.done,
+        &from.part,
+        &from.part_id,
+        &to.done,
+        &to.part,
+        &to.part_id,
+    ]
+}
+
 /// Reads a direction's cursor on the target: `None` while the first generation's (xid, id)
 /// cursor is still in force (its change log not drained yet by `upgrade::adopt`).
 pub(crate) async fn read_cursor(

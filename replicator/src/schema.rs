@@ -135,50 +135,22 @@ pub(crate) async fn install(
             supported: sql::SCHEMA_VERSION,
         });
     }
-    if version < 1 {
-        tx.batch_execute(sql::MIGRATION_1)
+    // Each migration once, in order, each recorded in the same transaction.
+    for (v, migration) in sql::MIGRATIONS.iter().enumerate() {
+        let v = v as i32 + 1;
+        if version >= v {
+            continue;
+        }
+        tx.batch_execute(migration)
             .await
-            .map_err(db("creating the gsb schema (version 1)"))?;
-        tx.execute("INSERT INTO gsb.schema_version (version) VALUES (1)", &[])
-            .await
-            .map_err(db("recording the schema version"))?;
-        tracing::info!(site = s, version = 1, "installed gsb schema");
-    }
-    if version < 2 {
-        tx.batch_execute(sql::MIGRATION_2)
-            .await
-            .map_err(db("upgrading the gsb schema to version 2"))?;
-        tx.execute("INSERT INTO gsb.schema_version (version) VALUES (2)", &[])
-            .await
-            .map_err(db("recording the schema version"))?;
-        tracing::info!(site = s, version = 2, "upgraded gsb schema");
-    }
-    if version < 3 {
-        tx.batch_execute(sql::MIGRATION_3)
-            .await
-            .map_err(db("upgrading the gsb schema to version 3"))?;
-        tx.execute("INSERT INTO gsb.schema_version (version) VALUES (3)", &[])
-            .await
-            .map_err(db("recording the schema version"))?;
-        tracing::info!(site = s, version = 3, "upgraded gsb schema");
-    }
-    if version < 4 {
-        tx.batch_execute(sql::MIGRATION_4)
-            .await
-            .map_err(db("upgrading the gsb schema to version 4"))?;
-        tx.execute("INSERT INTO gsb.schema_version (version) VALUES (4)", &[])
-            .await
-            .map_err(db("recording the schema version"))?;
-        tracing::info!(site = s, version = 4, "upgraded gsb schema");
-    }
-    if version < 5 {
-        tx.batch_execute(sql::MIGRATION_5)
-            .await
-            .map_err(db("upgrading the gsb schema to version 5"))?;
-        tx.execute("INSERT INTO gsb.schema_version (version) VALUES (5)", &[])
-            .await
-            .map_err(db("recording the schema version"))?;
-        tracing::info!(site = s, version = 5, "upgraded gsb schema");
+            .map_err(|e| Error::db(s, format!("upgrading the gsb schema to version {v}"), e))?;
+        tx.execute(
+            "INSERT INTO gsb.schema_version (version) VALUES ($1)",
+            &[&v],
+        )
+        .await
+        .map_err(db("recording the schema version"))?;
+        tracing::info!(site = s, version = v, "gsb schema at version");
     }
     // A site registered before version 5 keeps stamping its captured changes until the first
     // generation's apply no longer reads its log (`upgrade::adopt`).

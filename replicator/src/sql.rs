@@ -1,7 +1,20 @@
 //! The SQL installed in each site database (schema `gsb`), and the statements the workers run.
 
 /// Current schema version recorded in `gsb.schema_version`.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// The migrations, version 1 first: version N is `MIGRATIONS[N - 1]`.
+pub const MIGRATIONS: [&str; 5] = [
+    MIGRATION_1,
+    MIGRATION_2,
+    MIGRATION_3,
+    MIGRATION_4,
+    MIGRATION_5,
+];
+
+/// Moves a trigger capture cursor (direction, from done/part/part_id, to done/part/part_id):
+/// see `gsb.advance_cursor`.
+pub const ADVANCE_CURSOR: &str = "SELECT gsb.advance_cursor($1::text, $2::text, $3::text, $4::int8, $5::text, $6::text, $7::int8)";
 
 /// Version 1 of the `gsb` schema (run once, inside the install transaction).
 pub const MIGRATION_1: &str = r#"
@@ -405,10 +418,7 @@ macro_rules! fetch {
         concat!(
             r#"
 WITH a AS (
-    -- a change the format 2 triggers recorded carries no stamp: its capture time stands in
-    SELECT id, xid, tbl, op, pk, "row",
-           coalesce(hlc, (floor(extract(epoch FROM created_at) * 1000)::bigint << 16) | (id & 65535)) AS hlc,
-           coalesce(origin, (SELECT site FROM gsb.site)) AS origin, prev_hlc, prev_origin, created_at
+    SELECT id, xid, tbl, op, pk, "row", hlc, origin, prev_hlc, prev_origin, created_at
     FROM gsb.changes
     WHERE (xid, id) > ($1::text::xid8, $2::int8)
       "#,

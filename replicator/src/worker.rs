@@ -97,9 +97,7 @@ async fn session(
         .prepare(sql::PRUNE)
         .await
         .map_err(|e| Error::db(ss, "preparing prune", e))?;
-    let origin = crate::logical::origin_name(d.source);
-    ensure_origin(d, &dst, &origin).await?;
-    let mut applier = applier_for(d, cfg, &dst, &origin).await?;
+    let (mut applier, _) = applier_for(d, cfg, &dst).await?;
     let mut reader = changelog::Reader::new(&src, d.source, &d.tables).await?;
     let mut cursor = changelog::read_cursor(&dst, d.target, d.name)
         .await?
@@ -156,12 +154,10 @@ async fn session(
                         part: None,
                         part_id: None,
                     };
-                    dst.execute(
-                        "SELECT gsb.advance_cursor($1::text, $2::text, $3::text, $4::int8, $5::text, NULL, NULL)",
-                        &[&d.name, &cursor.done, &cursor.part, &cursor.part_id, &to.done],
-                    )
-                    .await
-                    .map_err(|e| Error::db(ts, "moving the cursor", e))?;
+                    let params = changelog::advance_params(&d.name, &cursor, &to);
+                    dst.execute(sql::ADVANCE_CURSOR, &params)
+                        .await
+                        .map_err(|e| Error::db(ts, "moving the cursor", e))?;
                     cursor = to;
                 }
             }
@@ -221,40 +217,31 @@ async fn session(
     }
 }
 
-/// Creates the source's replication origin `origin` on `dst` and sets it up on the session
-/// unless one already is; true when it set it up.
-async fn ensure_origin(d: &Direction, dst: &Conn, origin: &str) -> Result<bool, Error> {
+/// The apply of direction `d` on `dst` for the trigger capture: the logical capture's, under
+/// the source's replication origin (created if missing, and set up on the session unless one
+/// already is; true when this set it up).
+async fn applier_for(d: &Direction, cfg: &Config, dst: &Conn) -> Result<(Applier, bool), Error> {
     let ts = d.target.as_str();
-    crate::logical::create_origin(dst, d.target, origin).await?;
+    let origin = crate::logical::origin_name(d.source);
+    crate::logical::create_origin(dst, d.target, &origin).await?;
     let ready: bool = dst
         .query_one("SELECT pg_replication_origin_session_is_setup()", &[])
         .await
         .map_err(|e| Error::db(ts, "checking the replication origin", e))?
         .get(0);
     if !ready {
-        crate::logical::setup_origin_session(dst, ts, origin).await?;
+        crate::logical::setup_origin_session(dst, ts, &origin).await?;
     }
-    Ok(!ready)
-}
-
-/// The apply of direction `d` on `dst` for the trigger capture: the logical capture's, under
-/// the source's replication origin `origin` (set up on the session).
-async fn applier_for(
-    d: &Direction,
-    cfg: &Config,
-    dst: &Conn,
-    origin: &str,
-) -> Result<Applier, Error> {
-    let ts = d.target.as_str();
-    Applier::new(
+    let applier = Applier::new(
         dst,
         d.source.as_str(),
         ts,
         d.source == Site::Primary,
-        origin,
+        &origin,
         cfg.max_clock_skew.as_micros() as i64,
     )
-    .await
+    .await?;
+    Ok((applier, !ready))
 }
 
 /// Counts what an apply function reported (applied and conflicts per table, clock-skew
@@ -322,9 +309,9 @@ pub(crate) async fn drain_change_log(
     };
     let ts = d.target.as_str();
     let origin = crate::logical::origin_name(d.source);
-    let set_up = ensure_origin(d, dst, &origin).await?;
+    let (applier, set_up) = applier_for(d, cfg, dst).await?;
     let drained = async {
-        let mut applier = applier_for(d, cfg, dst, &origin).await?;
+        let mut applier = applier;
         if nested {
             applier = applier.nested();
         }

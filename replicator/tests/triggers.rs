@@ -135,8 +135,24 @@ async fn a_change_log_of_the_first_generation_is_drained_then_read_by_the_shared
         first_generation_insert(&p, "primary", id).await;
         first_generation_insert(&b, "backup", 1000 + id).await;
     }
-    // Writers run across the move: their changes are captured by the triggers of either
-    // format (the start installs format 1 again for these sites, the move format 2).
+    // The move waits behind a transaction holding the primary's users table (as behind a
+    // running writer), so writers provably run across it: captured by the first generation's
+    // triggers (the start installs them again for these sites) until the move, by the new
+    // ones after.
+    let holder = ps.client("site").await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE users IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let r = start(&config);
+    let stamping = "SELECT count(*) FROM pg_proc WHERE proname = 'record' \
+                    AND pronamespace = 'gsb'::regnamespace AND prosrc LIKE '%row_versions%'";
+    wait_until(
+        WAIT,
+        "the first generation's triggers installed again",
+        || async { count(&p, stamping).await == 1 && count(&b, stamping).await == 1 },
+    )
+    .await;
     let stop = tokio_util::sync::CancellationToken::new();
     let writers = [(ps.dsn("site"), 10_000), (bs.dsn("site"), 20_000)].map(|(dsn, base)| {
         let stop = stop.clone();
@@ -156,7 +172,13 @@ async fn a_change_log_of_the_first_generation_is_drained_then_read_by_the_shared
             n
         })
     });
-    let r = start(&config);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count(&b, "SELECT capture_format::int8 FROM gsb.site").await,
+        1,
+        "the move waits for the holder"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
     wait_until(WAIT, "both sites moved to format 2", || async {
         count(&p, "SELECT capture_format::int8 FROM gsb.site").await == 2
             && count(&b, "SELECT capture_format::int8 FROM gsb.site").await == 2

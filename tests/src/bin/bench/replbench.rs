@@ -588,7 +588,21 @@ pub(crate) async fn overheads(
     contender: &str,
     off: &str,
 ) {
+    // Pinning needs taskset and pgrep (util-linux, procps); without them the figure would be
+    // an unpinned one under the pinned name.
+    let can_pin = ["taskset", "pgrep"].iter().all(|t| {
+        Command::new(t)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
     for pinned in [false, true] {
+        if pinned && !can_pin {
+            report.note(&format!(
+                "replication: {contender}: capture overhead not measured pinned (taskset or pgrep missing)"
+            ));
+            continue;
+        }
         let res = capture_overhead(pair, secs, capture, pinned).await;
         put_overhead(report, contender, off, res, pinned);
     }
