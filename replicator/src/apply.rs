@@ -23,14 +23,15 @@
 //! relation changes (a Relation message: a column added). Values travel in their text form
 //! and are cast to the target's column types by the statements.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use serde_json::{json, Map, Value as Json};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
-use crate::pgoutput::{self, Value};
+use crate::pgoutput::{self, Text, Value};
 use crate::schema::{ident, qident};
 use crate::Error;
 
@@ -104,7 +105,7 @@ enum Cell {
     /// Not sent (unchanged TOAST, or a column the change's relation did not have).
     Unset,
     /// This value (None: NULL).
-    Set(Option<String>),
+    Set(Option<Text>),
 }
 
 /// A target column that the source also has.
@@ -153,7 +154,7 @@ struct Local {
     /// Its commit time (None: unknown, e.g. older than `track_commit_timestamp`).
     ts_us: Option<i64>,
     /// Its values, per `cols`, in text form.
-    vals: Vec<Option<String>>,
+    vals: Vec<Option<Text>>,
 }
 
 /// Which version a conflict log column holds.
@@ -192,7 +193,7 @@ struct Conflict {
 struct Ch {
     op: Op,
     cells: Vec<Cell>,
-    key: Vec<String>,
+    key: Vec<Text>,
     ts_us: i64,
     initial: bool,
 }
@@ -206,7 +207,7 @@ struct Plan {
     applied: u64,
     skewed: u64,
     /// Keys in first-appearance order, with whether a local row existed before the batch.
-    keys: Vec<(Vec<String>, bool)>,
+    keys: Vec<(Vec<Text>, bool)>,
     /// Per key (same order): the accepted changes.
     per_key: Vec<Vec<usize>>,
 }
@@ -294,7 +295,7 @@ impl Applier {
             origin_id,
             skew_us: max_clock_skew_us,
             setup,
-            tables: HashMap::new(),
+            tables: HashMap::default(),
             clock: clock.into(),
             fence: None,
             nested: false,
@@ -321,7 +322,7 @@ impl Applier {
     pub(crate) async fn apply(&mut self, dst: &Client, b: &Batch) -> Result<Outcome, Error> {
         // The newest shape of each table in the batch; its statements.
         let mut order: Vec<String> = Vec::new();
-        let mut newest: HashMap<&str, &Arc<Shape>> = HashMap::new();
+        let mut newest: HashMap<&str, &Arc<Shape>> = HashMap::default();
         for c in &b.changes {
             if newest.insert(&c.shape.name, &c.shape).is_none() {
                 order.push(c.shape.name.clone());
@@ -406,7 +407,7 @@ impl Applier {
         // The keys whose local row is read: all of them, but optimistically not those the
         // batch inserts first and leaves existing (then absent here, or the INSERT fails and
         // the batch is applied again reading them).
-        let lock_keys: Vec<Vec<Vec<Option<String>>>> = groups
+        let lock_keys: Vec<Vec<Vec<Option<Text>>>> = groups
             .iter()
             .map(|(tbl, chs)| tbl.key_arrays(chs, mode == Mode::Optimistic))
             .collect();
@@ -452,10 +453,11 @@ impl Applier {
         };
         let mut plans = Vec::with_capacity(groups.len());
         for ((tbl, chs), rows) in groups.iter().zip(locked) {
-            let mut locals: HashMap<Vec<String>, Local> = HashMap::with_capacity(rows.len());
+            let mut locals: HashMap<Vec<Text>, Local> =
+                HashMap::with_capacity_and_hasher(rows.len(), Default::default());
             let nk = tbl.key.len();
             for r in rows {
-                let key: Vec<String> = (0..nk).map(|i| r.get::<_, String>(i)).collect();
+                let key: Vec<Text> = (0..nk).map(|i| r.get::<_, Text>(i)).collect();
                 let origin: Option<i64> = r.get(nk);
                 let ts_us: Option<i64> = r.get(nk + 1);
                 let vals = (0..tbl.cols.len()).map(|i| r.get(nk + 2 + i)).collect();
@@ -473,7 +475,7 @@ impl Applier {
         // Round trip 2 (with the begin and setup when there was nothing to read): the conflict
         // log, the writes, commit; a large insert goes by COPY.
         let mut logs: Vec<(&Statement, Vec<Option<String>>)> = Vec::new();
-        let mut writes: Vec<(Statement, Vec<Vec<Option<String>>>)> = Vec::new();
+        let mut writes: Vec<(Statement, Vec<Vec<Option<Text>>>)> = Vec::new();
         let mut copies: Vec<(&Statement, bytes::Bytes)> = Vec::new();
         for ((tbl, chs), plan) in groups.iter().zip(&plans) {
             for c in &plan.conflicts {
@@ -569,7 +571,7 @@ impl Applier {
     }
 
     /// Decides every change of one table against the locked local rows.
-    fn decide(&self, chs: &[Ch], locals: &HashMap<Vec<String>, Local>, now_us: i64) -> Plan {
+    fn decide(&self, chs: &[Ch], locals: &HashMap<Vec<Text>, Local>, now_us: i64) -> Plan {
         #[derive(Clone, Copy, PartialEq)]
         enum St {
             Absent,
@@ -579,7 +581,7 @@ impl Applier {
             Theirs,
         }
         let mut plan = Plan::default();
-        let mut state: HashMap<&[String], (usize, St)> = HashMap::new();
+        let mut state: HashMap<&[Text], (usize, St)> = HashMap::default();
         let limit = now_us.saturating_add(self.skew_us);
         for (i, c) in chs.iter().enumerate() {
             let (slot, st) = match state.get(c.key.as_slice()) {
@@ -640,12 +642,10 @@ impl Applier {
                             loser: (mine.0, mine.1, Side::Local),
                         });
                         Some(St::Absent)
-                    } else if c
-                        .cells
-                        .iter()
-                        .zip(&local.vals)
-                        .all(|(n, o)| matches!(n, Cell::Unset) || *n == Cell::Set(o.clone()))
-                    {
+                    } else if c.cells.iter().zip(&local.vals).all(|(n, o)| match n {
+                        Cell::Unset => true,
+                        Cell::Set(v) => v == o,
+                    }) {
                         // The same values: nothing to decide, nothing to write.
                         plan.applied += 1;
                         None
@@ -696,7 +696,10 @@ impl Applier {
             .key
             .iter()
             .zip(&c.key)
-            .map(|(&i, v)| (tbl.cols[i].name.clone(), json_value(tbl.cols[i].src_oid, v)))
+            .map(|(&i, v)| {
+                let col = &tbl.cols[i];
+                (col.name.clone(), json_value(col.src_oid, v.as_str()))
+            })
             .collect();
         let row: Option<String> = (c.op != Op::Delete).then(|| {
             let m: Map<String, Json> = tbl
@@ -706,7 +709,9 @@ impl Applier {
                 .filter_map(|(col, cell)| match cell {
                     Cell::Unset => None,
                     Cell::Set(None) => Some((col.name.clone(), Json::Null)),
-                    Cell::Set(Some(v)) => Some((col.name.clone(), json_value(col.src_oid, v))),
+                    Cell::Set(Some(v)) => {
+                        Some((col.name.clone(), json_value(col.src_oid, v.as_str())))
+                    }
                 })
                 .collect();
             Json::Object(m).to_string()
@@ -758,7 +763,7 @@ impl Applier {
                     .iter()
                     .zip(&c.vals)
                     .find_map(|(col, v)| match v {
-                        Value::Text(s) if col.name == "at" => parse_ts_us(s),
+                        Value::Text(s) if col.name == "at" => parse_ts_us(s.as_str()),
                         _ => None,
                     })
             })
@@ -815,9 +820,14 @@ fn local_now_us() -> i64 {
 }
 
 /// Rows (one array per column) in COPY's text format.
-fn copy_text(cols: &[Vec<Option<String>>]) -> bytes::Bytes {
+fn copy_text(cols: &[Vec<Option<Text>>]) -> bytes::Bytes {
     let rows = cols.first().map_or(0, Vec::len);
-    let mut out = Vec::with_capacity(rows * cols.len() * 16);
+    let size: usize = cols
+        .iter()
+        .flatten()
+        .map(|v| v.as_ref().map_or(2, |t| t.as_bytes().len()) + 1)
+        .sum();
+    let mut out = Vec::with_capacity(size + size / 16);
     for r in 0..rows {
         for (j, col) in cols.iter().enumerate() {
             if j > 0 {
@@ -825,22 +835,34 @@ fn copy_text(cols: &[Vec<Option<String>>]) -> bytes::Bytes {
             }
             match &col[r] {
                 None => out.extend_from_slice(b"\\N"),
-                Some(v) => {
-                    for &c in v.as_bytes() {
-                        match c {
-                            b'\\' => out.extend_from_slice(b"\\\\"),
-                            b'\t' => out.extend_from_slice(b"\\t"),
-                            b'\n' => out.extend_from_slice(b"\\n"),
-                            b'\r' => out.extend_from_slice(b"\\r"),
-                            c => out.push(c),
-                        }
-                    }
-                }
+                Some(v) => copy_escape(&mut out, v.as_bytes()),
             }
         }
         out.push(b'\n');
     }
     out.into()
+}
+
+/// Appends `v` with COPY text's escapes (backslash, tab, newline, carriage return); the runs
+/// between them are copied whole.
+fn copy_escape(out: &mut Vec<u8>, mut v: &[u8]) {
+    loop {
+        let next = v
+            .iter()
+            .position(|c| matches!(c, b'\\' | b'\t' | b'\n' | b'\r'));
+        let Some(i) = next else {
+            out.extend_from_slice(v);
+            return;
+        };
+        out.extend_from_slice(&v[..i]);
+        out.extend_from_slice(match v[i] {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            _ => b"\\r",
+        });
+        v = &v[i + 1..];
+    }
 }
 
 impl Table {
@@ -1015,9 +1037,9 @@ impl Table {
 
     /// One text array per key column: the keys whose local rows are read (all that the batch
     /// touches, or with `optimistic` not those it inserts first and leaves existing).
-    fn key_arrays(&self, chs: &[Ch], optimistic: bool) -> Vec<Vec<Option<String>>> {
-        let mut first_last: HashMap<&[String], (Op, Op)> = HashMap::new();
-        let mut order: Vec<&[String]> = Vec::new();
+    fn key_arrays(&self, chs: &[Ch], optimistic: bool) -> Vec<Vec<Option<Text>>> {
+        let mut first_last: HashMap<&[Text], (Op, Op)> = HashMap::default();
+        let mut order: Vec<&[Text]> = Vec::new();
         for c in chs {
             first_last
                 .entry(&c.key)
@@ -1041,12 +1063,12 @@ impl Table {
     }
 
     /// Set-based: per key its net outcome; one DELETE, one UPDATE per column set, one INSERT.
-    fn set_writes(&self, chs: &[Ch], plan: &Plan) -> Vec<(Write, Vec<Vec<Option<String>>>)> {
+    fn set_writes(&self, chs: &[Ch], plan: &Plan) -> Vec<(Write, Vec<Vec<Option<Text>>>)> {
         let mut out = Vec::new();
         let n = self.cols.len();
         let mut deletes = vec![Vec::new(); self.key.len()];
         let mut inserts = vec![Vec::new(); n];
-        let mut updates: HashMap<Vec<bool>, Vec<Vec<Option<String>>>> = HashMap::new();
+        let mut updates: HashMap<Vec<bool>, Vec<Vec<Option<Text>>>> = HashMap::default();
         for ((key, present), accepted) in plan.keys.iter().zip(&plan.per_key) {
             if accepted.is_empty() {
                 continue;
@@ -1129,9 +1151,9 @@ impl Table {
     }
 
     /// In commit order: one statement per accepted change.
-    fn ordered_writes(&self, chs: &[Ch], plan: &Plan) -> Vec<(Write, Vec<Vec<Option<String>>>)> {
+    fn ordered_writes(&self, chs: &[Ch], plan: &Plan) -> Vec<(Write, Vec<Vec<Option<Text>>>)> {
         let mut out = Vec::new();
-        let mut exists: HashMap<&[String], bool> =
+        let mut exists: HashMap<&[Text], bool> =
             plan.keys.iter().map(|(k, p)| (k.as_slice(), *p)).collect();
         let one = |v: &Cell| {
             vec![match v {
@@ -1388,6 +1410,49 @@ mod tests {
             end_lsn,
             commit_ts_us: ts,
             fence: None,
+        }
+    }
+
+    /// Values with COPY's special bytes (and an empty string, NULL) arrive as sent, whether
+    /// the batch's inserts go by one INSERT or by COPY.
+    #[tokio::test]
+    async fn values_with_backslashes_tabs_and_newlines_arrive_unchanged_by_insert_and_by_copy() {
+        let (_srv, c, mut a, users) = target().await;
+        let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
+        let tricky = |id: i32| match id % 5 {
+            0 => format!("a\\b\tc\nd\re\\N {id}"),
+            1 => format!("\\\\{id}\r\n"),
+            2 => format!("\t{id}\t"),
+            3 => format!("ünï\u{1F600}{id}"),
+            // `email` is unique: one empty string.
+            _ if id == 4 => String::new(),
+            _ => format!("\\.{id}"),
+        };
+        for (n, from, lsn) in [(10, 0, 0x100), (COPY_FROM as i32 + 10, 1000, 0x200)] {
+            let changes: Vec<Change> = (from..from + n)
+                .map(|id| {
+                    let mut ch = row(&users, Op::Insert, id, Some(&tricky(id)), t);
+                    if id % 7 == 0 {
+                        ch.vals[1] = Value::Null;
+                    }
+                    ch
+                })
+                .collect();
+            a.apply(&c, &batch(changes, lsn)).await.unwrap();
+            let got: Vec<(i32, Option<String>)> = c
+                .query(
+                    "SELECT id, email FROM users WHERE id >= $1 AND id < $2 ORDER BY id",
+                    &[&from, &(from + n)],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let want: Vec<(i32, Option<String>)> = (from..from + n)
+                .map(|id| (id, (id % 7 != 0).then(|| tricky(id))))
+                .collect();
+            assert_eq!(got, want, "{n} inserts");
         }
     }
 

@@ -175,7 +175,7 @@ impl Reader {
                 .into_iter()
                 .zip(present)
                 .map(|(v, p)| match (v, p) {
-                    (Some(v), true) => Value::Text(v),
+                    (Some(v), true) => Value::Text(v.into()),
                     (None, true) => Value::Null,
                     // A delete carries its key only; an insert or update lacks a column added
                     // after it was captured: left as it is.

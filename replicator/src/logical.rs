@@ -9,10 +9,10 @@
 //! transactions carrying an Origin message were applied by gsb and are dropped (PG15), and a
 //! 16+ server is asked for `origin = none`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustc_hash::FxHashMap as HashMap;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -566,7 +566,7 @@ async fn read_stream(
 ) -> Result<(), Error> {
     let ss = d.source.as_str();
     let slot = slot_name(d);
-    let mut rels: HashMap<u32, Arc<Shape>> = HashMap::new();
+    let mut rels: HashMap<u32, Arc<Shape>> = HashMap::default();
     let mut cur: Option<Txn> = None;
     let mut pending = Batch::default();
     let mut received = start;

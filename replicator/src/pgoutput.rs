@@ -1,8 +1,9 @@
 //! Decoder of the `pgoutput` logical decoding messages (protocol version 1, text values):
 //! Begin, Commit, Origin, Relation, Type, Insert, Update, Delete, Truncate, Message. Pure:
-//! bytes in, typed messages out.
+//! bytes in, typed messages out; values are [`Text`], which the apply sends on as `text`.
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -20,7 +21,76 @@ pub enum Value {
     /// An unchanged TOASTed value the server did not send: leave the column as it is.
     UnchangedToast,
     /// The value in its text form.
-    Text(String),
+    Text(Text),
+}
+
+/// A value's text form: checked to be UTF-8 once, when it arrives, then shared without a copy
+/// (a slice of the message it came in: a clone is a reference count). Sent to PostgreSQL as
+/// `text` (its binary form is its bytes).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Text(Bytes);
+
+impl Text {
+    /// `b` as text, if it is UTF-8.
+    pub fn new(b: Bytes) -> Result<Self, std::str::Utf8Error> {
+        std::str::from_utf8(&b)?;
+        Ok(Text(b))
+    }
+
+    /// The text (checked again: for the rare paths that need a `str`, e.g. JSON).
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// The UTF-8 bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Text(Bytes::from(s))
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl ToSql for Text {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&self.0);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <&str as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
+}
+
+impl<'a> FromSql<'a> for Text {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Text::new(Bytes::copy_from_slice(raw))?)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <&str as FromSql>::accepts(ty)
+    }
 }
 
 /// A column of a relation.
@@ -165,7 +235,7 @@ impl Rd {
                     self.need(len as usize, "text value")?;
                     let b = self.0.split_to(len as usize);
                     Value::Text(
-                        String::from_utf8(b.to_vec())
+                        Text::new(b)
                             .map_err(|_| DecodeError("invalid UTF-8 in a text value".into()))?,
                     )
                 }
