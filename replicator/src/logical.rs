@@ -998,7 +998,7 @@ async fn apply_batches(
         let conflicts = crate::worker::record_result(d, cfg, &res, metrics);
         span.record("lag", res["max_lag"].as_f64().unwrap_or(0.0));
         span.record("conflicts", conflicts);
-        span.in_scope(|| tracing::debug!("batch applied"));
+        span.in_scope(|| tracing::debug!(ms = t0.elapsed().as_millis() as u64, "batch applied"));
         if let Some(hb) = res["heartbeat_lag"].as_f64() {
             let hb = hb.max(0.0);
             *last_hb.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), hb));
