@@ -933,9 +933,12 @@ pub(crate) fn parse_response(buf: &[u8], req_is_head: bool, close: bool) -> Resp
             || eq(name, "upgrade")
             || (name.len() >= 6 && name.as_bytes()[..6].eq_ignore_ascii_case(b"proxy-"))
             || (chunked && eq(name, "content-length"))
-            || named[..n_named]
-                .iter()
-                .any(|t| t.eq_ignore_ascii_case(name.as_bytes()));
+            // A length the site names is still the body's framing for the client (hyper
+            // writes it back from the body's size).
+            || (!eq(name, "content-length")
+                && named[..n_named]
+                    .iter()
+                    .any(|t| t.eq_ignore_ascii_case(name.as_bytes())));
         if drop {
             continue;
         }
@@ -1402,6 +1405,19 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_length_the_site_names_in_connection_still_frames_the_answer() {
+        // Dropping it would leave the client an answer with neither length nor chunking (read
+        // to the end) on a connection the proxy keeps: the next answer would join this body.
+        let h = resp(
+            "HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\nhello",
+            false,
+        );
+        assert_eq!(h.framing, Framing::Length(5));
+        let out = String::from_utf8(h.out).expect("utf-8");
+        assert!(out.contains("Content-Length: 5\r\n"), "{out}");
     }
 
     #[test]
