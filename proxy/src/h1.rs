@@ -102,7 +102,7 @@ pub(crate) async fn serve(conn: Conn<'_>, prefix: Bytes, ctx: &ServerCtx) -> Nex
         .requests
         .load(std::sync::atomic::Ordering::Relaxed)
         == 0;
-    let deadline = match first {
+    let mut deadline = match first {
         true => conn.accepted + ctx.header_read_timeout,
         false => Instant::now() + ctx.header_read_timeout,
     };
@@ -184,6 +184,8 @@ pub(crate) async fn serve(conn: Conn<'_>, prefix: Bytes, ctx: &ServerCtx) -> Nex
         if buf.is_empty() {
             return Next::Idle;
         }
+        // The next head (pipelined, maybe partial) has its own time, as after parking.
+        deadline = Instant::now() + ctx.header_read_timeout;
     }
 }
 

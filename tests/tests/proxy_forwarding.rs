@@ -1432,3 +1432,28 @@ async fn fast_path_retries_a_stale_site_connection_and_survives_a_site_cut_mid_a
     let r = c.get(gsb.url("/after-cut")).send().await.expect("get");
     assert_eq!(r.text().await.expect("body"), "raw /after-cut");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipelined_head_gets_its_own_header_timeout_after_a_slow_answer() {
+    let (primary, backup) = upstream::start_pair().await;
+    let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+    let port = gsb.port;
+    let second = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        // The first answer takes longer than the 1s header timeout; half of the next head is
+        // already there, the rest comes just after the answer.
+        s.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\nGET /echo/second HTTP/1.1\r\n")
+            .expect("first");
+        let mut left = Vec::new();
+        let (head, _) = read_answer(&mut s, &mut left, false);
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        std::thread::sleep(Duration::from_millis(200));
+        s.write_all(b"Host: x\r\n\r\n").expect("rest");
+        read_answer(&mut s, &mut left, false).0
+    })
+    .await
+    .expect("join");
+    assert!(second.starts_with("http/1.1 200"), "{second}");
+}
