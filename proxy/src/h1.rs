@@ -877,6 +877,8 @@ pub(crate) fn parse_response(buf: &[u8], req_is_head: bool, close: bool) -> Resp
     let mut named: [&[u8]; 8] = [&[]; 8];
     let mut n_named = 0;
     let (mut cl, mut chunked, mut te) = (None, false, false);
+    // The site's transfer codings before a final `chunked` (e.g. `gzip`): kept for the client.
+    let mut codings: &[u8] = &[];
     for h in resp.headers.iter() {
         if eq(h.name, "connection") {
             for token in h.value.split(|&b| b == b',').map(trim) {
@@ -895,7 +897,21 @@ pub(crate) fn parse_response(buf: &[u8], req_is_head: bool, close: bool) -> Resp
                 return RespParse::Invalid("repeated Transfer-Encoding");
             }
             te = true;
-            chunked = trim(h.value).eq_ignore_ascii_case(b"chunked");
+            // RFC 9112 §6.1: `chunked` frames the body only as the last coding; with any other
+            // last coding the body runs to the close.
+            let v = trim(h.value);
+            let (rest, last) = match v.iter().rposition(|&b| b == b',') {
+                Some(i) => (trim(&v[..i]), trim(&v[i + 1..])),
+                None => (&[][..], v),
+            };
+            chunked = last.eq_ignore_ascii_case(b"chunked");
+            codings = if chunked { rest } else { v };
+            if !codings
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b" ,-_.".contains(&b))
+            {
+                return RespParse::Invalid("invalid Transfer-Encoding");
+            }
         } else if eq(h.name, "content-length") {
             match (cl, content_length(h.value)) {
                 (None, Some(n)) => cl = Some(n),
@@ -904,15 +920,14 @@ pub(crate) fn parse_response(buf: &[u8], req_is_head: bool, close: bool) -> Resp
             }
         }
     }
-    if te && !chunked {
-        return RespParse::Invalid("unsupported Transfer-Encoding");
-    }
     let no_body = req_is_head || code == 204 || code == 304;
-    let framing = match (no_body, chunked, cl) {
-        (true, _, _) => Framing::None,
-        (false, true, _) => Framing::Chunked,
-        (false, false, Some(n)) => Framing::Length(n),
-        (false, false, None) => Framing::Eof,
+    let framing = match (no_body, chunked, te, cl) {
+        (true, ..) => Framing::None,
+        (false, true, ..) => Framing::Chunked,
+        // Another last coding: to the close (a length beside it is not the framing).
+        (false, false, true, _) => Framing::Eof,
+        (false, false, false, Some(n)) => Framing::Length(n),
+        (false, false, false, None) => Framing::Eof,
     };
     let mut out = Vec::with_capacity(head_len + 64);
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -934,7 +949,7 @@ pub(crate) fn parse_response(buf: &[u8], req_is_head: bool, close: bool) -> Resp
             || eq(name, "transfer-encoding")
             || eq(name, "upgrade")
             || (name.len() >= 6 && name.as_bytes()[..6].eq_ignore_ascii_case(b"proxy-"))
-            || (chunked && eq(name, "content-length"))
+            || (te && eq(name, "content-length"))
             // A length the site names is still the body's framing for the client (hyper
             // writes it back from the body's size).
             || (!eq(name, "content-length")
@@ -951,7 +966,12 @@ pub(crate) fn parse_response(buf: &[u8], req_is_head: bool, close: bool) -> Resp
         out.extend_from_slice(b"\r\n");
     }
     if matches!(framing, Framing::Chunked | Framing::Eof) {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        out.extend_from_slice(b"transfer-encoding: ");
+        if !codings.is_empty() {
+            out.extend_from_slice(codings);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(b"chunked\r\n");
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -1396,7 +1416,6 @@ mod tests {
         ));
         for bad in [
             "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
             "HTTP/1.1 101 Switching Protocols\r\n\r\n",
         ] {
             assert!(
@@ -1407,6 +1426,43 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn the_sites_other_transfer_codings_reach_the_client() {
+        // `gzip, chunked`: chunked frames the body, gzip stays for the client to decode.
+        let h = resp(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.framing, Framing::Chunked);
+        let out = String::from_utf8(h.out).expect("utf-8");
+        assert!(
+            out.contains("transfer-encoding: gzip, chunked\r\n"),
+            "{out}"
+        );
+        // `gzip` last: the body runs to the close (a length beside it is not its framing),
+        // relayed to the client chunked after the gzip.
+        let h = resp(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.framing, Framing::Eof);
+        assert!(!h.reusable);
+        let out = String::from_utf8(h.out).expect("utf-8");
+        assert!(
+            out.contains("transfer-encoding: gzip, chunked\r\n"),
+            "{out}"
+        );
+        assert!(!out.contains("Content-Length"), "{out}");
+        assert!(matches!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\x01, chunked\r\n\r\n",
+                false,
+                false
+            ),
+            RespParse::Invalid(_)
+        ));
     }
 
     #[test]
