@@ -121,6 +121,14 @@ impl ProxyBody {
         }
     }
 
+    /// The bytes of a complete local answer (`None` for a site's answer streamed through).
+    pub(crate) fn full_bytes(&self) -> Option<&[u8]> {
+        match &self.kind {
+            Kind::Full(bytes) => Some(bytes.as_deref().unwrap_or_default()),
+            Kind::Upstream { .. } => None,
+        }
+    }
+
     /// Attaches the request log line, written when this body is dropped.
     pub fn with_access_log(mut self, log: Box<AccessLog>) -> ProxyBody {
         self.log = Some(log);

@@ -29,6 +29,7 @@ use crate::config::{Config, Mode};
 use crate::detect;
 use crate::drain::{Drain, Tokens};
 use crate::error::{Error, ProxyError, RetryType};
+use crate::h1::RawPool;
 use crate::metrics::ProxyMetrics;
 use crate::passive::PassiveHealth;
 use crate::pool::{H1Pool, PoolError};
@@ -170,8 +171,8 @@ struct SiteClients {
 #[derive(Clone, Debug)]
 enum Upstream {
     /// `http://`: HTTP/1.1 connections driven on the worker's thread (see `pool.rs`); upgrades
-    /// go over the same pool.
-    Plain(Arc<H1Pool>),
+    /// go over the same pool. Beside it, the plain TCP connections of the fast path (`h1.rs`).
+    Plain(Arc<H1Pool>, Arc<RawPool>),
     /// `https://`: hyper-util's pooled client over rustls.
     Tls {
         /// Ordinary requests; ALPN offers h2 and http/1.1.
@@ -197,12 +198,20 @@ impl SiteClients {
             }
         } else {
             let target = Target::parse(key, &site.url, None)?;
-            Upstream::Plain(Arc::new(H1Pool::new(
-                &target.authority,
-                opts.connect_timeout,
-                opts.idle_timeout,
-                MAX_IDLE_PER_SITE,
-            )))
+            Upstream::Plain(
+                Arc::new(H1Pool::new(
+                    &target.authority,
+                    opts.connect_timeout,
+                    opts.idle_timeout,
+                    MAX_IDLE_PER_SITE,
+                )),
+                Arc::new(RawPool::new(
+                    &target.authority,
+                    opts.connect_timeout,
+                    opts.idle_timeout,
+                    MAX_IDLE_PER_SITE,
+                )),
+            )
         };
         Ok(SiteClients { built_for, kind })
     }
@@ -309,6 +318,8 @@ pub struct Settings {
     mode: Mode,
     upstream_timeout: Duration,
     request_log: bool,
+    /// Proxy mode, no request log, both sites `http://`: the fast path (`h1.rs`) may serve.
+    fast: bool,
 }
 
 impl Settings {
@@ -330,11 +341,14 @@ impl Settings {
                     .collect::<Result<Vec<_>, _>>(),
             }
         };
+        let plain = |c: &Vec<SiteClients>| c.iter().all(|c| matches!(c.kind, Upstream::Plain(..)));
+        let clients = [
+            clients(0, "sites.primary", &s.primary)?,
+            clients(1, "sites.backup", &s.backup)?,
+        ];
         Ok(Settings {
-            clients: [
-                clients(0, "sites.primary", &s.primary)?,
-                clients(1, "sites.backup", &s.backup)?,
-            ],
+            fast: p.mode == Mode::Proxy && !p.request_log && clients.iter().all(plain),
+            clients,
             targets: [
                 Target::parse(
                     "sites.primary",
@@ -351,6 +365,29 @@ impl Settings {
             upstream_timeout: p.upstream_timeout,
             request_log: p.request_log,
         })
+    }
+
+    /// Whether the fast path may serve requests under these settings.
+    pub(crate) fn fast_path(&self) -> bool {
+        self.fast
+    }
+
+    /// The path prefix of `site`'s URL (usually empty).
+    pub(crate) fn base_path(&self, site: Site) -> &str {
+        &self.targets[site.index()].base_path
+    }
+
+    /// Worker `worker`'s fast-path connections to `site` (`None` for an `https://` site).
+    pub(crate) fn raw_pool(&self, site: Site, worker: usize) -> Option<&RawPool> {
+        match &self.clients[site.index()].get(worker)?.kind {
+            Upstream::Plain(_, raw) => Some(raw),
+            Upstream::Tls { .. } => None,
+        }
+    }
+
+    /// `proxy.upstream_timeout`.
+    pub(crate) fn upstream_timeout(&self) -> Duration {
+        self.upstream_timeout
     }
 }
 
@@ -428,11 +465,12 @@ impl Forwarder {
         };
         for clients in &settings.load().clients {
             if let Some(SiteClients {
-                kind: Upstream::Plain(pool),
+                kind: Upstream::Plain(pool, raw),
                 ..
             }) = clients.get(worker)
             {
                 pool.sweep(all);
+                raw.sweep(all);
             }
         }
     }
@@ -651,7 +689,7 @@ impl Forwarder {
         let target = &settings.targets[site.index()];
         let upstream = &settings.clients[site.index()][out.worker].kind;
         let uri = match upstream {
-            Upstream::Plain(_) => target.origin_uri(out.pq.as_ref())?,
+            Upstream::Plain(..) => target.origin_uri(out.pq.as_ref())?,
             Upstream::Tls { .. } => target.uri(out.pq.as_ref())?,
         };
         let mut req = Request::new(body);
@@ -662,7 +700,7 @@ impl Forwarder {
         *req.headers_mut() = headers;
         let send = async {
             match upstream {
-                Upstream::Plain(pool) => pool.send(req).await,
+                Upstream::Plain(pool, _) => pool.send(req).await,
                 Upstream::Tls { main, upgrade } => {
                     let client = if out.upgrade { upgrade } else { main };
                     client.request(req).await.map_err(|e| match e.is_connect() {
@@ -696,7 +734,62 @@ impl Forwarder {
         }
     }
 
-    fn count_error(&self, err: &ProxyError) {
+    /// Worker `worker`'s copy of the settings (for the fast path).
+    pub(crate) fn worker_settings(&self, worker: usize) -> Arc<Settings> {
+        self.settings[worker % self.settings.len()].load_full()
+    }
+
+    /// The route snapshot a request starting now follows.
+    pub(crate) fn route(&self) -> crate::route::RouteSnapshot {
+        self.router.current()
+    }
+
+    /// The current route generation's tokens for worker `worker`.
+    pub(crate) fn drain_tokens(&self, worker: usize) -> Arc<Tokens> {
+        self.drain.tokens(worker)
+    }
+
+    /// A request counts toward the retry budget.
+    pub(crate) fn budget_deposit(&self) {
+        self.budget.deposit();
+    }
+
+    /// Takes a retry from the budget, if there is one.
+    pub(crate) fn budget_withdraw(&self) -> bool {
+        self.budget.try_withdraw()
+    }
+
+    /// `gsb_retries_total{from,to}`.
+    pub(crate) fn count_retry(&self, from: Site, to: Site) {
+        self.metrics
+            .retries
+            .with_label_values(&[from.as_str(), to.as_str()])
+            .inc();
+    }
+
+    /// `gsb_request_duration_seconds{site}` and `gsb_requests_total{site,code}` for an answer
+    /// whose head is ready, as `handle` counts them.
+    pub(crate) fn count_request(
+        &self,
+        site: Site,
+        status: StatusCode,
+        started: tokio::time::Instant,
+    ) {
+        self.durations[site.index()].observe(started.elapsed().as_secs_f64());
+        self.requests.get(site, status).inc();
+    }
+
+    /// Passive health: `site` answered `status`.
+    pub(crate) fn passive_status(&self, site: Site, status: u16) {
+        self.passive.report_status(site, status);
+    }
+
+    /// Passive health: no connection to `site` could be opened.
+    pub(crate) fn passive_connect_failure(&self, site: Site) {
+        self.passive.report_connect_failure(site);
+    }
+
+    pub(crate) fn count_error(&self, err: &ProxyError) {
         if let Some(site) = err.site() {
             self.metrics
                 .upstream_errors

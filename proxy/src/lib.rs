@@ -13,6 +13,7 @@ pub mod drain;
 pub mod error;
 pub mod forward;
 pub mod gate;
+mod h1;
 pub mod maintenance;
 pub mod metrics;
 pub mod passive;

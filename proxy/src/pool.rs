@@ -191,7 +191,7 @@ impl H1Pool {
 }
 
 /// Connects to the first address of `authority` that accepts.
-async fn connect_any(authority: &str) -> Result<TcpStream, BoxError> {
+pub(crate) async fn connect_any(authority: &str) -> Result<TcpStream, BoxError> {
     let mut last: Option<std::io::Error> = None;
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(authority).await?.collect();
     for addr in addrs {

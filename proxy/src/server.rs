@@ -39,6 +39,7 @@ use crate::body::ProxyBody;
 use crate::config::ListenerConfig;
 use crate::error::{BoxError, ProxyError};
 use crate::forward::{ConnInfo, Forwarder};
+use crate::h1;
 
 /// The client connection preface of HTTP/2 with prior knowledge (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -64,10 +65,15 @@ pub struct ServerCtx {
     /// `shutdown`, so a connection only waits for it once it is closing.
     pub hard_stop: CancellationToken,
     /// `proxy.max_headers`: hyper enforces it on HTTP/1 heads; HTTP/2 requests are counted here.
-    max_headers: usize,
+    pub(crate) max_headers: usize,
+    /// `proxy.max_header_bytes` (hyper enforces it on HTTP/1 heads; the fast path hands a
+    /// larger head to hyper).
+    pub(crate) max_header_bytes: usize,
+    /// Plain HTTP/1.1 requests take the fast path (`h1.rs`) when they can (`GSB_H1_FAST`).
+    fast: bool,
     /// Requests this worker has taken (each worker's copy has its own counter, see
     /// [`ServerCtx::for_worker`]): the tick tells an idle worker from a busy one by it.
-    served: Arc<AtomicU64>,
+    pub(crate) served: Arc<AtomicU64>,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
 }
@@ -108,6 +114,8 @@ impl ServerCtx {
             shutdown,
             hard_stop,
             max_headers: proxy.max_headers,
+            max_header_bytes: proxy.max_header_bytes,
+            fast: h1::enabled(),
             served: Arc::new(AtomicU64::new(0)),
             http1,
             http2,
@@ -352,7 +360,7 @@ impl Drop for GaugeGuard<'_> {
 /// Per connection: when bytes last moved, requests seen and in flight (for the watchdog), and
 /// the parking handshake between the stream wrapper and the driver.
 #[derive(Debug)]
-struct ConnState {
+pub(crate) struct ConnState {
     start: Instant,
     /// Milliseconds after `start` of the last read or write.
     last_ms: AtomicU64,
@@ -362,7 +370,7 @@ struct ConnState {
     responding: AtomicU32,
     /// Request heads received; 0 means the client has not completed one yet (slowloris guard
     /// for the first request, HTTP/2 included; hyper guards later HTTP/1 requests itself).
-    requests: AtomicU64,
+    pub(crate) requests: AtomicU64,
     /// `requests` when the current hyper connection on this socket started.
     round_start: AtomicU64,
     /// Bytes were read since the last response finished (a next request may be half read).
@@ -388,7 +396,8 @@ impl ConnState {
         }
     }
 
-    fn touch(&self) {
+    /// Bytes moved now.
+    pub(crate) fn touch(&self) {
         self.last_ms
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
@@ -529,6 +538,28 @@ async fn serve_plain(tcp: TcpStream, peer: Peer, owned: Arc<ServerCtx>, accepted
     let mut svc = service(&owned, peer.info(), state.clone());
     let mut stream = Tracked::new(tcp, state.clone(), true);
     loop {
+        // The fast path first; it hands back an idle connection (parked here, as below), or
+        // one with what it does not take, for a hyper connection.
+        if ctx.fast {
+            let conn = h1::Conn {
+                tcp: &mut stream.inner,
+                peer: peer.addr,
+                worker: peer.worker,
+                state: &state,
+                accepted,
+            };
+            // Boxed: its buffers and state live only while a request is served.
+            match Box::pin(h1::serve(conn, std::mem::take(&mut stream.prefix), ctx)).await {
+                h1::Next::Idle => {
+                    if !wait_parked(&stream.inner, &state, ctx, timer.as_mut()).await {
+                        return;
+                    }
+                    continue;
+                }
+                h1::Next::Close => return,
+                h1::Next::Fallback(bytes) => stream.prefix = bytes,
+            }
+        }
         state
             .round_start
             .store(state.requests.load(Ordering::Relaxed), Ordering::Relaxed);

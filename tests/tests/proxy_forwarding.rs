@@ -68,6 +68,11 @@ fn write_cert(dir: &std::path::Path) -> String {
 
 impl Gsb {
     async fn start(primary: &Upstream, backup: &Upstream, opts: Opts) -> Gsb {
+        Gsb::start_urls(&primary.url(), &backup.url(), opts).await
+    }
+
+    /// [`Gsb::start`] with sites given by URL.
+    async fn start_urls(primary: &str, backup: &str, opts: Opts) -> Gsb {
         let dir = tempfile::tempdir().expect("tempdir");
         let (port, admin, tls_port) = (free_port(), free_port(), free_port());
         let tls = if opts.tls {
@@ -117,8 +122,8 @@ min_dwell = "1s"
             proxy = opts.proxy,
             health = opts.health,
             failover = opts.failover,
-            p = primary.url(),
-            b = backup.url(),
+            p = primary,
+            b = backup,
         );
         let path: PathBuf = dir.path().join("gsb.toml");
         std::fs::write(&path, config).expect("write config");
@@ -1145,4 +1150,310 @@ async fn an_unreadable_ca_file_stops_the_start_naming_the_key() {
         stderr.contains("sites.primary.ca_file") && stderr.contains("no CERTIFICATE"),
         "{stderr}"
     );
+}
+
+/// A raw HTTP/1.1 site for the fast path's failure cases, answering `raw <path>` with
+/// keep-alive. On each connection, a request for `/stale...` after the first is read and then
+/// the connection is closed without an answer (a kept connection the site dropped just as the
+/// proxy reused it); `/cut` gets a head announcing 1000 bytes, 10 of them, and a close (a site
+/// killed mid-answer). `/health/...` is always answered. Returns its URL and the count of
+/// `/stale` requests it read.
+async fn raw_site() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let stale = std::sync::Arc::new(AtomicU64::new(0));
+    let seen = stale.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut served = 0;
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut tmp = [0u8; 4096];
+                        match tcp.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    if path.starts_with("/stale") {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        if served > 0 {
+                            return;
+                        }
+                    }
+                    if path == "/cut" {
+                        let _ = tcp
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+                            .await;
+                        return;
+                    }
+                    if !path.starts_with("/health") {
+                        served += 1;
+                    }
+                    let body = format!("raw {path}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if tcp.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, stale)
+}
+
+/// Reads one HTTP/1.1 answer (Content-Length or chunked body) from `s`; `leftover` keeps bytes
+/// of the next one. Returns the head and the decoded body (none for an answer to HEAD).
+fn read_answer(s: &mut TcpStream, leftover: &mut Vec<u8>, head_req: bool) -> (String, Vec<u8>) {
+    let fill = |buf: &mut Vec<u8>, s: &mut TcpStream| {
+        let mut tmp = [0u8; 8192];
+        let n = s.read(&mut tmp).expect("read");
+        assert!(
+            n > 0,
+            "closed mid-answer after {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let end = loop {
+        if let Some(i) = leftover.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        fill(leftover, s);
+    };
+    let head = String::from_utf8_lossy(&leftover[..end]).to_lowercase();
+    leftover.drain(..end);
+    let mut body = Vec::new();
+    if head_req {
+        return (head, body);
+    }
+    if head.contains("transfer-encoding: chunked") {
+        loop {
+            let line = loop {
+                if let Some(i) = leftover.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                fill(leftover, s);
+            };
+            let size = usize::from_str_radix(String::from_utf8_lossy(&leftover[..line]).trim(), 16)
+                .expect("chunk size");
+            while leftover.len() < line + 2 + size + 2 {
+                fill(leftover, s);
+            }
+            body.extend_from_slice(&leftover[line + 2..line + 2 + size]);
+            leftover.drain(..line + 2 + size + 2);
+            if size == 0 {
+                break;
+            }
+        }
+    } else if let Some(len) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        while leftover.len() < len {
+            fill(leftover, s);
+        }
+        body = leftover.drain(..len).collect();
+    }
+    (head, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fast_path_keeps_one_connection_for_bodies_and_chunked_answers() {
+    let (primary, backup) = upstream::start_pair().await;
+    let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+    let port = gsb.port;
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut left = Vec::new();
+        let mut out = Vec::new();
+        for i in 0..4usize {
+            let body = vec![b'a' + i as u8; 1000 * (i + 1)];
+            let head = format!(
+                "POST /echo/body{i} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            s.write_all(head.as_bytes()).expect("head");
+            s.write_all(&body).expect("body");
+            out.push(read_answer(&mut s, &mut left, false));
+        }
+        s.write_all(b"GET /stream?chunks=3&delay_ms=20 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("stream");
+        out.push(read_answer(&mut s, &mut left, false));
+        // The same connection still serves, and HEAD gets no body.
+        s.write_all(b"HEAD /echo/head HTTP/1.1\r\nHost: x\r\n\r\nGET /echo/after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("head and get");
+        let (head, body) = read_answer(&mut s, &mut left, true);
+        assert!(head.starts_with("http/1.1 200") && body.is_empty(), "{head}");
+        out.push(read_answer(&mut s, &mut left, false));
+        out
+    })
+    .await
+    .expect("join");
+    for (i, (head, body)) in answers.iter().take(4).enumerate() {
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let v: serde_json::Value = serde_json::from_slice(body).expect("echo json");
+        assert_eq!(v["body_bytes"], 1000 * (i + 1), "{v}");
+        assert_eq!(v["headers"]["x-forwarded-proto"][0], "http", "{v}");
+        assert_eq!(v["headers"]["x-forwarded-for"][0], "127.0.0.1", "{v}");
+    }
+    let (head, body) = &answers[4];
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert_eq!(body, b"chunk 0\nchunk 1\nchunk 2\n");
+    let (head, _) = &answers[5];
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(primary.requests_to("/echo/after"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_the_fast_path_does_not_take_is_served_by_hyper_and_smuggling_is_refused() {
+    let (primary, backup) = upstream::start_pair().await;
+    let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+    let port = gsb.port;
+    // A chunked request body, an HTTP/1.0 client, Expect: 100-continue.
+    let (head, body) = raw_request(
+        port,
+        "POST /echo/te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("\"body_bytes\":5"), "{body}");
+    let (head, body) = raw_request(port, "GET /echo/ten HTTP/1.0\r\nHost: x\r\n\r\n");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    assert!(body.contains("/echo/ten"), "{body}");
+    let (head, body) = raw_request(
+        port,
+        "PUT /echo/expect HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    );
+    // hyper's `100 Continue` first, then the answer.
+    assert!(head.starts_with("HTTP/1.1 100"), "{head}");
+    assert!(
+        body.contains("200 OK") && body.contains("\"body_bytes\":2"),
+        "{body}"
+    );
+    // Two different lengths: refused.
+    let got = status_of(
+        port,
+        "POST /echo/two-cl HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!".into(),
+    )
+    .await;
+    assert_eq!(got, 400);
+    assert_eq!(primary.requests_to("/echo/two-cl"), 0);
+    // Length and chunked: the chunked body counts, nothing is smuggled behind it.
+    let (head, _) = tokio::task::spawn_blocking(move || {
+        raw_request(
+            port,
+            "POST /echo/cl-te HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /echo/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+    })
+    .await
+    .expect("join");
+    assert!(head.starts_with("HTTP/1.1 "), "{head}");
+    assert_eq!(
+        primary.requests_to("/echo/smuggled"),
+        0,
+        "smuggled request reached the site"
+    );
+    // An upgrade still goes through hyper (the WebSocket test covers the tunnel).
+    let (head, _) = raw_request(
+        port,
+        "GET /echo/up HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: close\r\n\r\n",
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fast_path_retries_a_stale_site_connection_and_survives_a_site_cut_mid_answer() {
+    let (url, stale) = raw_site().await;
+    let backup = upstream::start("backup").await;
+    let primary = upstream::start("unused").await;
+    let gsb = Gsb::start_urls(&url, &backup.url(), Opts::default()).await;
+    drop(primary);
+    let port = gsb.port;
+    let c = client();
+    // The first answer leaves a kept connection; the site closes it on the next request
+    // without answering: a GET goes once more on a new connection to the same site.
+    for i in 0..3 {
+        let r = c
+            .get(gsb.url(&format!("/stale{i}")))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.expect("body"), format!("raw /stale{i}"));
+    }
+    assert!(
+        stale.load(std::sync::atomic::Ordering::SeqCst) >= 4,
+        "some GET met a stale connection"
+    );
+    assert_eq!(
+        backup.requests(),
+        0,
+        "retried on the same site, not the backup"
+    );
+    // Killed mid-answer: the client sees a short answer and a closed connection, quickly.
+    let (got, body) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        let mut out = Vec::new();
+        let got = s.read_to_end(&mut out);
+        (got.is_ok(), out)
+    })
+    .await
+    .expect("join");
+    assert!(got, "closed, not hung");
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("0123456789"), "{text}");
+    // The proxy is fine.
+    let r = c.get(gsb.url("/after-cut")).send().await.expect("get");
+    assert_eq!(r.text().await.expect("body"), "raw /after-cut");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipelined_head_gets_its_own_header_timeout_after_a_slow_answer() {
+    let (primary, backup) = upstream::start_pair().await;
+    let gsb = Gsb::start(&primary, &backup, Opts::default()).await;
+    let port = gsb.port;
+    let second = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        // The first answer takes longer than the 1s header timeout; half of the next head is
+        // already there, the rest comes just after the answer.
+        s.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\nGET /echo/second HTTP/1.1\r\n")
+            .expect("first");
+        let mut left = Vec::new();
+        let (head, _) = read_answer(&mut s, &mut left, false);
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        std::thread::sleep(Duration::from_millis(200));
+        s.write_all(b"Host: x\r\n\r\n").expect("rest");
+        read_answer(&mut s, &mut left, false).0
+    })
+    .await
+    .expect("join");
+    assert!(second.starts_with("http/1.1 200"), "{second}");
 }
