@@ -47,6 +47,16 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
+/// Whether a header named `name` (any case) describes one hop: [`HOP_BY_HOP`] or `Proxy-*`.
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
+        || name
+            .get(..6)
+            .is_some_and(|p| p.eq_ignore_ascii_case("proxy-"))
+}
+
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -520,9 +530,7 @@ impl Forwarder {
                 (site, e.into_response())
             }
         };
-        let status = resp.status();
-        self.durations[site.index()].observe(started.elapsed().as_secs_f64());
-        self.requests.get(site, status).inc();
+        self.count_request(site, resp.status(), started);
         with_log(resp, site)
     }
 
@@ -768,7 +776,7 @@ impl Forwarder {
     }
 
     /// `gsb_request_duration_seconds{site}` and `gsb_requests_total{site,code}` for an answer
-    /// whose head is ready, as `handle` counts them.
+    /// whose head is ready (the hyper path's `handle` and the fast path).
     pub(crate) fn count_request(
         &self,
         site: Site,

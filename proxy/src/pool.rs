@@ -71,11 +71,10 @@ impl H1Pool {
         idle_timeout: Duration,
         max_idle: usize,
     ) -> H1Pool {
-        let port = authority.port_u16().unwrap_or(80);
         let mut builder = http1::Builder::new();
         builder.max_buf_size(MAX_READ_BUF);
         H1Pool {
-            authority: format!("{}:{port}", authority.host()),
+            authority: host_port(authority),
             host: HeaderValue::from_str(authority.as_str())
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             connect_timeout,
@@ -171,12 +170,7 @@ impl H1Pool {
 
     /// Opens a connection and starts its task on this thread.
     async fn connect(&self) -> Result<SendRequest<ReqBody>, BoxError> {
-        let tcp = tokio::time::timeout(self.connect_timeout, connect_any(&self.authority))
-            .await
-            .map_err(|_| format!("connect timeout ({:?})", self.connect_timeout))??;
-        tcp.set_nodelay(true)?;
-        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(30));
-        socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
+        let tcp = connect_site(&self.authority, self.connect_timeout).await?;
         let (send, conn) = self.builder.handshake(TokioIo::new(tcp)).await?;
         // Not on the task tracker: the task ends when its `SendRequest` is dropped (the pool
         // is emptied at shutdown) or the site closes; it is the connection's I/O, owning no
@@ -190,8 +184,32 @@ impl H1Pool {
     }
 }
 
+/// `host:port` of a plain site's `authority` (port 80 when absent), as connected to.
+pub(crate) fn host_port(authority: &http::uri::Authority) -> String {
+    format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    )
+}
+
+/// A connection to a plain site, within `connect_timeout`: `TCP_NODELAY`, TCP keepalive
+/// after 30 s idle (a site gone without a FIN is noticed).
+pub(crate) async fn connect_site(
+    authority: &str,
+    connect_timeout: Duration,
+) -> Result<TcpStream, BoxError> {
+    let tcp = tokio::time::timeout(connect_timeout, connect_any(authority))
+        .await
+        .map_err(|_| format!("connect timeout ({connect_timeout:?})"))??;
+    tcp.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(30));
+    socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
+    Ok(tcp)
+}
+
 /// Connects to the first address of `authority` that accepts.
-pub(crate) async fn connect_any(authority: &str) -> Result<TcpStream, BoxError> {
+async fn connect_any(authority: &str) -> Result<TcpStream, BoxError> {
     let mut last: Option<std::io::Error> = None;
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(authority).await?.collect();
     for addr in addrs {
