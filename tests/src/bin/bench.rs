@@ -8,8 +8,9 @@
 //! bucardo postgresql-plperl-15`); `--install` runs `apt-get update && apt-get install` for the
 //! missing ones first (PL/Perl pinned to the installed server's version, so the server is not
 //! upgraded under running clusters). `--scale` multiplies every duration and count (0.1 for a
-//! smoke run). The report (Markdown: setups, one table of figures and gsb/peer ratios, notes) goes
-//! to stdout; progress goes to stderr.
+//! smoke run). `proxy` runs each saturation case `--rounds` times (default 3), interleaved
+//! across the contenders, and reports the medians. The report (Markdown: setups, one table of
+//! figures and gsb/peer ratios, notes) goes to stdout; progress goes to stderr.
 //!
 //! `replication` measures gsb (two way; `gsb` with the logical capture, `gsb-triggers` with the
 //! trigger capture), pglogical (one way) and Bucardo (two way), each on a fresh pair of
@@ -82,6 +83,7 @@ fn main() -> anyhow::Result<()> {
     let mut install = false;
     let mut rows = false;
     let mut workers = vec![1];
+    let mut rounds = 3;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -99,10 +101,17 @@ fn main() -> anyhow::Result<()> {
                     bail!("--workers takes a list of counts like 1,2");
                 }
             }
+            // Interleaved saturation rounds per contender in the proxy benchmark (medians).
+            "--rounds" => {
+                rounds = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                if rounds == 0 {
+                    bail!("--rounds takes a count of at least 1, e.g. 3");
+                }
+            }
             // A child run (the failover benchmark inside a network namespace) hands back rows.
             "--rows" => rows = true,
             "proxy" | "failover" | "fleet" | "replication" | "pglogical" | "config" | "all" => what = a.clone(),
-            other => bail!("unknown argument {other:?}: bench [proxy|failover|fleet|replication|config|all] [--scale X] [--workers 1,2] [--install]"),
+            other => bail!("unknown argument {other:?}: bench [proxy|failover|fleet|replication|config|all] [--scale X] [--workers 1,2] [--rounds 3] [--install]"),
         }
     }
     if install {
@@ -118,7 +127,7 @@ fn main() -> anyhow::Result<()> {
         let all = what == "all";
         if all || what == "proxy" {
             eprintln!("== proxy data path");
-            if let Err(e) = proxybench::data_path(&scale, &mut report, &workers).await {
+            if let Err(e) = proxybench::data_path(&scale, &mut report, &workers, rounds).await {
                 report.note(&format!("proxy benchmark aborted: {e:#}"));
             }
         }

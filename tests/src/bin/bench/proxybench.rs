@@ -14,18 +14,28 @@ use crate::{procstat, upstream, Scale};
 /// Runs the data-path benchmark for direct, gsb, HAProxy and nginx (and a baseline gsb binary
 /// when `BENCH_GSB_BASELINE` names one) once per entry of `workers` (worker threads or
 /// processes each proxy gets; metrics of runs other than 1 worker are suffixed `[N workers]`).
+/// Saturation runs `rounds` times, interleaved across the contenders (see [`saturation`]).
 pub async fn data_path(
     scale: &Scale,
     report: &mut Report,
     workers: &[usize],
+    rounds: usize,
 ) -> anyhow::Result<()> {
     for &w in workers {
-        data_path_with(scale, report, w).await?;
+        data_path_with(scale, report, w, rounds).await?;
     }
     Ok(())
 }
 
-async fn data_path_with(scale: &Scale, report: &mut Report, workers: usize) -> anyhow::Result<()> {
+/// The two bodies: path, label, fixed rate of the open-loop run.
+const BODIES: [(&str, &str, f64); 2] = [("small", "100 B", 2000.0), ("large", "1 MiB", 100.0)];
+
+async fn data_path_with(
+    scale: &Scale,
+    report: &mut Report,
+    workers: usize,
+    rounds: usize,
+) -> anyhow::Result<()> {
     let suffix = match workers {
         1 => String::new(),
         n => format!(" [{n} workers]"),
@@ -44,8 +54,11 @@ async fn data_path_with(scale: &Scale, report: &mut Report, workers: usize) -> a
             "loopback upstream (hyper, 1 thread, separate process); each proxy N workers \
              (gsb proxy.workers=N and TOKIO_WORKER_THREADS=N, haproxy nbthread N, nginx \
              worker_processes N; N=1 unless the metric says `[N workers]`), \
-             keep-alive to upstream, no cache, no access log. Saturation: wrk -t1 -c{conns} \
-             -d{secs}s. Fixed rate: open-loop client, {fixed:?} at 2000 req/s (100 B) and \
+             keep-alive to upstream, no cache, no access log. Every contender runs at once \
+             (an idle one costs nothing) and is warmed by a 1 s wrk. Saturation: wrk -t1 \
+             -c{conns} -d{secs}s, {rounds} rounds interleaved across the contenders (each \
+             round in another order), the median of each figure reported (errors: the \
+             sum). Fixed rate: open-loop client, {fixed:?} at 2000 req/s (100 B) and \
              100 req/s (1 MiB), latency from the intended send time. CPU = user+sys of the \
              proxy's process tree over the wrk run. Idle: {idle_n} keep-alive client \
              connections after one request each, RSS delta."
@@ -56,82 +69,29 @@ async fn data_path_with(scale: &Scale, report: &mut Report, workers: usize) -> a
         kinds.push(Kind::GsbBaseline);
     }
     kinds.extend([Kind::Haproxy, Kind::Nginx]);
+    let mut running = Vec::new();
     for kind in kinds {
-        let r = match proxies::start(kind, &primary, &backup, None, workers).await {
-            Ok(r) => r,
-            Err(e) => {
-                report.note(&format!("proxy: {} could not start: {e:#}", kind.name()));
-                continue;
-            }
-        };
+        match proxies::start(kind, &primary, &backup, None, workers).await {
+            Ok(r) => running.push((kind, r)),
+            Err(e) => report.note(&format!("proxy: {} could not start: {e:#}", kind.name())),
+        }
+    }
+    // Warm-up: first connections to the site, allocator arenas, caches; for every contender.
+    for (_, r) in &running {
+        let url = format!("{}/small", r.url);
+        tokio::task::spawn_blocking(move || load::wrk(&url, conns, 1)).await??;
+    }
+    for (body, label, _) in BODIES {
+        let label = format!("{label}{suffix}");
+        saturation(report, &running, body, &label, (conns, secs), rounds).await?;
+    }
+    for (kind, r) in &running {
         let k = kind.name();
-        for (body, rate) in [("small", 2000.0), ("large", 100.0)] {
-            let label = if body == "small" { "100 B" } else { "1 MiB" };
-            let label = format!("{label}{suffix}");
+        for (body, label, rate) in BODIES {
             let url = format!("{}/{body}", r.url);
-            let cpu0 = r.pid().map(procstat::cpu_seconds);
-            let w = tokio::task::spawn_blocking({
-                let url = url.clone();
-                move || load::wrk(&url, conns, secs)
-            })
-            .await??;
-            let cpu1 = r.pid().map(procstat::cpu_seconds);
-            report.put(
-                "proxy",
-                &format!("{label} saturation throughput"),
-                "req/s",
-                false,
-                k,
-                w.rps,
-            );
-            report.put(
-                "proxy",
-                &format!("{label} saturation p50"),
-                "ms",
-                true,
-                k,
-                w.p50_us / 1e3,
-            );
-            report.put(
-                "proxy",
-                &format!("{label} saturation p99"),
-                "ms",
-                true,
-                k,
-                w.p99_us / 1e3,
-            );
-            report.put(
-                "proxy",
-                &format!("{label} saturation p99.9"),
-                "ms",
-                true,
-                k,
-                w.p999_us / 1e3,
-            );
-            report.put(
-                "proxy",
-                &format!("{label} saturation errors"),
-                "count",
-                true,
-                k,
-                w.errors as f64,
-            );
-            if let (Some(a), Some(b)) = (cpu0, cpu1) {
-                if w.requests > 0 {
-                    let per = (b - a) / w.requests as f64 * 100_000.0;
-                    report.put(
-                        "proxy",
-                        &format!("{label} CPU per 100k req"),
-                        "s",
-                        true,
-                        k,
-                        per,
-                    );
-                }
-            }
             let (recs, _) = open_loop(&url, false, rate, fixed, Duration::from_secs(5)).await;
             let (p50, p99, p999, failed) = load::percentiles(&recs);
-            let fr = format!("{label} @{rate} req/s");
+            let fr = format!("{label}{suffix} @{rate} req/s");
             report.put("proxy", &format!("{fr} p50"), "ms", true, k, p50 / 1e3);
             report.put("proxy", &format!("{fr} p99"), "ms", true, k, p99 / 1e3);
             report.put("proxy", &format!("{fr} p99.9"), "ms", true, k, p999 / 1e3);
@@ -193,6 +153,108 @@ async fn data_path_with(scale: &Scale, report: &mut Report, workers: usize) -> a
         }
     }
     Ok(())
+}
+
+/// One saturation figure set of one contender in one round.
+#[derive(Clone, Copy)]
+struct Sat {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    errors: f64,
+    /// CPU seconds per 100k requests (None for direct).
+    cpu: Option<f64>,
+}
+
+/// Saturation of every contender on `/body`, `rounds` times; round `r` starts at contender `r`
+/// (mod n), so no contender always follows the same one, and drift of the machine (another
+/// process, a warming cache) falls on all alike. Each figure is the median of its rounds; the
+/// rounds of throughput and CPU are in a note.
+async fn saturation(
+    report: &mut Report,
+    running: &[(Kind, proxies::Running)],
+    body: &str,
+    label: &str,
+    (conns, secs): (u32, u32),
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let n = running.len();
+    let mut got: Vec<Vec<Sat>> = vec![Vec::new(); n];
+    for round in 0..rounds {
+        for i in (0..n).map(|j| (j + round) % n) {
+            let r = &running[i].1;
+            let url = format!("{}/{body}", r.url);
+            let cpu0 = r.pid().map(procstat::cpu_seconds);
+            let w = tokio::task::spawn_blocking(move || load::wrk(&url, conns, secs)).await??;
+            let cpu1 = r.pid().map(procstat::cpu_seconds);
+            let cpu = match (cpu0, cpu1) {
+                (Some(a), Some(b)) if w.requests > 0 => {
+                    Some((b - a) / w.requests as f64 * 100_000.0)
+                }
+                _ => None,
+            };
+            got[i].push(Sat {
+                rps: w.rps,
+                p50_ms: w.p50_us / 1e3,
+                p99_ms: w.p99_us / 1e3,
+                p999_ms: w.p999_us / 1e3,
+                errors: w.errors as f64,
+                cpu,
+            });
+        }
+    }
+    for ((kind, _), sats) in running.iter().zip(&got) {
+        let k = kind.name();
+        let med = |f: fn(&Sat) -> f64| median(sats.iter().map(f).collect());
+        let put = |report: &mut Report, what: &str, unit: &str, lower: bool, v: f64| {
+            report.put("proxy", &format!("{label} {what}"), unit, lower, k, v)
+        };
+        put(
+            report,
+            "saturation throughput",
+            "req/s",
+            false,
+            med(|s| s.rps),
+        );
+        put(report, "saturation p50", "ms", true, med(|s| s.p50_ms));
+        put(report, "saturation p99", "ms", true, med(|s| s.p99_ms));
+        put(report, "saturation p99.9", "ms", true, med(|s| s.p999_ms));
+        let errors = sats.iter().map(|s| s.errors).sum();
+        put(report, "saturation errors", "count", true, errors);
+        let cpus: Vec<f64> = sats.iter().filter_map(|s| s.cpu).collect();
+        if !cpus.is_empty() {
+            put(report, "CPU per 100k req", "s", true, median(cpus.clone()));
+        }
+        if rounds > 1 {
+            let list = |v: Vec<f64>, prec: usize| {
+                v.iter()
+                    .map(|x| format!("{x:.prec$}"))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            };
+            let rps = list(sats.iter().map(|s| s.rps).collect(), 0);
+            let p99 = list(sats.iter().map(|s| s.p99_ms).collect(), 2);
+            let cpu = match cpus.is_empty() {
+                true => String::new(),
+                false => format!("; CPU per 100k req (s) {}", list(cpus, 2)),
+            };
+            report.note(&format!(
+                "proxy: {label} saturation rounds of {k}: req/s {rps}; p99 (ms) {p99}{cpu}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The median (the mean of the middle two for an even count); 0 for none.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 fn mib(b: u64) -> f64 {
