@@ -869,52 +869,70 @@ pub(crate) fn parse_response(buf: &[u8], req_is_head: bool, close: bool) -> Resp
             _ => RespParse::Informational(head_len),
         };
     }
-    // The headers the site's `Connection` names, and whether it closes.
+    // Whether the site's `Connection` names headers (dropped below), and whether it closes.
     let mut reusable = version == 1;
-    let mut named: [&[u8]; 8] = [&[]; 8];
-    let mut n_named = 0;
-    let (mut cl, mut chunked, mut te) = (None, false, false);
-    // The site's transfer codings before a final `chunked` (e.g. `gzip`): kept for the client.
-    let mut codings: &[u8] = &[];
+    let mut names_headers = false;
+    let (mut cl, mut te_lines, mut te_line): (_, usize, &[u8]) = (None, 0, &[]);
     for h in resp.headers.iter() {
         if eq(h.name, "connection") {
             for token in h.value.split(|&b| b == b',').map(trim) {
                 if token.eq_ignore_ascii_case(b"close") {
                     reusable = false;
                 } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
-                    if n_named == named.len() {
-                        return RespParse::Invalid("too many Connection tokens");
-                    }
-                    named[n_named] = token;
-                    n_named += 1;
+                    names_headers = true;
                 }
             }
         } else if eq(h.name, "transfer-encoding") {
-            if te {
-                return RespParse::Invalid("repeated Transfer-Encoding");
-            }
-            te = true;
-            // RFC 9112 §6.1: `chunked` frames the body only as the last coding; with any other
-            // last coding the body runs to the close.
-            let v = trim(h.value);
-            let (rest, last) = match v.iter().rposition(|&b| b == b',') {
-                Some(i) => (trim(&v[..i]), trim(&v[i + 1..])),
-                None => (&[][..], v),
-            };
-            chunked = last.eq_ignore_ascii_case(b"chunked");
-            codings = if chunked { rest } else { v };
-            if !codings
-                .iter()
-                .all(|&b| b.is_ascii_alphanumeric() || b" ,-_.".contains(&b))
-            {
-                return RespParse::Invalid("invalid Transfer-Encoding");
-            }
+            te_lines += 1;
+            te_line = trim(h.value);
         } else if eq(h.name, "content-length") {
             match (cl, content_length(h.value)) {
                 (None, Some(n)) => cl = Some(n),
                 (Some(a), Some(b)) if a == b => {}
                 _ => return RespParse::Invalid("invalid Content-Length"),
             }
+        }
+    }
+    // Several `Transfer-Encoding` lines are one list, in their order (RFC 9110 §5.3).
+    let joined: Vec<u8>;
+    let te_value = match te_lines {
+        0 => None,
+        1 => Some(te_line),
+        _ => {
+            let lines = resp
+                .headers
+                .iter()
+                .filter(|h| eq(h.name, "transfer-encoding"));
+            joined = lines
+                .map(|h| trim(h.value))
+                .collect::<Vec<_>>()
+                .join(&b", "[..]);
+            Some(&joined[..])
+        }
+    };
+    let te = te_value.is_some();
+    // RFC 9112 §6.1: `chunked` frames the body only as the last coding, and is applied once;
+    // with any other last coding the body runs to the close. The site's codings before a
+    // final `chunked` (e.g. `gzip`) are kept for the client.
+    let (mut chunked, mut codings): (bool, &[u8]) = (false, &[]);
+    if let Some(v) = te_value {
+        let (rest, last) = match v.iter().rposition(|&b| b == b',') {
+            Some(i) => (trim(&v[..i]), trim(&v[i + 1..])),
+            None => (&[][..], v),
+        };
+        chunked = last.eq_ignore_ascii_case(b"chunked");
+        codings = if chunked { rest } else { v };
+        if !codings
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b" ,-_.".contains(&b))
+        {
+            return RespParse::Invalid("invalid Transfer-Encoding");
+        }
+        if rest
+            .split(|&b| b == b',')
+            .any(|c| trim(c).eq_ignore_ascii_case(b"chunked"))
+        {
+            return RespParse::Invalid("chunked before the last transfer coding");
         }
     }
     let no_body = req_is_head || code == 204 || code == 304;
@@ -943,10 +961,9 @@ pub(crate) fn parse_response(buf: &[u8], req_is_head: bool, close: bool) -> Resp
             || (te && eq(name, "content-length"))
             // A length the site names is still the body's framing for the client (hyper
             // writes it back from the body's size).
-            || (!eq(name, "content-length")
-                && named[..n_named]
-                    .iter()
-                    .any(|t| t.eq_ignore_ascii_case(name.as_bytes())));
+            || (names_headers
+                && !eq(name, "content-length")
+                && named_by_connection(resp.headers, name));
         if drop {
             continue;
         }
@@ -981,6 +998,16 @@ pub(crate) fn parse_response(buf: &[u8], req_is_head: bool, close: bool) -> Resp
         reusable,
         out,
     })
+}
+
+/// Whether a `Connection` header of `headers` names the header `name` (any number of tokens,
+/// on any number of lines).
+fn named_by_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
+    headers
+        .iter()
+        .filter(|h| eq(h.name, "connection"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .any(|t| trim(t).eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// Finds the end of a chunked body (RFC 9112 §7.1) as its bytes pass, strictly: hex sizes,
@@ -1393,6 +1420,9 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             "HTTP/1.1 101 Switching Protocols\r\n\r\n",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\x01, chunked\r\n\r\n",
+            // Chunked applied twice, or not last: no framing a client could rely on.
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert!(
                 matches!(
@@ -1431,6 +1461,41 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("Content-Length"), "{out}");
+    }
+
+    #[test]
+    fn several_transfer_encoding_lines_are_one_list() {
+        let h = resp(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.framing, Framing::Chunked);
+        let out = String::from_utf8(h.out).expect("utf-8");
+        assert!(
+            out.contains("transfer-encoding: gzip, chunked\r\n"),
+            "{out}"
+        );
+        assert_eq!(out.matches("transfer-encoding").count(), 1, "{out}");
+    }
+
+    #[test]
+    fn every_header_the_sites_connection_names_is_dropped() {
+        // More names than any fixed table, on two lines.
+        let names: Vec<String> = (0..20).map(|i| format!("X-Hop-{i}")).collect();
+        let mut head = format!(
+            "HTTP/1.1 200 OK\r\nConnection: {}\r\nConnection: X-Last\r\n",
+            names.join(", ")
+        );
+        for n in names.iter().chain([&"X-Last".to_owned()]) {
+            head.push_str(&format!("{n}: 1\r\n"));
+        }
+        head.push_str("X-Kept: 1\r\nContent-Length: 0\r\n\r\n");
+        let h = resp(&head, false);
+        assert!(h.reusable);
+        let out = String::from_utf8(h.out).expect("utf-8");
+        assert!(!out.contains("X-Hop-"), "{out}");
+        assert!(!out.contains("X-Last"), "{out}");
+        assert!(out.contains("X-Kept: 1\r\n"), "{out}");
     }
 
     #[test]
