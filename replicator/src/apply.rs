@@ -1134,8 +1134,12 @@ impl Table {
                     }
                 }
                 (false, true) => {
-                    for (a, c) in inserts.iter_mut().zip(&row) {
-                        a.push(val(c));
+                    // The row's cells are moved, not shared once more.
+                    for (a, c) in inserts.iter_mut().zip(row) {
+                        a.push(match c {
+                            Cell::Set(v) => v,
+                            Cell::Unset => None,
+                        });
                     }
                 }
                 (true, true) => {

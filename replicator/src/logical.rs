@@ -611,9 +611,12 @@ async fn read_stream(
                 permit.send(std::mem::take(&mut pending));
             }
             msg = repl.recv(), if pending.changes.len() < max_rows => {
-                let Some(msg) = msg? else {
+                let Some(mut msg) = msg? else {
                     return Err(Error::Replication { site: ss, what: "the server ended the stream".into() });
                 };
+                // Every message the read brought, in one go (one wake-up per message otherwise);
+                // no further than a batch's worth, as above.
+                loop {
                 match msg {
                     StreamMsg::Keepalive { wal_end, reply } => {
                         idle_pos = idle_pos.max(wal_end);
@@ -630,6 +633,14 @@ async fn read_stream(
                             on_message(d, m, &mut rels, &mut cur, &mut pending, start)?;
                         }
                     }
+                }
+                if pending.changes.len() >= max_rows {
+                    break;
+                }
+                match repl.recv_buffered()? {
+                    Some(m) => msg = m,
+                    None => break,
+                }
                 }
             }
             _ = tick.tick() => {
