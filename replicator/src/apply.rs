@@ -134,6 +134,9 @@ struct Table {
     insert: Statement,
     /// `COPY ... FROM STDIN` of every column (text format).
     copy: Statement,
+    /// The same in the binary format, with each column's type, when every column's type is
+    /// one `copybin` writes.
+    copy_bin: Option<(Statement, Vec<crate::copybin::BinType>)>,
     conflict: Statement,
     /// Per set of non-key columns written (a mask over `cols`), prepared when first needed.
     updates: std::sync::Mutex<HashMap<Vec<bool>, Statement>>,
@@ -490,7 +493,7 @@ impl Applier {
                 let stmt = match w {
                     Write::Delete => tbl.delete.clone(),
                     Write::Insert if arrays[0].len() >= COPY_FROM => {
-                        copies.push((&tbl.copy, copy_text(&arrays)));
+                        copies.push(tbl.copy_data(&arrays));
                         continue;
                     }
                     Write::Insert => tbl.insert.clone(),
@@ -954,6 +957,19 @@ impl Table {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let types: Option<Vec<_>> = cols
+            .iter()
+            .map(|c| crate::copybin::BinType::of(&c.ty))
+            .collect();
+        let copy_bin = match types {
+            Some(types) => Some((
+                dst.prepare(&format!("{copy} (FORMAT binary)"))
+                    .await
+                    .map_err(db(site, format!("preparing the apply of {name}")))?,
+                types,
+            )),
+            None => None,
+        };
         let conflict = format!(
             "WITH k AS (SELECT jsonb_populate_record(NULL::{q}, $2::text::jsonb) AS r), \
                   l AS (SELECT t FROM {q} t, k WHERE ({keys_t}) = ({kr})), \
@@ -987,12 +1003,24 @@ impl Table {
             delete: prep(delete).await?,
             insert: prep(insert).await?,
             copy: prep(copy).await?,
+            copy_bin,
             conflict: prep(conflict).await?,
             updates: Default::default(),
             shape,
             cols,
             key,
         })
+    }
+
+    /// The COPY of an insert's rows: in the binary format when every value is in a form
+    /// `copybin` reads, else in the text format.
+    fn copy_data(&self, arrays: &[Vec<Option<Text>>]) -> (&Statement, bytes::Bytes) {
+        if let Some((stmt, types)) = &self.copy_bin {
+            if let Some(data) = crate::copybin::encode(arrays, types) {
+                return (stmt, data);
+            }
+        }
+        (&self.copy, copy_text(arrays))
     }
 
     /// The change's values per target column, by column name (its shape may be older).
@@ -1106,8 +1134,12 @@ impl Table {
                     }
                 }
                 (false, true) => {
-                    for (a, c) in inserts.iter_mut().zip(&row) {
-                        a.push(val(c));
+                    // The row's cells are moved, not shared once more.
+                    for (a, c) in inserts.iter_mut().zip(row) {
+                        a.push(match c {
+                            Cell::Set(v) => v,
+                            Cell::Unset => None,
+                        });
                     }
                 }
                 (true, true) => {

@@ -13,6 +13,7 @@ mod apply;
 mod changelog;
 mod config;
 mod copy;
+mod copybin;
 mod db;
 mod elect;
 mod error;

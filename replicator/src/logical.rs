@@ -611,9 +611,12 @@ async fn read_stream(
                 permit.send(std::mem::take(&mut pending));
             }
             msg = repl.recv(), if pending.changes.len() < max_rows => {
-                let Some(msg) = msg? else {
+                let Some(mut msg) = msg? else {
                     return Err(Error::Replication { site: ss, what: "the server ended the stream".into() });
                 };
+                // Every message the read brought, in one go (one wake-up per message otherwise);
+                // no further than a batch's worth, as above.
+                loop {
                 match msg {
                     StreamMsg::Keepalive { wal_end, reply } => {
                         idle_pos = idle_pos.max(wal_end);
@@ -625,9 +628,19 @@ async fn read_stream(
                     }
                     StreamMsg::XLogData { start: at, data } => {
                         received = received.max(at);
-                        let m = pgoutput::decode(data).map_err(|e| Error::Replication { site: ss, what: e.to_string() })?;
-                        on_message(d, m, &mut rels, &mut cur, &mut pending, start)?;
+                        if !is_echoed_row(&cur, &data) {
+                            let m = pgoutput::decode(data).map_err(|e| Error::Replication { site: ss, what: e.to_string() })?;
+                            on_message(d, m, &mut rels, &mut cur, &mut pending, start)?;
+                        }
                     }
+                }
+                if pending.changes.len() >= max_rows {
+                    break;
+                }
+                match repl.recv_buffered()? {
+                    Some(m) => msg = m,
+                    None => break,
+                }
                 }
             }
             _ = tick.tick() => {
@@ -825,6 +838,12 @@ async fn observe_slot(
         .with_label_values(&[d.name])
         .set(behind);
     Ok((parse_lsn(&wal_now).unwrap_or(0), behind))
+}
+
+/// A row of a transaction that carried an Origin message (an echo of gsb's own apply): dropped
+/// as it arrives, by its tag alone, never decoded (PostgreSQL 15 sends every applied row back).
+fn is_echoed_row(cur: &Option<Txn>, data: &[u8]) -> bool {
+    cur.as_ref().is_some_and(|t| t.skip) && pgoutput::is_row_change(data)
 }
 
 fn on_message(
@@ -1134,4 +1153,42 @@ pub async fn resync(cfg: &Config) -> Result<ResyncReport, Error> {
         report.directions.push((d.name.to_owned(), what.join("; ")));
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_echoed_transactions_rows_are_dropped_undecoded() {
+        let txn = |skip| {
+            Some(Txn {
+                skip,
+                ts_us: 0,
+                changes: Vec::new(),
+            })
+        };
+        // An Insert whose value is cut short: decoding it would fail.
+        let row = b"I\0\0\x40\x00N\0\x01t\0\0\0\x10abc";
+        assert!(pgoutput::decode(bytes::Bytes::from_static(row)).is_err());
+        assert!(
+            is_echoed_row(&txn(true), row),
+            "an echo's row is not decoded"
+        );
+        for m in [&b"U\0"[..], b"D\0"] {
+            assert!(is_echoed_row(&txn(true), m));
+        }
+        assert!(
+            !is_echoed_row(&txn(false), row),
+            "a row to apply is decoded"
+        );
+        assert!(
+            !is_echoed_row(&None, row),
+            "outside a transaction: decoded, an error"
+        );
+        // An echo's other messages are read: a Relation message describes later rows.
+        for m in [&b"R\0"[..], b"C\0", b"B\0", b"Y\0"] {
+            assert!(!is_echoed_row(&txn(true), m));
+        }
+    }
 }

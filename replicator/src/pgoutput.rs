@@ -247,6 +247,11 @@ impl Rd {
     }
 }
 
+/// Whether the message is a row change (Insert, Update or Delete), by its tag alone.
+pub fn is_row_change(data: &[u8]) -> bool {
+    matches!(data.first(), Some(b'I' | b'U' | b'D'))
+}
+
 /// Decodes one pgoutput message.
 pub fn decode(data: Bytes) -> Result<Msg, DecodeError> {
     let mut r = Rd(data);

@@ -259,29 +259,8 @@ impl ReplConn {
     /// postgres-protocol's parser knows no CopyBoth).
     async fn read_frame(&mut self) -> Result<Frame, Error> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-                if len < 4 {
-                    return Err(self.proto(format!("bad message length {len}")));
-                }
-                let total = 1 + len as usize;
-                if self.buf.len() >= total {
-                    let tag = self.buf[0];
-                    let mut frame = self.buf.split_to(total);
-                    return match tag {
-                        b'W' => Ok(Frame::CopyBoth),
-                        b'd' => {
-                            frame.advance(5);
-                            Ok(Frame::Copy(frame.freeze()))
-                        }
-                        _ => match Message::parse(&mut frame) {
-                            Ok(Some(m)) => Ok(Frame::Other(m)),
-                            Ok(None) => Err(self.proto("truncated message".into())),
-                            Err(e) => Err(self.proto(format!("bad message: {e}"))),
-                        },
-                    };
-                }
-                self.buf.reserve(total - self.buf.len());
+            if let Some(frame) = self.buffered_frame()? {
+                return Ok(frame);
             }
             self.buf.reserve(64 * 1024);
             let n = self
@@ -298,6 +277,36 @@ impl ReplConn {
                     what: "the server closed the replication connection".into(),
                 });
             }
+        }
+    }
+
+    /// The next whole backend message in what was already read, if there is one.
+    fn buffered_frame(&mut self) -> Result<Option<Frame>, Error> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        if len < 4 {
+            return Err(self.proto(format!("bad message length {len}")));
+        }
+        let total = 1 + len as usize;
+        if self.buf.len() < total {
+            self.buf.reserve(total - self.buf.len());
+            return Ok(None);
+        }
+        let tag = self.buf[0];
+        let mut frame = self.buf.split_to(total);
+        match tag {
+            b'W' => Ok(Some(Frame::CopyBoth)),
+            b'd' => {
+                frame.advance(5);
+                Ok(Some(Frame::Copy(frame.freeze())))
+            }
+            _ => match Message::parse(&mut frame) {
+                Ok(Some(m)) => Ok(Some(Frame::Other(m))),
+                Ok(None) => Err(self.proto("truncated message".into())),
+                Err(e) => Err(self.proto(format!("bad message: {e}"))),
+            },
         }
     }
 
@@ -375,30 +384,55 @@ impl ReplConn {
     pub(crate) async fn recv(&mut self) -> Result<Option<StreamMsg>, Error> {
         loop {
             match self.read_frame().await? {
-                Frame::Copy(mut d) => {
-                    if d.is_empty() {
-                        continue;
-                    }
-                    match d.get_u8() {
-                        b'w' if d.len() >= 24 => {
-                            let start = d.get_u64();
-                            let _wal_end = d.get_u64();
-                            let _send_time = d.get_i64();
-                            return Ok(Some(StreamMsg::XLogData { start, data: d }));
-                        }
-                        b'k' if d.len() >= 17 => {
-                            let wal_end = d.get_u64();
-                            let _send_time = d.get_i64();
-                            let reply = d.get_u8() == 1;
-                            return Ok(Some(StreamMsg::Keepalive { wal_end, reply }));
-                        }
-                        t => return Err(self.proto(format!("unexpected CopyData kind {t:#x}"))),
+                Frame::Copy(d) => {
+                    if let Some(m) = self.copy_msg(d)? {
+                        return Ok(Some(m));
                     }
                 }
                 Frame::Other(Message::CopyDone) => return Ok(None),
                 Frame::Other(Message::ErrorResponse(body)) => return Err(self.server_error(body)),
                 _ => {}
             }
+        }
+    }
+
+    /// The next stream message if the whole of it was already read (no read, no wait: what
+    /// one read brought is handled at once, not one wake-up per message); anything but a
+    /// stream message is left for [`Self::recv`].
+    pub(crate) fn recv_buffered(&mut self) -> Result<Option<StreamMsg>, Error> {
+        while self.buf.first() == Some(&b'd') {
+            match self.buffered_frame()? {
+                Some(Frame::Copy(d)) => {
+                    if let Some(m) = self.copy_msg(d)? {
+                        return Ok(Some(m));
+                    }
+                }
+                Some(_) => return Err(self.proto("CopyData framed as another message".into())),
+                None => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// The stream message a CopyData carries (none in an empty one).
+    fn copy_msg(&self, mut d: bytes::Bytes) -> Result<Option<StreamMsg>, Error> {
+        if d.is_empty() {
+            return Ok(None);
+        }
+        match d.get_u8() {
+            b'w' if d.len() >= 24 => {
+                let start = d.get_u64();
+                let _wal_end = d.get_u64();
+                let _send_time = d.get_i64();
+                Ok(Some(StreamMsg::XLogData { start, data: d }))
+            }
+            b'k' if d.len() >= 17 => {
+                let wal_end = d.get_u64();
+                let _send_time = d.get_i64();
+                let reply = d.get_u8() == 1;
+                Ok(Some(StreamMsg::Keepalive { wal_end, reply }))
+            }
+            t => Err(self.proto(format!("unexpected CopyData kind {t:#x}"))),
         }
     }
 
@@ -462,6 +496,76 @@ fn fallible_next_range(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn copy_data(body: &[u8]) -> Vec<u8> {
+        let mut f = vec![b'd'];
+        f.put_i32(4 + body.len() as i32);
+        f.extend_from_slice(body);
+        f
+    }
+
+    fn xlog(start: u64, payload: &[u8]) -> Vec<u8> {
+        let mut b = vec![b'w'];
+        b.put_u64(start);
+        b.put_u64(start);
+        b.put_i64(0);
+        b.extend_from_slice(payload);
+        copy_data(&b)
+    }
+
+    /// What one read brought is handed out message by message without another read; a
+    /// message not whole yet, and anything but stream data, wait for `recv`.
+    #[tokio::test]
+    async fn buffered_stream_messages_are_handed_out_without_a_read() {
+        let (ours, mut server) = tokio::io::duplex(1 << 16);
+        let mut c = ReplConn {
+            stream: Box::new(ours),
+            buf: BytesMut::new(),
+            site: "primary",
+        };
+        let mut wire = xlog(1, b"B");
+        wire.extend(copy_data(b""));
+        wire.extend(xlog(2, b"I"));
+        let mut keepalive = vec![b'k'];
+        keepalive.put_u64(9);
+        keepalive.put_i64(0);
+        keepalive.put_u8(1);
+        wire.extend(copy_data(&keepalive));
+        wire.extend([b'c', 0, 0, 0, 4]); // CopyDone
+        let cut = xlog(3, b"C");
+        wire.extend(&cut[..cut.len() - 1]);
+        server.write_all(&wire).await.unwrap();
+        assert!(matches!(
+            c.recv().await.unwrap(),
+            Some(StreamMsg::XLogData { start: 1, .. })
+        ));
+        // The rest arrived with the same read: no read, no wait.
+        assert!(matches!(
+            c.recv_buffered().unwrap(),
+            Some(StreamMsg::XLogData { start: 2, .. })
+        ));
+        assert!(matches!(
+            c.recv_buffered().unwrap(),
+            Some(StreamMsg::Keepalive {
+                wal_end: 9,
+                reply: true
+            })
+        ));
+        assert!(
+            c.recv_buffered().unwrap().is_none(),
+            "CopyDone is left for recv"
+        );
+        assert!(c.recv().await.unwrap().is_none(), "the stream ended");
+        assert!(
+            c.recv_buffered().unwrap().is_none(),
+            "a message not whole yet"
+        );
+        server.write_all(&cut[cut.len() - 1..]).await.unwrap();
+        assert!(matches!(
+            c.recv().await.unwrap(),
+            Some(StreamMsg::XLogData { start: 3, .. })
+        ));
+    }
 
     #[test]
     fn lsn_round_trips() {
