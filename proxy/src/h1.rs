@@ -356,6 +356,7 @@ async fn relay(
         framing,
         mut reusable,
         mut out,
+        chunks,
         ..
     } = head;
     let body = &rbuf[head_len..];
@@ -374,20 +375,22 @@ async fn relay(
             }
         }
         Framing::Chunked => {
-            let mut scan = Chunked::default();
-            match scan.feed(body) {
-                Ok(used) => {
-                    out.extend_from_slice(&body[..used]);
-                    reusable &= used == body.len();
-                    match scan.done() {
-                        true => BodyState::Done,
-                        false => BodyState::Chunked(scan),
-                    }
+            let (scan, used) = match chunks {
+                Some(scanned) => scanned,
+                None => {
+                    let mut scan = Chunked::default();
+                    let Ok(used) = scan.feed(body) else {
+                        tracing::debug!("site sent a malformed chunked body");
+                        return false;
+                    };
+                    (scan, used)
                 }
-                Err(()) => {
-                    tracing::debug!("site sent a malformed chunked body");
-                    return false;
-                }
+            };
+            out.extend_from_slice(&body[..used]);
+            reusable &= used == body.len();
+            match scan.done() {
+                true => BodyState::Done,
+                false => BodyState::Chunked(scan),
             }
         }
         Framing::Eof => {
@@ -837,6 +840,10 @@ pub(crate) struct RespHead {
     pub reusable: bool,
     /// The head for the client.
     pub out: Vec<u8>,
+    /// A chunked body: the scan of the body bytes read with the head (by [`send`], which
+    /// refuses a malformed one before anything reached the client) and how many of those
+    /// bytes belong to this answer.
+    pub chunks: Option<(Chunked, usize)>,
 }
 
 /// What [`parse_response`] found.
@@ -997,6 +1004,7 @@ pub(crate) fn parse_response(buf: &[u8], req_is_head: bool, close: bool) -> Resp
         framing,
         reusable,
         out,
+        chunks: None,
     })
 }
 
@@ -1261,7 +1269,18 @@ async fn send(
                         break;
                     }
                 }
-                RespParse::Done(head) => return Ok(head),
+                RespParse::Done(mut head) => {
+                    if head.framing == Framing::Chunked {
+                        // Checked before the head goes out: a malformed body that came with
+                        // the head is a 502 (and passive health), not a cut answer.
+                        let mut scan = Chunked::default();
+                        let used = scan
+                            .feed(&rbuf[head.head_len..])
+                            .map_err(|()| Failure::Failed("malformed chunked body".into()))?;
+                        head.chunks = Some((scan, used));
+                    }
+                    return Ok(head);
+                }
                 RespParse::Invalid(why) => return Err(Failure::Failed(why.into())),
             }
         }

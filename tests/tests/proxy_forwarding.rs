@@ -1156,7 +1156,8 @@ async fn an_unreadable_ca_file_stops_the_start_naming_the_key() {
 /// keep-alive. On each connection, a request for `/stale...` after the first is read and then
 /// the connection is closed without an answer (a kept connection the site dropped just as the
 /// proxy reused it); `/cut` gets a head announcing 1000 bytes, 10 of them, and a close (a site
-/// killed mid-answer). `/health/...` is always answered. Returns its URL and the count of
+/// killed mid-answer); `/badchunk` a chunked head whose first chunk size is not hex, in the
+/// same write, and a close. `/health/...` is always answered. Returns its URL and the count of
 /// `/stale` requests it read.
 async fn raw_site() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -1196,6 +1197,12 @@ async fn raw_site() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
                     if path == "/cut" {
                         let _ = tcp
                             .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+                            .await;
+                        return;
+                    }
+                    if path == "/badchunk" {
+                        let _ = tcp
+                            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n")
                             .await;
                         return;
                     }
@@ -1428,6 +1435,15 @@ async fn fast_path_retries_a_stale_site_connection_and_survives_a_site_cut_mid_a
     let text = String::from_utf8_lossy(&body);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with("0123456789"), "{text}");
+    // A malformed chunked body that came with the head: nothing has reached the client yet,
+    // so it is a failed answer, not the site's 200 and a cut: a GET goes to the other site,
+    // a POST gets a 502 from the proxy.
+    let r = c.get(gsb.url("/badchunk")).send().await.expect("get");
+    assert_eq!(r.status(), 200);
+    assert_eq!(backup.requests(), 1, "the GET was answered by the backup");
+    let r = c.post(gsb.url("/badchunk")).send().await.expect("post");
+    assert_eq!(r.status(), 502);
+    assert_eq!(backup.requests(), 1, "the POST was not retried");
     // The proxy is fine.
     let r = c.get(gsb.url("/after-cut")).send().await.expect("get");
     assert_eq!(r.text().await.expect("body"), "raw /after-cut");

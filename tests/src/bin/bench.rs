@@ -17,6 +17,8 @@
 //! servers. For development, `BENCH_ONLY=bucardo` (a comma-separated list of `gsb`,
 //! `gsb-triggers`, `pglogical`, `bucardo`) runs only those contenders, e.g.
 //! `BENCH_ONLY=bucardo bench replication --scale 0.1`; `bench pglogical` is pglogical alone.
+//! `BENCH_PARTS=lag` (a comma-separated list of `lag`, `conflicts`, `catch-up`, `two-way`,
+//! `overhead`) runs only those parts of gsb's and pglogical's runs.
 //! `BENCH_BUCARDO_LOG=<dir>` keeps Bucardo's log files (they live in a temp dir otherwise) and
 //! `BENCH_BUCARDO_LOG_LEVEL=VERBOSE` (or DEBUG) makes them say what each sync run did.
 #![forbid(unsafe_code)]

@@ -413,7 +413,7 @@ pub(crate) async fn bucardo(p: &Params, report: &mut Report) -> anyhow::Result<(
         ("backup PostgreSQL", pair.backup.pid()),
         ("Bucardo's control PostgreSQL", bc.control.pid()),
     ];
-    lag_runs(&pair, dur, &pids, "Bucardo", "b", report).await;
+    lag_runs(&pair, dur, &pids, None, "Bucardo", "b", report).await;
     let before = bc.conflicts_logged();
     let res = conflicts(&pair, ncf).await;
     put_conflicts(report, "Bucardo", ncf, res);

@@ -471,6 +471,15 @@ impl Params {
     }
 }
 
+/// Whether `BENCH_PARTS` (a comma-separated list of lag, conflicts, catch-up, two-way,
+/// overhead) selects `part` of a contender's run; unset or empty selects every part.
+pub(crate) fn part(part: &str) -> bool {
+    match std::env::var("BENCH_PARTS") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').any(|w| w.trim().eq_ignore_ascii_case(part)),
+        _ => true,
+    }
+}
+
 /// Whether `BENCH_ONLY` (a comma-separated list of gsb, pglogical, bucardo) selects `who`;
 /// unset or empty selects every contender.
 pub(crate) fn wanted(who: &str) -> bool {
@@ -869,17 +878,23 @@ pub async fn replication(scale: &Scale, report: &mut Report) -> anyhow::Result<(
 /// gsb two way on a fresh pair with default settings.
 /// The lag runs at every rate, one way and each way at once, reported for `contender`; during
 /// the each-way runs, the CPU cores each of `pids` used (a coarse profile of where the CPU goes
-/// while both directions carry the load).
+/// while both directions carry the load). With `metrics` (a gsb replicator's `/metrics`),
+/// a note per one-way run says how long its batches took to apply (where the lag goes).
 pub(crate) async fn lag_runs(
     pair: &Pair,
     dur: Duration,
     pids: &[(&str, Option<u32>)],
+    metrics: Option<&str>,
     contender: &str,
     tag: &str,
     report: &mut Report,
 ) {
     for rate in RATES {
         for both in [false, true] {
+            let batches0 = match (metrics, both) {
+                (Some(url), false) => apply_time(url).await,
+                _ => None,
+            };
             let cpu0: Vec<f64> = pids
                 .iter()
                 .map(|(_, p)| p.map(procstat::cpu_seconds).unwrap_or(0.0))
@@ -897,8 +912,35 @@ pub(crate) async fn lag_runs(
                 }
             }
             put_lag(report, contender, rate, both, res);
+            if let (Some((s0, n0)), Some(url)) = (batches0, metrics) {
+                if let Some((s1, n1)) = apply_time(url).await {
+                    let n = n1 - n0;
+                    if n > 0.0 {
+                        report.note(&format!(
+                            "replication: {contender} @{rate} writes/s one way: {n} batches, \
+                             {:.0} µs each to apply on average (gsb_replication_batch_duration_seconds)",
+                            (s1 - s0) / n * 1e6
+                        ));
+                    }
+                }
+            }
         }
     }
+}
+
+/// The primary -> backup direction's total apply time (s) and batches, from gsb's metrics.
+async fn apply_time(url: &str) -> Option<(f64, f64)> {
+    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+    let find = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains("primary_to_backup"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    Some((
+        find("gsb_replication_batch_duration_seconds_sum")?,
+        find("gsb_replication_batch_duration_seconds_count")?,
+    ))
 }
 
 /// gsb (contender `who`) with `capture`, every figure.
@@ -919,23 +961,35 @@ async fn gsb(p: &Params, report: &mut Report, who: &str, capture: &str) -> anyho
         ("primary PostgreSQL", pair.primary.pid()),
         ("backup PostgreSQL", pair.backup.pid()),
     ];
-    lag_runs(&pair, dur, &pids, who, "g", report).await;
-    let res = conflicts(&pair, ncf).await;
-    put_conflicts(report, who, ncf, res);
+    if part("lag") {
+        let metrics = repl.status_url.replace("/status", "/metrics");
+        lag_runs(&pair, dur, &pids, Some(&metrics), who, "g", report).await;
+    }
+    if part("conflicts") {
+        let res = conflicts(&pair, ncf).await;
+        put_conflicts(report, who, ncf, res);
+    }
     // Catch-up and apply rates: no visibility probe needed.
     drop_probe(&pair).await?;
     let pc = connect(&pair.primary.dsn("site")).await;
     let bc = connect(&pair.backup.dsn("site")).await;
     repl.stop();
-    backlog(&pc, "cu", big).await?;
-    repl.start().await?;
-    let t = wait_backlog(&bc, "cu", big, Duration::from_secs(600)).await;
-    put_catch_up(report, who, big, t);
-    repl.stop();
-    tokio::try_join!(backlog(&pc, "ap", each), backlog(&bc, "ab", each))?;
-    repl.start().await?;
-    two_way_apply(&pair, each, report, who).await?;
-    repl.stop();
+    if part("catch-up") {
+        backlog(&pc, "cu", big).await?;
+        repl.start().await?;
+        let t = wait_backlog(&bc, "cu", big, Duration::from_secs(600)).await;
+        put_catch_up(report, who, big, t);
+        repl.stop();
+    }
+    if part("two-way") {
+        tokio::try_join!(backlog(&pc, "ap", each), backlog(&bc, "ab", each))?;
+        repl.start().await?;
+        two_way_apply(&pair, each, report, who).await?;
+        repl.stop();
+    }
+    if !part("overhead") {
+        return Ok(());
+    }
     // Capture overhead on the primary's server: the same database with the replicator
     // streaming it (logical decoding, or the triggers, of every write, applied on the backup)
     // vs stopped (and the triggers disabled: as if gsb were not installed).
@@ -1052,19 +1106,26 @@ async fn pglogical(p: &Params, report: &mut Report) -> anyhow::Result<()> {
     let pair = Pair::start(settings).await?;
     pglogical_setup(&pair).await?;
     add_probe(&pair).await?;
-    for rate in RATES {
-        let res = lag_run(&pair, rate, dur, false, &format!("l{rate}")).await;
-        put_lag(report, "pglogical", rate, false, res);
+    if part("lag") {
+        for rate in RATES {
+            let res = lag_run(&pair, rate, dur, false, &format!("l{rate}")).await;
+            put_lag(report, "pglogical", rate, false, res);
+        }
     }
     drop_probe(&pair).await?;
     let pc = connect(&pair.primary.dsn("site")).await;
     let bc = connect(&pair.backup.dsn("site")).await;
     let mut sub = PglogicalSub(connect(&pair.backup.dsn("site")).await);
-    sub.off().await?;
-    backlog(&pc, "cu", big).await?;
-    sub.on().await?;
-    let t = wait_backlog(&bc, "cu", big, Duration::from_secs(600)).await;
-    put_catch_up(report, "pglogical", big, t);
+    if part("catch-up") {
+        sub.off().await?;
+        backlog(&pc, "cu", big).await?;
+        sub.on().await?;
+        let t = wait_backlog(&bc, "cu", big, Duration::from_secs(600)).await;
+        put_catch_up(report, "pglogical", big, t);
+    }
+    if !part("overhead") {
+        return Ok(());
+    }
     let off_is = "subscription disabled";
     overheads(&pair, pgb_secs, &mut sub, report, "pglogical", off_is).await;
     Ok(())
