@@ -375,17 +375,9 @@ async fn relay(
             }
         }
         Framing::Chunked => {
-            let (scan, used) = match chunks {
-                Some(scanned) => scanned,
-                None => {
-                    let mut scan = Chunked::default();
-                    let Ok(used) = scan.feed(body) else {
-                        tracing::debug!("site sent a malformed chunked body");
-                        return false;
-                    };
-                    (scan, used)
-                }
-            };
+            // `parse_response` scanned the bytes read with the head.
+            debug_assert!(chunks.is_some(), "a chunked head comes with its scan");
+            let (scan, used) = chunks.unwrap_or_default();
             out.extend_from_slice(&body[..used]);
             reusable &= used == body.len();
             match scan.done() {
@@ -840,9 +832,9 @@ pub(crate) struct RespHead {
     pub reusable: bool,
     /// The head for the client.
     pub out: Vec<u8>,
-    /// A chunked body: the scan of the body bytes read with the head (by [`send`], which
-    /// refuses a malformed one before anything reached the client) and how many of those
-    /// bytes belong to this answer.
+    /// A chunked body: the scan of the body bytes read with the head (by [`parse_response`],
+    /// which refuses a malformed one, so before anything reached the client) and how many of
+    /// those bytes belong to this answer.
     pub chunks: Option<(Chunked, usize)>,
 }
 
@@ -951,6 +943,18 @@ pub(crate) fn parse_response(buf: &[u8], req_is_head: bool, close: bool) -> Resp
         (false, false, false, Some(n)) => Framing::Length(n),
         (false, false, false, None) => Framing::Eof,
     };
+    // A malformed chunked body among the bytes read with the head is an invalid answer like
+    // a malformed head: refused before anything reached the client.
+    let chunks = match framing {
+        Framing::Chunked => {
+            let mut scan = Chunked::default();
+            let Ok(used) = scan.feed(&buf[head_len..]) else {
+                return RespParse::Invalid("malformed chunked body");
+            };
+            Some((scan, used))
+        }
+        _ => None,
+    };
     let mut out = Vec::with_capacity(head_len + 64);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(&[
@@ -1004,7 +1008,7 @@ pub(crate) fn parse_response(buf: &[u8], req_is_head: bool, close: bool) -> Resp
         framing,
         reusable,
         out,
-        chunks: None,
+        chunks,
     })
 }
 
@@ -1269,18 +1273,7 @@ async fn send(
                         break;
                     }
                 }
-                RespParse::Done(mut head) => {
-                    if head.framing == Framing::Chunked {
-                        // Checked before the head goes out: a malformed body that came with
-                        // the head is a 502 (and passive health), not a cut answer.
-                        let mut scan = Chunked::default();
-                        let used = scan
-                            .feed(&rbuf[head.head_len..])
-                            .map_err(|()| Failure::Failed("malformed chunked body".into()))?;
-                        head.chunks = Some((scan, used));
-                    }
-                    return Ok(head);
-                }
+                RespParse::Done(head) => return Ok(head),
                 RespParse::Invalid(why) => return Err(Failure::Failed(why.into())),
             }
         }
@@ -1442,6 +1435,8 @@ mod tests {
             // Chunked applied twice, or not last: no framing a client could rely on.
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            // A malformed chunk size read with the head: refused before the head goes out.
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n",
         ] {
             assert!(
                 matches!(

@@ -474,17 +474,19 @@ impl Params {
 /// Whether `BENCH_PARTS` (a comma-separated list of lag, conflicts, catch-up, two-way,
 /// overhead) selects `part` of a contender's run; unset or empty selects every part.
 pub(crate) fn part(part: &str) -> bool {
-    match std::env::var("BENCH_PARTS") {
-        Ok(v) if !v.trim().is_empty() => v.split(',').any(|w| w.trim().eq_ignore_ascii_case(part)),
-        _ => true,
-    }
+    env_selects("BENCH_PARTS", part)
 }
 
 /// Whether `BENCH_ONLY` (a comma-separated list of gsb, pglogical, bucardo) selects `who`;
 /// unset or empty selects every contender.
 pub(crate) fn wanted(who: &str) -> bool {
-    match std::env::var("BENCH_ONLY") {
-        Ok(v) if !v.trim().is_empty() => v.split(',').any(|w| w.trim().eq_ignore_ascii_case(who)),
+    env_selects("BENCH_ONLY", who)
+}
+
+/// Whether the comma-separated list in `var` names `name` (any case); unset or empty: yes.
+fn env_selects(var: &str, name: &str) -> bool {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => v.split(',').any(|w| w.trim().eq_ignore_ascii_case(name)),
         _ => true,
     }
 }
