@@ -19,6 +19,10 @@
 //!    transaction is rolled back and the batch applied again with one statement per change in
 //!    commit order (still one round trip).
 //!
+//! A batch with nothing to read and nothing to do but one `INSERT` (the usual one-row
+//! transaction under light load) is one statement that also sets up the origin, committed by
+//! itself (an implicit transaction): one sync point instead of four.
+//!
 //! Statements are prepared once per table and session and derived again when the source's
 //! relation changes (a Relation message: a column added). Values travel in their text form
 //! and are cast to the target's column types by the statements.
@@ -132,6 +136,9 @@ struct Table {
     lock: Statement,
     delete: Statement,
     insert: Statement,
+    /// The same, with the batch's origin setup (parameters `$n+1`, `$n+2`: end LSN, commit
+    /// time), for a batch that is this one insert and nothing else: committed by itself.
+    insert_alone: Statement,
     /// `COPY ... FROM STDIN` of every column (text format).
     copy: Statement,
     /// The same in the binary format, with each column's type, when every column's type is
@@ -253,9 +260,27 @@ const NESTED_TXN: TxnWords = TxnWords {
     rollback: "ROLLBACK TO SAVEPOINT gsb_apply",
 };
 
+/// What marks a transaction as the apply of a source's: no capture trigger fires for it
+/// (`gsb.applying`), and its commit records the source's end LSN (`$end`) as the origin's
+/// progress and the source's commit time (`$ts`) in commit_ts.
+const ORIGIN_SETUP: &str = "SELECT set_config('gsb.applying', 'on', true), \
+     pg_replication_origin_xact_setup($end::text::pg_lsn, $ts::text::timestamptz)::text";
+
 fn db(site: &'static str, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
     let what = what.into();
     move |e| Error::db(site, what, e)
+}
+
+/// A batch's writes failed with `e`: applied again another way when a constraint or a
+/// serialization failure may not recur that way.
+fn write_failed(site: &'static str, b: &Batch, mode: Mode, e: tokio_postgres::Error) -> Failed {
+    let constraint = e
+        .code()
+        .is_some_and(|c| c.code().starts_with("23") || c.code().starts_with("40"));
+    Failed {
+        retry: constraint.then(|| mode.next()).flatten(),
+        error: Error::db(site, format!("applying {} changes", b.changes.len()), e),
+    }
 }
 
 impl Applier {
@@ -273,12 +298,11 @@ impl Applier {
             .await
             .map_err(db(target, "reading the replication origin"))?
             .get(0);
+        let setup = ORIGIN_SETUP.replace("$end", "$1").replace("$ts", "$2");
         let setup = dst
-            .prepare(
-                "SELECT set_config('gsb.applying', 'on', true), \
-                 pg_replication_origin_xact_setup($1::text::pg_lsn, $2::text::timestamptz)::text, \
-                 (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
-            )
+            .prepare(&format!(
+                "{setup}, (extract(epoch FROM clock_timestamp()) * 1000000)::int8"
+            ))
             .await
             .map_err(db(target, "preparing the apply"))?;
         let before = local_now_us();
@@ -480,6 +504,8 @@ impl Applier {
         let mut logs: Vec<(&Statement, Vec<Option<String>>)> = Vec::new();
         let mut writes: Vec<(Statement, Vec<Vec<Option<Text>>>)> = Vec::new();
         let mut copies: Vec<(&Statement, bytes::Bytes)> = Vec::new();
+        // The table of the last INSERT among `writes`.
+        let mut inserts_into: Option<&Table> = None;
         for ((tbl, chs), plan) in groups.iter().zip(&plans) {
             for c in &plan.conflicts {
                 logs.push((&tbl.conflict, self.conflict_params(tbl, &chs[c.change], c)));
@@ -496,13 +522,27 @@ impl Applier {
                         copies.push(tbl.copy_data(&arrays));
                         continue;
                     }
-                    Write::Insert => tbl.insert.clone(),
+                    Write::Insert => {
+                        inserts_into = Some(*tbl);
+                        tbl.insert.clone()
+                    }
                     Write::Update(mask) => tbl
                         .update_stmt(dst, t, &mask)
                         .await
                         .map_err(Failed::fatal)?,
                 };
                 writes.push((stmt, arrays));
+            }
+        }
+        if let ([(_, arrays)], Some(tbl)) = (&writes[..], inserts_into) {
+            if !began && !self.nested && logs.is_empty() && copies.is_empty() && b.fence.is_none() {
+                let mut params: Vec<&(dyn ToSql + Sync)> =
+                    arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                params.extend(setup_params);
+                return match dst.execute(&tbl.insert_alone, &params).await {
+                    Ok(_) => Ok(self.outcome(b, groups, &plans, now_us)),
+                    Err(e) => Err(write_failed(t, b, mode, e)),
+                };
             }
         }
         let begin = async {
@@ -561,14 +601,7 @@ impl Applier {
         }
         let failed = write_err.or(r_tail.err());
         if let Some(e) = failed {
-            let constraint = e
-                .code()
-                .is_some_and(|c| c.code().starts_with("23") || c.code().starts_with("40"));
-            let what = format!("applying {} changes", b.changes.len());
-            return Err(Failed {
-                retry: constraint.then(|| mode.next()).flatten(),
-                error: Error::db(t, what, e),
-            });
+            return Err(write_failed(t, b, mode, e));
         }
         Ok(self.outcome(b, groups, &plans, now_us))
     }
@@ -950,6 +983,19 @@ impl Table {
                 .join(", "),
             unnest_select(&cols, &all, 1)
         );
+        // The setup in a CTE the insert's one-time filter reads: run once, before any row.
+        let setup = ORIGIN_SETUP
+            .replace("$end", &format!("${}", all.len() + 1))
+            .replace("$ts", &format!("${}", all.len() + 2));
+        let insert_alone = format!(
+            "WITH gsb_setup AS MATERIALIZED ({setup}) \
+             INSERT INTO {q} ({}) SELECT * FROM ({}) AS v WHERE (SELECT true FROM gsb_setup)",
+            all.iter()
+                .map(|&i| ident(&cols[i].name))
+                .collect::<Vec<_>>()
+                .join(", "),
+            unnest_select(&cols, &all, 1)
+        );
         let copy = format!(
             "COPY {q} ({}) FROM STDIN",
             all.iter()
@@ -1002,6 +1048,7 @@ impl Table {
             lock: prep(lock).await?,
             delete: prep(delete).await?,
             insert: prep(insert).await?,
+            insert_alone: prep(insert_alone).await?,
             copy: prep(copy).await?,
             copy_bin,
             conflict: prep(conflict).await?,
@@ -1635,6 +1682,56 @@ mod tests {
         assert_eq!(count(&c, "SELECT count(*) FROM gsb.conflicts WHERE winner_row->>'email' = 'later' AND loser_row->>'email' = 'l1' AND loser_origin = 'backup'").await, 1);
         assert_eq!(count(&c, "SELECT count(*) FROM gsb.conflicts WHERE winner_row->>'email' = 'l2' AND loser_row->>'email' = 'earlier' AND loser_origin = 'primary'").await, 1);
         assert_eq!(count(&c, "SELECT count(*) FROM gsb.conflicts WHERE loser_row->>'email' = 'gone' AND winner_origin = 'backup' AND winner_row IS NULL").await, 1);
+    }
+
+    /// A batch of one insert goes as one statement committed by itself: its commit still
+    /// records the origin (so the row is not shipped back), the source's commit time (the
+    /// conflict rule's stamp) and the progress; and where the key exists here after all, it
+    /// is decided like any other batch's.
+    #[tokio::test]
+    async fn a_batch_of_one_insert_commits_alone_with_the_origin_its_time_and_the_progress() {
+        let (_srv, c, mut a, users) = target().await;
+        let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
+        a.apply(
+            &c,
+            &batch(vec![row(&users, Op::Insert, 1, Some("one"), t)], 0x300),
+        )
+        .await
+        .unwrap();
+        let r = c
+            .query_one(
+                "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident::int8, \
+                        (extract(epoch FROM (pg_xact_commit_timestamp_origin(xmin)).\"timestamp\") * 1000000)::int8, \
+                        pg_replication_origin_progress('gsb_from_primary', false)::text, \
+                        (SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction') \
+                 FROM users WHERE id = 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (origin, ts, progress, open): (i64, i64, String, i64) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        assert_eq!((origin, ts), (a.origin_id, t), "the row's last writer");
+        assert_eq!(progress, "0/300");
+        assert_eq!(open, 0, "no transaction left open");
+        // The same key written here since, later: the insert fails, the batch is read again
+        // and the local row wins, logged.
+        for sql in [
+            "SELECT pg_replication_origin_session_reset()",
+            "UPDATE users SET email = 'local' WHERE id = 1",
+            "SELECT pg_replication_origin_session_setup('gsb_from_primary')",
+        ] {
+            c.batch_execute(sql).await.unwrap();
+        }
+        let out = a
+            .apply(
+                &c,
+                &batch(vec![row(&users, Op::Insert, 1, Some("late"), t + 1)], 0x400),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["conflicts"]["public.users"], 1, "{out}");
+        assert_eq!(ids_and_emails(&c).await, vec![(1, "local".to_owned())]);
     }
 
     #[tokio::test]
