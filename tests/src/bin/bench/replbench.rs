@@ -43,9 +43,12 @@ CREATE TABLE IF NOT EXISTS usage_records (id uuid PRIMARY KEY, meeting_id uuid, 
 /// The visibility probe (see the module doc).
 pub(crate) const NOTIFY_TRIGGER: &str = "
 CREATE OR REPLACE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS
-  $$ BEGIN PERFORM pg_notify('bench', NEW.id::text); RETURN NULL; END $$;
+  $$ BEGIN
+    PERFORM pg_notify('bench', CASE TG_OP WHEN 'UPDATE' THEN NEW.name ELSE NEW.id::text END);
+    RETURN NULL;
+  END $$;
 DROP TRIGGER IF EXISTS bench_notify ON users;
-CREATE TRIGGER bench_notify AFTER INSERT ON users FOR EACH ROW EXECUTE FUNCTION bench_notify();
+CREATE TRIGGER bench_notify AFTER INSERT OR UPDATE ON users FOR EACH ROW EXECUTE FUNCTION bench_notify();
 ALTER TABLE users ENABLE ALWAYS TRIGGER bench_notify;
 ";
 
@@ -186,10 +189,30 @@ async fn listen(
     Ok(client)
 }
 
-/// Inserts `rate` users per second for `dur` on `dsn` (4 connections, open loop); records acks.
+/// What a lag run writes.
+#[derive(Clone)]
+enum Writes {
+    /// New users, each known by its id.
+    Inserts,
+    /// The name of these users, in turn, each write known by the new name (a fresh uuid).
+    Updates(Arc<Vec<Uuid>>),
+}
+
+/// Writes `rate` users per second for `dur` on `dsn` (4 connections, open loop); records acks.
 async fn write_load(
     dsn: &str,
     tag: &str,
+    rate: f64,
+    dur: Duration,
+    times: Arc<Mutex<Times>>,
+) -> anyhow::Result<u64> {
+    write_load_of(dsn, tag, Writes::Inserts, rate, dur, times).await
+}
+
+async fn write_load_of(
+    dsn: &str,
+    tag: &str,
+    writes: Writes,
     rate: f64,
     dur: Duration,
     times: Arc<Mutex<Times>>,
@@ -201,8 +224,13 @@ async fn write_load(
     let n = (rate * dur.as_secs_f64()) as u64;
     let tracker = TaskTracker::new();
     let start = tokio::time::Instant::now();
-    let sql = "INSERT INTO users (id, email, name, created_at, updated_at) \
-               VALUES ($1, $2, 'bench', now(), now())";
+    let sql = match writes {
+        Writes::Inserts => {
+            "INSERT INTO users (id, email, name, created_at, updated_at) \
+             VALUES ($1, $2, 'bench', now(), now())"
+        }
+        Writes::Updates(_) => "UPDATE users SET name = $2, updated_at = now() WHERE id = $1",
+    };
     let mut stmts = Vec::new();
     for c in &clients {
         stmts.push(c.prepare(sql).await?);
@@ -217,18 +245,22 @@ async fn write_load(
             times.clone(),
             errors.clone(),
         );
-        let email = format!("{tag}-{i}@bench");
+        let fresh = Uuid::new_v4();
+        // The row, the value the statement writes, and what the probe will report.
+        let (row, value, known) = match &writes {
+            Writes::Inserts => (fresh, format!("{tag}-{i}@bench"), fresh),
+            Writes::Updates(ids) => (ids[i as usize % ids.len()], fresh.to_string(), fresh),
+        };
         tracker.spawn(async move {
-            let id = Uuid::new_v4();
-            match c.execute(&s, &[&id, &email]).await {
-                Ok(_) => {
+            match c.execute(&s, &[&row, &value]).await {
+                Ok(1) => {
                     times
                         .lock()
                         .expect("times lock")
                         .acked
-                        .insert(id, Instant::now());
+                        .insert(known, Instant::now());
                 }
-                Err(_) => {
+                _ => {
                     errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
@@ -311,6 +343,116 @@ pub(crate) async fn lag_run(
     drop((_lb, _lp));
     tracker.close();
     Ok(out)
+}
+
+/// One-way lag of updates at `rate`: `rate * dur` users are inserted on the primary and
+/// awaited on the backup first, then each is updated once (open loop), each update's commit
+/// to its arrival on the backup.
+pub(crate) async fn update_lag_run(
+    pair: &Pair,
+    rate: f64,
+    dur: Duration,
+    tag: &str,
+) -> anyhow::Result<DirLags> {
+    let n = (rate * dur.as_secs_f64()) as i64;
+    let (p, b) = (
+        connect(&pair.primary.dsn("site")).await,
+        connect(&pair.backup.dsn("site")).await,
+    );
+    let pattern = format!("{tag}-%@seed");
+    let ids: Vec<Uuid> = p
+        .query(
+            "INSERT INTO users (id, email, name, created_at, updated_at) \
+             SELECT gen_random_uuid(), $1 || g || '@seed', 'seed', now(), now() \
+             FROM generate_series(1, $2::int8) g RETURNING id",
+            &[&format!("{tag}-"), &n],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let there: i64 = b
+            .query_one(
+                "SELECT count(*) FROM users WHERE email LIKE $1",
+                &[&pattern],
+            )
+            .await?
+            .get(0);
+        if there == n {
+            break;
+        }
+        if Instant::now() > end {
+            bail!("{there} of {n} seeded rows reached the backup in 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tracker = TaskTracker::new();
+    let times = Arc::new(Mutex::new(Times::default()));
+    let _l = listen(&pair.backup.dsn("site"), times.clone(), &tracker).await?;
+    let errors = write_load_of(
+        &pair.primary.dsn("site"),
+        tag,
+        Writes::Updates(Arc::new(ids)),
+        rate,
+        dur,
+        times.clone(),
+    )
+    .await?;
+    if errors > 0 {
+        bail!("{errors} updates failed");
+    }
+    let out = vec![(
+        "primary_to_backup",
+        lag_of(&times, Duration::from_secs(30)).await,
+    )];
+    drop(_l);
+    tracker.close();
+    Ok(out)
+}
+
+/// The update lag runs of one contender, reported as "lag of updates @rate writes/s one way".
+pub(crate) async fn update_lag_runs(
+    pair: &Pair,
+    dur: Duration,
+    contender: &str,
+    report: &mut Report,
+) {
+    for rate in [1000.0, 5000.0] {
+        let res = update_lag_run(pair, rate, dur, &format!("u{rate}")).await;
+        match res {
+            Ok(dirs) => {
+                for (_, (p50, p99, missing)) in dirs {
+                    let m = format!("lag of updates @{rate} writes/s one way");
+                    report.put(
+                        "replication",
+                        &format!("{m} p50"),
+                        "ms",
+                        true,
+                        contender,
+                        p50,
+                    );
+                    report.put(
+                        "replication",
+                        &format!("{m} p99"),
+                        "ms",
+                        true,
+                        contender,
+                        p99,
+                    );
+                    if missing > 0 {
+                        report.note(&format!(
+                            "replication: {contender} updates @{rate}/s: {missing} not visible within 30 s"
+                        ));
+                    }
+                }
+            }
+            Err(e) => report.note(&format!(
+                "replication: {contender} updates @{rate}/s: {e:#}"
+            )),
+        }
+    }
 }
 
 /// Only the pglogical half of the replication benchmark.
@@ -471,7 +613,7 @@ impl Params {
     }
 }
 
-/// Whether `BENCH_PARTS` (a comma-separated list of lag, conflicts, catch-up, two-way,
+/// Whether `BENCH_PARTS` (a comma-separated list of lag, updates, conflicts, catch-up, two-way,
 /// overhead) selects `part` of a contender's run; unset or empty selects every part.
 pub(crate) fn part(part: &str) -> bool {
     env_selects("BENCH_PARTS", part)
@@ -967,6 +1109,9 @@ async fn gsb(p: &Params, report: &mut Report, who: &str, capture: &str) -> anyho
         let metrics = repl.status_url.replace("/status", "/metrics");
         lag_runs(&pair, dur, &pids, Some(&metrics), who, "g", report).await;
     }
+    if part("updates") {
+        update_lag_runs(&pair, dur, who, report).await;
+    }
     if part("conflicts") {
         let res = conflicts(&pair, ncf).await;
         put_conflicts(report, who, ncf, res);
@@ -1113,6 +1258,9 @@ async fn pglogical(p: &Params, report: &mut Report) -> anyhow::Result<()> {
             let res = lag_run(&pair, rate, dur, false, &format!("l{rate}")).await;
             put_lag(report, "pglogical", rate, false, res);
         }
+    }
+    if part("updates") {
+        update_lag_runs(&pair, dur, "pglogical", report).await;
     }
     drop_probe(&pair).await?;
     let pc = connect(&pair.primary.dsn("site")).await;
