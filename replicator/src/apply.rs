@@ -21,7 +21,12 @@
 //!
 //! A batch with nothing to read and nothing to do but one `INSERT` (the usual one-row
 //! transaction under light load) is one statement that also sets up the origin, committed by
-//! itself (an implicit transaction): one sync point instead of four.
+//! itself (an implicit transaction): one sync point instead of four. A batch of updates and
+//! deletes of one table is first tried the same way, its rows presumed last written by this
+//! source (what one-way replication leaves): one `UPDATE` (or `DELETE`) that writes only rows
+//! whose last writer is this source's origin and fails the statement unless every key was such
+//! a row. A row written here or by another origin, or gone, fails it (nothing is committed),
+//! and the batch takes the two round trips above.
 //!
 //! Statements are prepared once per table and session and derived again when the source's
 //! relation changes (a Relation message: a column added). Values travel in their text form
@@ -135,6 +140,8 @@ struct Table {
     key: Vec<usize>,
     lock: Statement,
     delete: Statement,
+    /// The text of `delete` (for its presumed form).
+    delete_sql: String,
     insert: Statement,
     /// The same, with the batch's origin setup (parameters `$n+1`, `$n+2`: end LSN, commit
     /// time), for a batch that is this one insert and nothing else: committed by itself.
@@ -147,7 +154,13 @@ struct Table {
     conflict: Statement,
     /// Per set of non-key columns written (a mask over `cols`), prepared when first needed.
     updates: std::sync::Mutex<HashMap<Vec<bool>, Statement>>,
+    /// The presumed forms (see [`presumed_sql`]) of the delete (`None`) and of each update
+    /// (its mask), of one row (`true`) or of arrays, prepared when first needed.
+    presumed: std::sync::Mutex<HashMap<(Option<Vec<bool>>, bool), Statement>>,
 }
+
+/// A statement's parameters: one text array per column it takes.
+type Arrays = Vec<Vec<Option<Text>>>;
 
 /// A write of the second round trip, before its statement is resolved.
 enum Write {
@@ -388,10 +401,23 @@ impl Applier {
             let g = &mut groups[idx[c.shape.name.as_str()]];
             g.1.push(g.0.convert(c)?);
         }
-        let mut mode = Mode::Optimistic;
+        let presumable = !self.nested
+            && b.fence.is_none()
+            && groups.len() == 1
+            && b.changes.iter().all(|c| c.op != Op::Insert);
+        let mut mode = match presumable {
+            true => Mode::Presumed,
+            false => Mode::Optimistic,
+        };
+        let mut attempts = 0;
         loop {
+            attempts += 1;
             match self.attempt(dst, b, &groups, mode).await {
-                Ok(out) => return Ok(out),
+                Ok(mut out) => {
+                    // How many ways it took (a presumption or an optimism that failed).
+                    out["attempts"] = json!(attempts);
+                    return Ok(out);
+                }
                 Err(Failed {
                     retry: Some(next),
                     error,
@@ -412,7 +438,8 @@ impl Applier {
         mode: Mode,
     ) -> Result<Outcome, Failed> {
         let res = self.attempt_inner(dst, b, groups, mode).await;
-        if res.is_err() {
+        // A presumed batch is one statement in an implicit transaction, or nothing sent.
+        if res.is_err() && mode != Mode::Presumed {
             // Whatever failed, the transaction is not left open (a no-op if COMMIT already
             // rolled the aborted one back).
             let _ = dst.batch_execute(self.words().rollback).await;
@@ -436,7 +463,10 @@ impl Applier {
         // the batch is applied again reading them).
         let lock_keys: Vec<Vec<Vec<Option<Text>>>> = groups
             .iter()
-            .map(|(tbl, chs)| tbl.key_arrays(chs, mode == Mode::Optimistic))
+            .map(|(tbl, chs)| match mode {
+                Mode::Presumed => vec![Vec::new(); tbl.key.len()],
+                _ => tbl.key_arrays(chs, mode == Mode::Optimistic),
+            })
             .collect();
         let reads = lock_keys.iter().any(|k| !k[0].is_empty());
         let mut began = false;
@@ -497,42 +527,89 @@ impl Applier {
                     },
                 );
             }
+            if mode == Mode::Presumed {
+                for c in chs {
+                    locals.entry(c.key.clone()).or_insert_with(|| Local {
+                        origin: self.origin_id,
+                        ts_us: None,
+                        vals: Vec::new(),
+                    });
+                }
+            }
             plans.push(self.decide(chs, &locals, now_us));
         }
         // Round trip 2 (with the begin and setup when there was nothing to read): the conflict
         // log, the writes, commit; a large insert goes by COPY.
         let mut logs: Vec<(&Statement, Vec<Option<String>>)> = Vec::new();
-        let mut writes: Vec<(Statement, Vec<Vec<Option<Text>>>)> = Vec::new();
-        let mut copies: Vec<(&Statement, bytes::Bytes)> = Vec::new();
-        // The table of the last INSERT among `writes`.
-        let mut inserts_into: Option<&Table> = None;
+        let mut planned: Vec<(&Table, Write, Arrays)> = Vec::new();
         for ((tbl, chs), plan) in groups.iter().zip(&plans) {
             for c in &plan.conflicts {
                 logs.push((&tbl.conflict, self.conflict_params(tbl, &chs[c.change], c)));
             }
-            let planned = if mode == Mode::InOrder {
+            let writes = if mode == Mode::InOrder {
                 tbl.ordered_writes(chs, plan)
             } else {
                 tbl.set_writes(chs, plan)
             };
-            for (w, arrays) in planned {
-                let stmt = match w {
-                    Write::Delete => tbl.delete.clone(),
-                    Write::Insert if arrays[0].len() >= COPY_FROM => {
-                        copies.push(tbl.copy_data(&arrays));
-                        continue;
-                    }
-                    Write::Insert => {
-                        inserts_into = Some(*tbl);
-                        tbl.insert.clone()
-                    }
-                    Write::Update(mask) => tbl
-                        .update_stmt(dst, t, &mask)
-                        .await
-                        .map_err(Failed::fatal)?,
-                };
-                writes.push((stmt, arrays));
+            planned.extend(writes.into_iter().map(|(w, arrays)| (*tbl, w, arrays)));
+        }
+        if mode == Mode::Presumed {
+            let [(tbl, w @ (Write::Update(_) | Write::Delete), arrays)] = &planned[..] else {
+                return Err(Failed::presumption(Error::Protocol(
+                    "not one update or delete".into(),
+                )));
+            };
+            if !logs.is_empty() {
+                return Err(Failed::presumption(Error::Protocol(
+                    "a conflict to log".into(),
+                )));
             }
+            let expected = arrays[0].len() as i64;
+            let one = expected == 1;
+            let stmt = tbl
+                .presumed_stmt(dst, t, w, one)
+                .await
+                .map_err(Failed::fatal)?;
+            let mut params: Vec<&(dyn ToSql + Sync)> = match one {
+                true => arrays
+                    .iter()
+                    .map(|a| &a[0] as &(dyn ToSql + Sync))
+                    .collect(),
+                false => arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect(),
+            };
+            params.extend(setup_params);
+            params.push(&self.origin_id);
+            params.push(&expected);
+            return match dst.execute(&stmt, &params).await {
+                Ok(_) => Ok(self.outcome(b, groups, &plans, now_us)),
+                Err(e) => Err(Failed::presumption(Error::db(
+                    t,
+                    "applying presumed rows",
+                    e,
+                ))),
+            };
+        }
+        let mut writes: Vec<(Statement, Vec<Vec<Option<Text>>>)> = Vec::new();
+        let mut copies: Vec<(&Statement, bytes::Bytes)> = Vec::new();
+        // The table of the last INSERT among `writes`.
+        let mut inserts_into: Option<&Table> = None;
+        for (tbl, w, arrays) in planned {
+            let stmt = match w {
+                Write::Delete => tbl.delete.clone(),
+                Write::Insert if arrays[0].len() >= COPY_FROM => {
+                    copies.push(tbl.copy_data(&arrays));
+                    continue;
+                }
+                Write::Insert => {
+                    inserts_into = Some(tbl);
+                    tbl.insert.clone()
+                }
+                Write::Update(mask) => tbl
+                    .update_stmt(dst, t, &mask)
+                    .await
+                    .map_err(Failed::fatal)?,
+            };
+            writes.push((stmt, arrays));
         }
         if let ([(_, arrays)], Some(tbl)) = (&writes[..], inserts_into) {
             if !began && !self.nested && logs.is_empty() && copies.is_empty() && b.fence.is_none() {
@@ -824,11 +901,23 @@ impl Failed {
     fn fatal(error: Error) -> Self {
         Self { error, retry: None }
     }
+
+    /// The presumption did not hold (or the batch is not one statement): apply it again
+    /// reading its rows.
+    fn presumption(error: Error) -> Self {
+        Self {
+            error,
+            retry: Some(Mode::Optimistic),
+        }
+    }
 }
 
 /// How a batch is applied; on a constraint failure the next one is tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
+    /// A batch without inserts, of one table: every key presumed last written by this source
+    /// (not read); applied only as one statement that checks the presumption.
+    Presumed,
     /// Keys the batch inserts first are presumed absent (not read); set-based writes.
     Optimistic,
     /// Every key read and locked; set-based writes.
@@ -840,6 +929,7 @@ enum Mode {
 impl Mode {
     fn next(self) -> Option<Mode> {
         match self {
+            Mode::Presumed => Some(Mode::Optimistic),
             Mode::Optimistic => Some(Mode::Locked),
             Mode::Locked => Some(Mode::InOrder),
             Mode::InOrder => None,
@@ -1046,13 +1136,15 @@ impl Table {
         };
         Ok(Self {
             lock: prep(lock).await?,
-            delete: prep(delete).await?,
+            delete: prep(delete.clone()).await?,
+            delete_sql: delete,
             insert: prep(insert).await?,
             insert_alone: prep(insert_alone).await?,
             copy: prep(copy).await?,
             copy_bin,
             conflict: prep(conflict).await?,
             updates: Default::default(),
+            presumed: Default::default(),
             shape,
             cols,
             key,
@@ -1279,45 +1371,37 @@ impl Table {
 
     /// `UPDATE ... SET` the columns of `mask` from arrays (key columns first in column order,
     /// as the arrays are passed), prepared once per column set.
-    async fn update_stmt(
-        &self,
-        dst: &Client,
-        site: &'static str,
-        mask: &[bool],
-    ) -> Result<Statement, Error> {
-        if let Some(s) = self.lock_updates().get(mask) {
-            return Ok(s.clone());
-        }
+    /// The set-based `UPDATE` of the columns in `mask` (and the keys) from text arrays, or
+    /// (`one`) of one row from text values; its number of parameters.
+    fn update_sql(&self, mask: &[bool], one: bool) -> (String, usize) {
         let which: Vec<usize> = (0..self.cols.len())
             .filter(|&i| mask[i] || self.cols[i].key)
             .collect();
         let pos = |i: usize| which.iter().position(|&w| w == i).unwrap_or_default();
+        // Column `i`'s new value, cast to its type.
+        let value = |i: usize| match one {
+            true => format!("${}::text::{}", pos(i) + 1, self.cols[i].ty),
+            false => format!("u.c{}::{}", pos(i), self.cols[i].ty),
+        };
         let set = which
             .iter()
             .filter(|&&i| mask[i])
-            .map(|&i| {
-                format!(
-                    "{} = u.c{}::{}",
-                    ident(&self.cols[i].name),
-                    pos(i),
-                    self.cols[i].ty
-                )
-            })
+            .map(|&i| format!("{} = {}", ident(&self.cols[i].name), value(i)))
             .collect::<Vec<_>>()
             .join(", ");
         let matches = self
             .key
             .iter()
-            .map(|&i| {
-                format!(
-                    "t.{} = u.c{}::{}",
-                    ident(&self.cols[i].name),
-                    pos(i),
-                    self.cols[i].ty
-                )
-            })
+            .map(|&i| format!("t.{} = {}", ident(&self.cols[i].name), value(i)))
             .collect::<Vec<_>>()
             .join(" AND ");
+        if one {
+            let sql = format!(
+                "UPDATE {} t SET {set} WHERE {matches}",
+                qident(&self.shape.name)
+            );
+            return (sql, which.len());
+        }
         let params = (1..=which.len())
             .map(|j| format!("${j}::text[]"))
             .collect::<Vec<_>>()
@@ -1330,6 +1414,19 @@ impl Table {
             "UPDATE {} t SET {set} FROM unnest({params}) AS u({names}) WHERE {matches}",
             qident(&self.shape.name)
         );
+        (sql, which.len())
+    }
+
+    async fn update_stmt(
+        &self,
+        dst: &Client,
+        site: &'static str,
+        mask: &[bool],
+    ) -> Result<Statement, Error> {
+        if let Some(s) = self.lock_updates().get(mask) {
+            return Ok(s.clone());
+        }
+        let (sql, _) = self.update_sql(mask, false);
         let stmt = dst.prepare(&sql).await.map_err(db(
             site,
             format!("preparing the apply of {}", self.shape.name),
@@ -1338,9 +1435,80 @@ impl Table {
         Ok(stmt)
     }
 
+    /// The presumed form of write `w` (an update or a delete), of `one` row (its values as
+    /// scalars: the server keeps one plan for it, where a join with `unnest` of parameters
+    /// is planned again each time, ~140 µs, or kept as a generic hash join) or of text
+    /// arrays; prepared on first use.
+    async fn presumed_stmt(
+        &self,
+        dst: &Client,
+        site: &'static str,
+        w: &Write,
+        one: bool,
+    ) -> Result<Statement, Error> {
+        let which = match w {
+            Write::Update(mask) => (Some(mask.clone()), one),
+            _ => (None, one),
+        };
+        let cached = |m: &(Option<Vec<bool>>, bool)| {
+            let map = self.presumed.lock().unwrap_or_else(|p| p.into_inner());
+            map.get(m).cloned()
+        };
+        if let Some(s) = cached(&which) {
+            return Ok(s);
+        }
+        let (plain, n) = match &which {
+            (Some(mask), one) => self.update_sql(mask, *one),
+            (None, false) => (self.delete_sql.clone(), self.key.len()),
+            (None, true) => {
+                let matches = self
+                    .key
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &i)| {
+                        let c = &self.cols[i];
+                        format!("t.{} = ${}::text::{}", ident(&c.name), j + 1, c.ty)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                let sql = format!("DELETE FROM {} t WHERE {matches}", qident(&self.shape.name));
+                (sql, self.key.len())
+            }
+        };
+        let stmt = dst.prepare(&presumed_sql(&plain, n)).await.map_err(db(
+            site,
+            format!("preparing the apply of {}", self.shape.name),
+        ))?;
+        self.presumed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(which, stmt.clone());
+        Ok(stmt)
+    }
+
     fn lock_updates(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<bool>, Statement>> {
         self.updates.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// `plain`, an `UPDATE` or `DELETE` of table alias `t` ending in its `WHERE` clause with `n`
+/// parameters, as one statement committed by itself: with the origin setup (`$n+1`, `$n+2`:
+/// end LSN, commit time), writing only rows last written by origin `$n+3`, and failing
+/// (nothing written) unless it wrote `$n+4` rows.
+fn presumed_sql(plain: &str, n: usize) -> String {
+    let setup = ORIGIN_SETUP
+        .replace("$end", &format!("${}", n + 1))
+        .replace("$ts", &format!("${}", n + 2));
+    let (origin, expected) = (n + 3, n + 4);
+    format!(
+        "WITH gsb_setup AS MATERIALIZED ({setup}), \
+              w AS ({plain} \
+                    AND (pg_xact_commit_timestamp_origin(t.xmin)).roident::int8 = ${origin}::int8 \
+                    AND (SELECT true FROM gsb_setup) RETURNING 1) \
+         SELECT CASE WHEN c.n = ${expected}::int8 THEN c.n \
+                ELSE ('gsb: ' || c.n || ' of ' || ${expected}::int8 || ' rows were last written by this source')::int8 END \
+         FROM (SELECT count(*) AS n FROM w) c"
+    )
 }
 
 /// `SELECT u.c0::T0, ... FROM unnest($from::text[], ...) AS u(c0, ...)` for columns `which`.
@@ -1473,6 +1641,16 @@ mod tests {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect()
+    }
+
+    async fn progress(c: &Client) -> String {
+        c.query_one(
+            "SELECT pg_replication_origin_progress('gsb_from_primary', false)::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
     }
 
     async fn count(c: &Client, sql: &str) -> i64 {
@@ -1692,12 +1870,14 @@ mod tests {
     async fn a_batch_of_one_insert_commits_alone_with_the_origin_its_time_and_the_progress() {
         let (_srv, c, mut a, users) = target().await;
         let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
-        a.apply(
-            &c,
-            &batch(vec![row(&users, Op::Insert, 1, Some("one"), t)], 0x300),
-        )
-        .await
-        .unwrap();
+        let out = a
+            .apply(
+                &c,
+                &batch(vec![row(&users, Op::Insert, 1, Some("one"), t)], 0x300),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["attempts"], 1, "{out}");
         let r = c
             .query_one(
                 "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident::int8, \
@@ -1732,6 +1912,111 @@ mod tests {
             .unwrap();
         assert_eq!(out["conflicts"]["public.users"], 1, "{out}");
         assert_eq!(ids_and_emails(&c).await, vec![(1, "local".to_owned())]);
+    }
+
+    /// Updates and deletes of one table are tried as one statement presuming every row was
+    /// last written by this source. Where one was written here since, or is gone, nothing of
+    /// that statement stays: the batch is read and decided like any other.
+    #[tokio::test]
+    async fn updates_and_deletes_presume_the_source_wrote_the_rows_and_fall_back_where_it_did_not()
+    {
+        let (_srv, c, mut a, users) = target().await;
+        let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
+        let inserts = (1..=4)
+            .map(|id| row(&users, Op::Insert, id, Some(&format!("e{id}")), t))
+            .collect();
+        a.apply(&c, &batch(inserts, 0x100)).await.unwrap();
+        // The source's own rows: updated and deleted as it says.
+        let out = a
+            .apply(
+                &c,
+                &batch(
+                    vec![
+                        row(&users, Op::Update, 1, Some("u1"), t + 1),
+                        row(&users, Op::Update, 4, Some("u4"), t + 1),
+                    ],
+                    0x200,
+                ),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["applied"]["public.users"], 2, "{out}");
+        assert_eq!(out["attempts"], 1, "one statement: {out}");
+        let r = c
+            .query_one(
+                "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident::int8, \
+                        (extract(epoch FROM (pg_xact_commit_timestamp_origin(xmin)).\"timestamp\") * 1000000)::int8 \
+                 FROM users WHERE id = 4",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.get::<_, i64>(0), r.get::<_, i64>(1)),
+            (a.origin_id, t + 1)
+        );
+        assert_eq!(progress(&c).await, "0/200");
+        // Row 2 edited here since (later than the source's change): the update of 1 and 2
+        // cannot go presumed; read, 1 takes it and 2 keeps the local edit, logged.
+        for sql in [
+            "SELECT pg_replication_origin_session_reset()",
+            "UPDATE users SET email = 'here' WHERE id = 2",
+            "SELECT pg_replication_origin_session_setup('gsb_from_primary')",
+        ] {
+            c.batch_execute(sql).await.unwrap();
+        }
+        let out = a
+            .apply(
+                &c,
+                &batch(
+                    vec![
+                        row(&users, Op::Update, 1, Some("v1"), t + 2),
+                        row(&users, Op::Update, 2, Some("v2"), t + 2),
+                    ],
+                    0x300,
+                ),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["conflicts"]["public.users"], 1, "{out}");
+        assert_eq!(out["attempts"], 2, "presumed, then read: {out}");
+        assert_eq!(progress(&c).await, "0/300");
+        // Deletes of the source's rows; then an update of one of them, gone: skipped, logged.
+        let out = a
+            .apply(
+                &c,
+                &batch(
+                    vec![
+                        row(&users, Op::Delete, 3, None, t + 3),
+                        row(&users, Op::Delete, 4, None, t + 3),
+                    ],
+                    0x400,
+                ),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["attempts"], 1, "one statement: {out}");
+        let out = a
+            .apply(
+                &c,
+                &batch(vec![row(&users, Op::Update, 3, Some("late"), t + 4)], 0x500),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["conflicts"]["public.users"], 1, "{out}");
+        assert_eq!(progress(&c).await, "0/500");
+        assert_eq!(
+            ids_and_emails(&c).await,
+            vec![(1, "v1".to_owned()), (2, "here".to_owned())]
+        );
+        assert_eq!(
+            count(
+                &c,
+                "SELECT count(*) FROM gsb.conflicts WHERE loser_row->>'email' IN ('v2', 'late')"
+            )
+            .await,
+            2
+        );
     }
 
     #[tokio::test]
