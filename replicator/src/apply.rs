@@ -156,8 +156,11 @@ struct Table {
     updates: std::sync::Mutex<HashMap<Vec<bool>, Statement>>,
     /// The presumed forms (see [`presumed_sql`]) of the delete (`None`) and of each update
     /// (its mask), of one row (`true`) or of arrays, prepared when first needed.
-    presumed: std::sync::Mutex<HashMap<(Option<Vec<bool>>, bool), Statement>>,
+    presumed: std::sync::Mutex<HashMap<PresumedKey, Statement>>,
 }
+
+/// Which presumed statement: the update's mask (`None`: the delete), of one row or not.
+type PresumedKey = (Option<Vec<bool>>, bool);
 
 /// A statement's parameters: one text array per column it takes.
 type Arrays = Vec<Vec<Option<Text>>>;
@@ -1450,7 +1453,7 @@ impl Table {
             Write::Update(mask) => (Some(mask.clone()), one),
             _ => (None, one),
         };
-        let cached = |m: &(Option<Vec<bool>>, bool)| {
+        let cached = |m: &PresumedKey| {
             let map = self.presumed.lock().unwrap_or_else(|p| p.into_inner());
             map.get(m).cloned()
         };
