@@ -279,6 +279,13 @@ const NESTED_TXN: TxnWords = TxnWords {
 /// What marks a transaction as the apply of a source's: no capture trigger fires for it
 /// (`gsb.applying`), and its commit records the source's end LSN (`$end`) as the origin's
 /// progress and the source's commit time (`$ts`) in commit_ts.
+/// [`ORIGIN_SETUP`] with its end LSN and commit time as parameters `$end` and `$ts`.
+fn origin_setup(end: usize, ts: usize) -> String {
+    ORIGIN_SETUP
+        .replace("$end", &format!("${end}"))
+        .replace("$ts", &format!("${ts}"))
+}
+
 const ORIGIN_SETUP: &str = "SELECT set_config('gsb.applying', 'on', true), \
      pg_replication_origin_xact_setup($end::text::pg_lsn, $ts::text::timestamptz)::text";
 
@@ -314,7 +321,7 @@ impl Applier {
             .await
             .map_err(db(target, "reading the replication origin"))?
             .get(0);
-        let setup = ORIGIN_SETUP.replace("$end", "$1").replace("$ts", "$2");
+        let setup = origin_setup(1, 2);
         let setup = dst
             .prepare(&format!(
                 "{setup}, (extract(epoch FROM clock_timestamp()) * 1000000)::int8"
@@ -1077,9 +1084,7 @@ impl Table {
             unnest_select(&cols, &all, 1)
         );
         // The setup in a CTE the insert's one-time filter reads: run once, before any row.
-        let setup = ORIGIN_SETUP
-            .replace("$end", &format!("${}", all.len() + 1))
-            .replace("$ts", &format!("${}", all.len() + 2));
+        let setup = origin_setup(all.len() + 1, all.len() + 2);
         let insert_alone = format!(
             "WITH gsb_setup AS MATERIALIZED ({setup}) \
              INSERT INTO {q} ({}) SELECT * FROM ({}) AS v WHERE (SELECT true FROM gsb_setup)",
@@ -1440,7 +1445,7 @@ impl Table {
 
     /// The presumed form of write `w` (an update or a delete), of `one` row (its values as
     /// scalars: the server keeps one plan for it, where a join with `unnest` of parameters
-    /// is planned again each time, ~140 µs, or kept as a generic hash join) or of text
+    /// is planned again each time, or kept as a generic hash join) or of text
     /// arrays; prepared on first use.
     async fn presumed_stmt(
         &self,
@@ -1499,9 +1504,7 @@ impl Table {
 /// end LSN, commit time), writing only rows last written by origin `$n+3`, and failing
 /// (nothing written) unless it wrote `$n+4` rows.
 fn presumed_sql(plain: &str, n: usize) -> String {
-    let setup = ORIGIN_SETUP
-        .replace("$end", &format!("${}", n + 1))
-        .replace("$ts", &format!("${}", n + 2));
+    let setup = origin_setup(n + 1, n + 2);
     let (origin, expected) = (n + 3, n + 4);
     format!(
         "WITH gsb_setup AS MATERIALIZED ({setup}), \
@@ -1644,6 +1647,31 @@ mod tests {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect()
+    }
+
+    /// Runs `sql` as a write of this site (no replication origin), in its own transaction.
+    async fn write_here(c: &Client, sql: &str) {
+        c.batch_execute("SELECT pg_replication_origin_session_reset()")
+            .await
+            .unwrap();
+        c.batch_execute(sql).await.unwrap();
+        c.batch_execute("SELECT pg_replication_origin_session_setup('gsb_from_primary')")
+            .await
+            .unwrap();
+    }
+
+    /// The origin id and commit time (µs) of the last write of user `id`.
+    async fn last_writer(c: &Client, id: i32) -> (i64, i64) {
+        let r = c
+            .query_one(
+                "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident::int8, \
+                        (extract(epoch FROM (pg_xact_commit_timestamp_origin(xmin)).\"timestamp\") * 1000000)::int8 \
+                 FROM users WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
     }
 
     async fn progress(c: &Client) -> String {
@@ -1825,13 +1853,11 @@ mod tests {
         let (_srv, c, mut a, users) = target().await;
         // Two local rows written on this site (no origin) now.
         // (Each its own transaction: a commit records the session's origin at commit time.)
-        for sql in [
-            "SELECT pg_replication_origin_session_reset()",
+        write_here(
+            &c,
             "INSERT INTO users VALUES (1, 'l1', 'local'), (2, 'l2', 'local'), (4, 'l4', 'local')",
-            "SELECT pg_replication_origin_session_setup('gsb_from_primary')",
-        ] {
-            c.batch_execute(sql).await.unwrap();
-        }
+        )
+        .await;
         let now = chrono::Utc::now().timestamp_micros();
         let out = a
             .apply(
@@ -1881,31 +1907,21 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out["attempts"], 1, "{out}");
-        let r = c
-            .query_one(
-                "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident::int8, \
-                        (extract(epoch FROM (pg_xact_commit_timestamp_origin(xmin)).\"timestamp\") * 1000000)::int8, \
-                        pg_replication_origin_progress('gsb_from_primary', false)::text, \
-                        (SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction') \
-                 FROM users WHERE id = 1",
-                &[],
-            )
-            .await
-            .unwrap();
-        let (origin, ts, progress, open): (i64, i64, String, i64) =
-            (r.get(0), r.get(1), r.get(2), r.get(3));
-        assert_eq!((origin, ts), (a.origin_id, t), "the row's last writer");
-        assert_eq!(progress, "0/300");
+        assert_eq!(
+            last_writer(&c, 1).await,
+            (a.origin_id, t),
+            "the row's last writer"
+        );
+        assert_eq!(progress(&c).await, "0/300");
+        let open = count(
+            &c,
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'",
+        )
+        .await;
         assert_eq!(open, 0, "no transaction left open");
         // The same key written here since, later: the insert fails, the batch is read again
         // and the local row wins, logged.
-        for sql in [
-            "SELECT pg_replication_origin_session_reset()",
-            "UPDATE users SET email = 'local' WHERE id = 1",
-            "SELECT pg_replication_origin_session_setup('gsb_from_primary')",
-        ] {
-            c.batch_execute(sql).await.unwrap();
-        }
+        write_here(&c, "UPDATE users SET email = 'local' WHERE id = 1").await;
         let out = a
             .apply(
                 &c,
@@ -1945,29 +1961,11 @@ mod tests {
             .unwrap();
         assert_eq!(out["applied"]["public.users"], 2, "{out}");
         assert_eq!(out["attempts"], 1, "one statement: {out}");
-        let r = c
-            .query_one(
-                "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident::int8, \
-                        (extract(epoch FROM (pg_xact_commit_timestamp_origin(xmin)).\"timestamp\") * 1000000)::int8 \
-                 FROM users WHERE id = 4",
-                &[],
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            (r.get::<_, i64>(0), r.get::<_, i64>(1)),
-            (a.origin_id, t + 1)
-        );
+        assert_eq!(last_writer(&c, 4).await, (a.origin_id, t + 1));
         assert_eq!(progress(&c).await, "0/200");
         // Row 2 edited here since (later than the source's change): the update of 1 and 2
         // cannot go presumed; read, 1 takes it and 2 keeps the local edit, logged.
-        for sql in [
-            "SELECT pg_replication_origin_session_reset()",
-            "UPDATE users SET email = 'here' WHERE id = 2",
-            "SELECT pg_replication_origin_session_setup('gsb_from_primary')",
-        ] {
-            c.batch_execute(sql).await.unwrap();
-        }
+        write_here(&c, "UPDATE users SET email = 'here' WHERE id = 2").await;
         let out = a
             .apply(
                 &c,
