@@ -14,7 +14,9 @@
 //!    logged.
 //! 3. Pipelined: the conflict log rows, then per table one `DELETE`, one `UPDATE` per set of
 //!    columns (unchanged TOAST columns are left out, never set to NULL) and one `INSERT` of the
-//!    keys' net outcomes, all from `unnest` of text arrays; `COMMIT`. If a set-based
+//!    keys' net outcomes; `COMMIT`. Rows travel as scalar parameters in a `VALUES` list of
+//!    their number (up to [`VALUES_MAX`]: the server keeps one plan for it) or as text
+//!    arrays through `unnest` (inserts always: no join to plan). If a set-based
 //!    statement fails (a unique key that only the source's row order satisfies), the
 //!    transaction is rolled back and the batch applied again with one statement per change in
 //!    commit order (still one round trip).
@@ -138,10 +140,6 @@ struct Table {
     cols: Vec<Col>,
     /// Indexes into `cols` of the key columns, in key order.
     key: Vec<usize>,
-    lock: Statement,
-    delete: Statement,
-    /// The text of `delete` (for its presumed form).
-    delete_sql: String,
     insert: Statement,
     /// The same, with the batch's origin setup (parameters `$n+1`, `$n+2`: end LSN, commit
     /// time), for a batch that is this one insert and nothing else: committed by itself.
@@ -152,15 +150,62 @@ struct Table {
     /// one `copybin` writes.
     copy_bin: Option<(Statement, Vec<crate::copybin::BinType>)>,
     conflict: Statement,
-    /// Per set of non-key columns written (a mask over `cols`), prepared when first needed.
-    updates: std::sync::Mutex<HashMap<Vec<bool>, Statement>>,
-    /// The presumed forms (see [`presumed_sql`]) of the delete (`None`) and of each update
-    /// (its mask), of one row (`true`) or of arrays, prepared when first needed.
-    presumed: std::sync::Mutex<HashMap<PresumedKey, Statement>>,
+    /// The lock, delete and update statements (see [`Form`]), prepared when first needed.
+    forms: std::sync::Mutex<HashMap<Form, Statement>>,
 }
 
-/// Which presumed statement: the update's mask (`None`: the delete), of one row or not.
-type PresumedKey = (Option<Vec<bool>>, bool);
+/// Most rows a lock, delete or update statement takes as a `VALUES` list of scalar
+/// parameters; more go as text arrays through `unnest`. The server keeps one generic plan for a
+/// `VALUES` list of a known length (a nested loop over the key's index), where a join with
+/// `unnest` of parameters is planned again at every execution (its generic plan, sized for
+/// ten rows, costs more than a custom one for a few) or, forced generic, hash-joined.
+const VALUES_MAX: usize = 16;
+
+/// One of a table's statements that find rows by key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Does {
+    /// Lock and read the local rows.
+    Lock,
+    Delete,
+    /// Set the columns of the mask (over `cols`; the key columns are always passed).
+    Update(Vec<bool>),
+}
+
+/// Which statement: what it does, how its rows are passed, presumed or not.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Form {
+    does: Does,
+    /// `Some(n)`: n rows as scalar parameters (row by row) in a `VALUES` list; `None`: one
+    /// text array per column.
+    rows: Option<usize>,
+    /// Presumed (see [`presumed_sql`]): committed by itself, only rows this source wrote.
+    presumed: bool,
+}
+
+impl Form {
+    fn new(does: Does, rows: usize, presumed: bool) -> Self {
+        Self {
+            does,
+            rows: (rows <= VALUES_MAX).then_some(rows),
+            presumed,
+        }
+    }
+
+    /// The statement's parameters for `arrays` (one per column, each of every row).
+    fn params<'a>(&self, arrays: &'a Arrays) -> Vec<&'a (dyn ToSql + Sync)> {
+        params_of(arrays, self.rows)
+    }
+}
+
+/// `arrays` as parameters: each array (`rows` None) or, row by row, each value.
+fn params_of(arrays: &Arrays, rows: Option<usize>) -> Vec<&(dyn ToSql + Sync)> {
+    match rows {
+        None => arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect(),
+        Some(n) => (0..n)
+            .flat_map(|r| arrays.iter().map(move |a| &a[r] as &(dyn ToSql + Sync)))
+            .collect(),
+    }
+}
 
 /// A statement's parameters: one text array per column it takes.
 type Arrays = Vec<Vec<Option<Text>>>;
@@ -171,6 +216,17 @@ enum Write {
     Insert,
     /// The columns set (a mask over `cols`; the key columns are always passed).
     Update(Vec<bool>),
+}
+
+impl Write {
+    /// What it does to rows found by key (None: an insert).
+    fn finds(&self) -> Option<Does> {
+        match self {
+            Write::Delete => Some(Does::Delete),
+            Write::Insert => None,
+            Write::Update(mask) => Some(Does::Update(mask.clone())),
+        }
+    }
 }
 
 /// The local row of a key before the batch, as the lock read it.
@@ -483,18 +539,20 @@ impl Applier {
         let mut locked: Vec<Vec<tokio_postgres::Row>> = vec![Vec::new(); groups.len()];
         let now_us = if reads {
             // Round trip 1: begin, origin setup with the target's clock, lock and read.
+            let mut lock_stmts = Vec::with_capacity(groups.len());
+            for ((tbl, _), arrays) in groups.iter().zip(&lock_keys) {
+                if !arrays[0].is_empty() {
+                    let f = Form::new(Does::Lock, arrays[0].len(), false);
+                    let stmt = tbl.form(dst, t, f.clone()).await.map_err(Failed::fatal)?;
+                    lock_stmts.push((stmt, f.params(arrays)));
+                }
+            }
             let begin = dst.batch_execute(self.words().begin);
             let setup = dst.query_one(&self.setup, &setup_params);
             let locks = futures_util::future::join_all(
-                groups
+                lock_stmts
                     .iter()
-                    .zip(&lock_keys)
-                    .filter(|(_, k)| !k[0].is_empty())
-                    .map(|((tbl, _), arrays)| {
-                        let params: Vec<&(dyn ToSql + Sync)> =
-                            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-                        async move { dst.query(&tbl.lock, &params).await }
-                    }),
+                    .map(|(stmt, params)| dst.query(stmt, params)),
             );
             let (r_begin, r_setup, r_locks) = tokio::join!(begin, setup, locks);
             let read = r_begin.and(r_setup).and_then(|setup| {
@@ -564,7 +622,11 @@ impl Applier {
             planned.extend(writes.into_iter().map(|(w, arrays)| (*tbl, w, arrays)));
         }
         if mode == Mode::Presumed {
-            let [(tbl, w @ (Write::Update(_) | Write::Delete), arrays)] = &planned[..] else {
+            let found = match &planned[..] {
+                [(tbl, w, arrays)] => w.finds().map(|does| (*tbl, does, arrays)),
+                _ => None,
+            };
+            let Some((tbl, does, arrays)) = found else {
                 return Err(Failed::presumption(Error::Protocol(
                     "not one update or delete".into(),
                 )));
@@ -575,18 +637,9 @@ impl Applier {
                 )));
             }
             let expected = arrays[0].len() as i64;
-            let one = expected == 1;
-            let stmt = tbl
-                .presumed_stmt(dst, t, w, one)
-                .await
-                .map_err(Failed::fatal)?;
-            let mut params: Vec<&(dyn ToSql + Sync)> = match one {
-                true => arrays
-                    .iter()
-                    .map(|a| &a[0] as &(dyn ToSql + Sync))
-                    .collect(),
-                false => arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect(),
-            };
+            let f = Form::new(does, arrays[0].len(), true);
+            let stmt = tbl.form(dst, t, f.clone()).await.map_err(Failed::fatal)?;
+            let mut params = f.params(arrays);
             params.extend(setup_params);
             params.push(&self.origin_id);
             params.push(&expected);
@@ -599,32 +652,32 @@ impl Applier {
                 ))),
             };
         }
-        let mut writes: Vec<(Statement, Vec<Vec<Option<Text>>>)> = Vec::new();
+        // Each write's statement, how its rows are passed (`Form::rows`) and its arrays.
+        let mut writes: Vec<(Statement, Option<usize>, Arrays)> = Vec::new();
         let mut copies: Vec<(&Statement, bytes::Bytes)> = Vec::new();
         // The table of the last INSERT among `writes`.
         let mut inserts_into: Option<&Table> = None;
         for (tbl, w, arrays) in planned {
-            let stmt = match w {
-                Write::Delete => tbl.delete.clone(),
-                Write::Insert if arrays[0].len() >= COPY_FROM => {
+            let (stmt, rows) = match w.finds() {
+                Some(does) => {
+                    let f = Form::new(does, arrays[0].len(), false);
+                    let rows = f.rows;
+                    (tbl.form(dst, t, f).await.map_err(Failed::fatal)?, rows)
+                }
+                None if arrays[0].len() >= COPY_FROM => {
                     copies.push(tbl.copy_data(&arrays));
                     continue;
                 }
-                Write::Insert => {
+                None => {
                     inserts_into = Some(tbl);
-                    tbl.insert.clone()
+                    (tbl.insert.clone(), None)
                 }
-                Write::Update(mask) => tbl
-                    .update_stmt(dst, t, &mask)
-                    .await
-                    .map_err(Failed::fatal)?,
             };
-            writes.push((stmt, arrays));
+            writes.push((stmt, rows, arrays));
         }
-        if let ([(_, arrays)], Some(tbl)) = (&writes[..], inserts_into) {
+        if let ([(_, _, arrays)], Some(tbl)) = (&writes[..], inserts_into) {
             if !began && !self.nested && logs.is_empty() && copies.is_empty() && b.fence.is_none() {
-                let mut params: Vec<&(dyn ToSql + Sync)> =
-                    arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                let mut params = params_of(arrays, None);
                 params.extend(setup_params);
                 return match dst.execute(&tbl.insert_alone, &params).await {
                     Ok(_) => Ok(self.outcome(b, groups, &plans, now_us)),
@@ -648,9 +701,8 @@ impl Applier {
                 p.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
             async move { dst.execute(*stmt, &params).await }
         }));
-        let ws = futures_util::future::join_all(writes.iter().map(|(stmt, arrays)| {
-            let params: Vec<&(dyn ToSql + Sync)> =
-                arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        let ws = futures_util::future::join_all(writes.iter().map(|(stmt, rows, arrays)| {
+            let params = params_of(arrays, *rows);
             async move { dst.execute(stmt, &params).await }
         }));
         // The cursor move (trigger capture) after the writes, in the same round trip.
@@ -1056,32 +1108,14 @@ impl Table {
             )));
         }
         let all: Vec<usize> = (0..cols.len()).collect();
-        let t = |i: usize| format!("t.{}", ident(&cols[i].name));
-        let keys_t = key.iter().map(|&i| t(i)).collect::<Vec<_>>().join(", ");
-        // The last writer in the select list, not a LATERAL join: a row another transaction
-        // changes while this waits for its lock is re-read (EvalPlanQual) and the list is
-        // computed again from the new version, where a joined function's row would be the
-        // old version's (its writer and time with the new values: a wrong decision).
-        let lock = format!(
-            "SELECT {ktext}, (pg_xact_commit_timestamp_origin(t.xmin)).roident::int8, \
-                    (extract(epoch FROM (pg_xact_commit_timestamp_origin(t.xmin)).\"timestamp\") * 1000000)::int8, {vals} \
-             FROM {q} t \
-             WHERE ({keys_t}) IN ({src}) ORDER BY {keys_t} FOR UPDATE OF t",
-            ktext = key.iter().map(|&i| format!("{}::text", t(i))).collect::<Vec<_>>().join(", "),
-            vals = all.iter().map(|&i| format!("{}::text", t(i))).collect::<Vec<_>>().join(", "),
-            src = unnest_select(&cols, &key, 1),
-        );
-        let delete = format!(
-            "DELETE FROM {q} t WHERE ({keys_t}) IN ({})",
-            unnest_select(&cols, &key, 1)
-        );
+        let keys_t = keys_of_t(&cols, &key);
         let insert = format!(
             "INSERT INTO {q} ({}) {}",
             all.iter()
                 .map(|&i| ident(&cols[i].name))
                 .collect::<Vec<_>>()
                 .join(", "),
-            unnest_select(&cols, &all, 1)
+            select_rows(&cols, &all, 1, None)
         );
         // The setup in a CTE the insert's one-time filter reads: run once, before any row.
         let setup = origin_setup(all.len() + 1, all.len() + 2);
@@ -1092,7 +1126,7 @@ impl Table {
                 .map(|&i| ident(&cols[i].name))
                 .collect::<Vec<_>>()
                 .join(", "),
-            unnest_select(&cols, &all, 1)
+            select_rows(&cols, &all, 1, None)
         );
         let copy = format!(
             "COPY {q} ({}) FROM STDIN",
@@ -1143,16 +1177,12 @@ impl Table {
                 .map_err(db(site, format!("preparing the apply of {name}")))
         };
         Ok(Self {
-            lock: prep(lock).await?,
-            delete: prep(delete.clone()).await?,
-            delete_sql: delete,
             insert: prep(insert).await?,
             insert_alone: prep(insert_alone).await?,
             copy: prep(copy).await?,
             copy_bin,
             conflict: prep(conflict).await?,
-            updates: Default::default(),
-            presumed: Default::default(),
+            forms: Default::default(),
             shape,
             cols,
             key,
@@ -1377,126 +1407,91 @@ impl Table {
         out
     }
 
-    /// `UPDATE ... SET` the columns of `mask` from arrays (key columns first in column order,
-    /// as the arrays are passed), prepared once per column set.
-    /// The set-based `UPDATE` of the columns in `mask` (and the keys) from text arrays, or
-    /// (`one`) of one row from text values; its number of parameters.
-    fn update_sql(&self, mask: &[bool], one: bool) -> (String, usize) {
-        let which: Vec<usize> = (0..self.cols.len())
-            .filter(|&i| mask[i] || self.cols[i].key)
-            .collect();
-        let pos = |i: usize| which.iter().position(|&w| w == i).unwrap_or_default();
-        // Column `i`'s new value, cast to its type.
-        let value = |i: usize| match one {
-            true => format!("${}::text::{}", pos(i) + 1, self.cols[i].ty),
-            false => format!("u.c{}::{}", pos(i), self.cols[i].ty),
+    /// The SQL of form `f` and its number of parameters.
+    fn form_sql(&self, f: &Form) -> (String, usize) {
+        let q = qident(&self.shape.name);
+        let keys_t = keys_of_t(&self.cols, &self.key);
+        let rows = f.rows.unwrap_or(1);
+        let (plain, n) = match &f.does {
+            // The last writer in the select list, not a LATERAL join: a row another
+            // transaction changes while this waits for its lock is re-read (EvalPlanQual) and
+            // the list is computed again from the new version, where a joined function's row
+            // would be the old version's (its writer and time with the new values: a wrong
+            // decision).
+            Does::Lock => {
+                let text = |i: &usize| format!("t.{}::text", ident(&self.cols[*i].name));
+                let sql = format!(
+                    "SELECT {ktext}, (pg_xact_commit_timestamp_origin(t.xmin)).roident::int8, \
+                            (extract(epoch FROM (pg_xact_commit_timestamp_origin(t.xmin)).\"timestamp\") * 1000000)::int8, {vals} \
+                     FROM {q} t \
+                     WHERE ({keys_t}) IN ({src}) ORDER BY {keys_t} FOR UPDATE OF t",
+                    ktext = self.key.iter().map(text).collect::<Vec<_>>().join(", "),
+                    vals = (0..self.cols.len()).map(|i| text(&i)).collect::<Vec<_>>().join(", "),
+                    src = select_rows(&self.cols, &self.key, 1, f.rows),
+                );
+                (sql, self.key.len() * rows)
+            }
+            Does::Delete => (
+                format!(
+                    "DELETE FROM {q} t WHERE ({keys_t}) IN ({})",
+                    select_rows(&self.cols, &self.key, 1, f.rows)
+                ),
+                self.key.len() * rows,
+            ),
+            Does::Update(mask) => {
+                let which: Vec<usize> = (0..self.cols.len())
+                    .filter(|&i| mask[i] || self.cols[i].key)
+                    .collect();
+                let pos = |i: usize| which.iter().position(|&w| w == i).unwrap_or_default();
+                // Column `i`'s new value, cast to its type.
+                let value = |i: usize| format!("u.c{}::{}", pos(i), self.cols[i].ty);
+                let set = which
+                    .iter()
+                    .filter(|&&i| mask[i])
+                    .map(|&i| format!("{} = {}", ident(&self.cols[i].name), value(i)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let matches = self
+                    .key
+                    .iter()
+                    .map(|&i| format!("t.{} = {}", ident(&self.cols[i].name), value(i)))
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                let sql = format!(
+                    "UPDATE {q} t SET {set} FROM {} WHERE {matches}",
+                    rows_from(which.len(), 1, f.rows)
+                );
+                (sql, which.len() * rows)
+            }
         };
-        let set = which
-            .iter()
-            .filter(|&&i| mask[i])
-            .map(|&i| format!("{} = {}", ident(&self.cols[i].name), value(i)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let matches = self
-            .key
-            .iter()
-            .map(|&i| format!("t.{} = {}", ident(&self.cols[i].name), value(i)))
-            .collect::<Vec<_>>()
-            .join(" AND ");
-        if one {
-            let sql = format!(
-                "UPDATE {} t SET {set} WHERE {matches}",
-                qident(&self.shape.name)
-            );
-            return (sql, which.len());
+        match f.presumed {
+            true => (presumed_sql(&plain, n), n),
+            false => (plain, n),
         }
-        let params = (1..=which.len())
-            .map(|j| format!("${j}::text[]"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let names = (0..which.len())
-            .map(|j| format!("c{j}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sql = format!(
-            "UPDATE {} t SET {set} FROM unnest({params}) AS u({names}) WHERE {matches}",
-            qident(&self.shape.name)
-        );
-        (sql, which.len())
     }
 
-    async fn update_stmt(
-        &self,
-        dst: &Client,
-        site: &'static str,
-        mask: &[bool],
-    ) -> Result<Statement, Error> {
-        if let Some(s) = self.lock_updates().get(mask) {
+    /// The statement of form `f`, prepared on first use.
+    async fn form(&self, dst: &Client, site: &'static str, f: Form) -> Result<Statement, Error> {
+        let cache = || self.forms.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = cache().get(&f) {
             return Ok(s.clone());
         }
-        let (sql, _) = self.update_sql(mask, false);
+        let (sql, _) = self.form_sql(&f);
         let stmt = dst.prepare(&sql).await.map_err(db(
             site,
             format!("preparing the apply of {}", self.shape.name),
         ))?;
-        self.lock_updates().insert(mask.to_vec(), stmt.clone());
+        cache().insert(f, stmt.clone());
         Ok(stmt)
     }
+}
 
-    /// The presumed form of write `w` (an update or a delete), of `one` row (its values as
-    /// scalars: the server keeps one plan for it, where a join with `unnest` of parameters
-    /// is planned again each time, or kept as a generic hash join) or of text
-    /// arrays; prepared on first use.
-    async fn presumed_stmt(
-        &self,
-        dst: &Client,
-        site: &'static str,
-        w: &Write,
-        one: bool,
-    ) -> Result<Statement, Error> {
-        let which = match w {
-            Write::Update(mask) => (Some(mask.clone()), one),
-            _ => (None, one),
-        };
-        let cached = |m: &PresumedKey| {
-            let map = self.presumed.lock().unwrap_or_else(|p| p.into_inner());
-            map.get(m).cloned()
-        };
-        if let Some(s) = cached(&which) {
-            return Ok(s);
-        }
-        let (plain, n) = match &which {
-            (Some(mask), one) => self.update_sql(mask, *one),
-            (None, false) => (self.delete_sql.clone(), self.key.len()),
-            (None, true) => {
-                let matches = self
-                    .key
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &i)| {
-                        let c = &self.cols[i];
-                        format!("t.{} = ${}::text::{}", ident(&c.name), j + 1, c.ty)
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" AND ");
-                let sql = format!("DELETE FROM {} t WHERE {matches}", qident(&self.shape.name));
-                (sql, self.key.len())
-            }
-        };
-        let stmt = dst.prepare(&presumed_sql(&plain, n)).await.map_err(db(
-            site,
-            format!("preparing the apply of {}", self.shape.name),
-        ))?;
-        self.presumed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(which, stmt.clone());
-        Ok(stmt)
-    }
-
-    fn lock_updates(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<bool>, Statement>> {
-        self.updates.lock().unwrap_or_else(|p| p.into_inner())
-    }
+/// `t.k0, t.k1, ...`: the key columns of table alias `t`.
+fn keys_of_t(cols: &[Col], key: &[usize]) -> String {
+    key.iter()
+        .map(|&i| format!("t.{}", ident(&cols[i].name)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `plain`, an `UPDATE` or `DELETE` of table alias `t` ending in its `WHERE` clause with `n`
@@ -1517,23 +1512,44 @@ fn presumed_sql(plain: &str, n: usize) -> String {
     )
 }
 
-/// `SELECT u.c0::T0, ... FROM unnest($from::text[], ...) AS u(c0, ...)` for columns `which`.
-fn unnest_select(cols: &[Col], which: &[usize], from: usize) -> String {
+/// `SELECT u.c0::T0, ... FROM <rows>` for columns `which`, the rows as [`rows_from`] passes
+/// them from parameter `$from` on.
+fn select_rows(cols: &[Col], which: &[usize], from: usize, rows: Option<usize>) -> String {
     let casts = which
         .iter()
         .enumerate()
         .map(|(j, &i)| format!("u.c{j}::{}", cols[i].ty))
         .collect::<Vec<_>>()
         .join(", ");
-    let params = (0..which.len())
-        .map(|j| format!("${}::text[]", from + j))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let names = (0..which.len())
+    format!("SELECT {casts} FROM {}", rows_from(which.len(), from, rows))
+}
+
+/// A `FROM` item of `width` text columns `u.c0, ...` from parameter `$from` on: one text
+/// array per column through `unnest` (`rows` None), or a `VALUES` list of `rows` rows of
+/// scalars, row by row.
+fn rows_from(width: usize, from: usize, rows: Option<usize>) -> String {
+    let names = (0..width)
         .map(|j| format!("c{j}"))
         .collect::<Vec<_>>()
         .join(", ");
-    format!("SELECT {casts} FROM unnest({params}) AS u({names})")
+    let Some(n) = rows else {
+        let params = (0..width)
+            .map(|j| format!("${}::text[]", from + j))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return format!("unnest({params}) AS u({names})");
+    };
+    let list = (0..n)
+        .map(|r| {
+            let row = (0..width)
+                .map(|j| format!("${}::text", from + r * width + j))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("({row})")
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("(VALUES {list}) AS u({names})")
 }
 
 /// JSON and JSONB values are embedded as JSON; every other value as its text form.
@@ -2018,6 +2034,82 @@ mod tests {
             .await,
             2
         );
+    }
+
+    /// Updates and deletes of a few rows go as a `VALUES` list of scalars, of many as text
+    /// arrays; each way, presumed or read, every row ends as the decision says, its values
+    /// in the right row.
+    #[tokio::test]
+    async fn few_and_many_rows_of_updates_and_deletes_land_alike_as_values_lists_and_as_arrays() {
+        let (_srv, c, mut a, users) = target().await;
+        let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
+        let mut lsn = 0x100;
+        let mut apply = |changes: Vec<Change>| {
+            lsn += 0x100;
+            batch(changes, lsn)
+        };
+        for n in [3, VALUES_MAX, VALUES_MAX + 5] {
+            let n = n as i32;
+            c.batch_execute("DELETE FROM users; DELETE FROM gsb.conflicts")
+                .await
+                .unwrap();
+            let ids = 1..=n;
+            let each = |op: Op, tag: &str, ts: i64| -> Vec<Change> {
+                ids.clone()
+                    .map(|id| row(&users, op, id, Some(&format!("{tag}{id}")), ts))
+                    .collect()
+            };
+            a.apply(&c, &apply(each(Op::Insert, "a", t))).await.unwrap();
+            // Presumed: every row is the source's.
+            let out = a
+                .apply(&c, &apply(each(Op::Update, "b", t + 1)))
+                .await
+                .unwrap();
+            assert_eq!(out["attempts"], 1, "n={n}: {out}");
+            // Read: row 2 was edited here later, so it keeps its edit (logged).
+            write_here(&c, "UPDATE users SET email = 'here' WHERE id = 2").await;
+            let out = a
+                .apply(&c, &apply(each(Op::Update, "c", t + 2)))
+                .await
+                .unwrap();
+            assert_eq!(out["attempts"], 2, "n={n}: {out}");
+            assert_eq!(out["conflicts"]["public.users"], 1, "n={n}: {out}");
+            let want: Vec<(i32, String)> = ids
+                .clone()
+                .map(|id| {
+                    (
+                        id,
+                        if id == 2 {
+                            "here".into()
+                        } else {
+                            format!("c{id}")
+                        },
+                    )
+                })
+                .collect();
+            assert_eq!(ids_and_emails(&c).await, want, "n={n}");
+            // Deletes: the odd rows presumed; then the even ones, row 2 read (a delete wins).
+            let odd = |op: Op, ts: i64, even: bool| -> Vec<Change> {
+                ids.clone()
+                    .filter(|id| (id % 2 == 0) == even)
+                    .map(|id| row(&users, op, id, None, ts))
+                    .collect()
+            };
+            let out = a
+                .apply(&c, &apply(odd(Op::Delete, t + 3, false)))
+                .await
+                .unwrap();
+            assert_eq!(out["attempts"], 1, "n={n}: {out}");
+            let want: Vec<(i32, String)> = want.into_iter().filter(|(id, _)| id % 2 == 0).collect();
+            assert_eq!(ids_and_emails(&c).await, want, "n={n}");
+            let out = a
+                .apply(&c, &apply(odd(Op::Delete, t + 4, true)))
+                .await
+                .unwrap();
+            assert_eq!(out["attempts"], 2, "n={n}: {out}");
+            assert_eq!(count(&c, "SELECT count(*) FROM users").await, 0, "n={n}");
+        }
+        assert_eq!(progress(&c).await, format!("0/{lsn:X}"));
     }
 
     #[tokio::test]
