@@ -16,19 +16,21 @@
 //!    columns (unchanged TOAST columns are left out, never set to NULL) and one `INSERT` of the
 //!    keys' net outcomes; `COMMIT`. Rows travel as scalar parameters in a `VALUES` list of
 //!    their number (up to [`VALUES_MAX`]: the server keeps one plan for it) or as text
-//!    arrays through `unnest` (inserts always: no join to plan). If a set-based
+//!    arrays through `unnest`. If a set-based
 //!    statement fails (a unique key that only the source's row order satisfies), the
 //!    transaction is rolled back and the batch applied again with one statement per change in
 //!    commit order (still one round trip).
 //!
 //! A batch with nothing to read and nothing to do but one `INSERT` (the usual one-row
 //! transaction under light load) is one statement that also sets up the origin, committed by
-//! itself (an implicit transaction): one sync point instead of four. A batch of updates and
-//! deletes of one table is first tried the same way, its rows presumed last written by this
-//! source (what one-way replication leaves): one `UPDATE` (or `DELETE`) that writes only rows
-//! whose last writer is this source's origin and fails the statement unless every key was such
-//! a row. A row written here or by another origin, or gone, fails it (nothing is committed),
-//! and the batch takes the two round trips above.
+//! itself (an implicit transaction): one sync point instead of four. A batch with updates or
+//! deletes is first tried without reading, its rows presumed as one-way replication leaves
+//! them: a key it first inserts absent, any other last written by this source. Each `UPDATE`
+//! and `DELETE` then writes only rows whose last writer is this source's origin and fails
+//! unless every key was such a row; alone it is one statement committed by itself, else the
+//! batch is one pipelined transaction (`BEGIN`, the setup, the writes, `COMMIT`: one round
+//! trip). A row written here or by another origin, or gone, or an inserted key that exists,
+//! fails it (nothing is committed), and the batch takes the two round trips above.
 //!
 //! Statements are prepared once per table and session and derived again when the source's
 //! relation changes (a Relation message: a column added). Values travel in their text form
@@ -140,10 +142,6 @@ struct Table {
     cols: Vec<Col>,
     /// Indexes into `cols` of the key columns, in key order.
     key: Vec<usize>,
-    insert: Statement,
-    /// The same, with the batch's origin setup (parameters `$n+1`, `$n+2`: end LSN, commit
-    /// time), for a batch that is this one insert and nothing else: committed by itself.
-    insert_alone: Statement,
     /// `COPY ... FROM STDIN` of every column (text format).
     copy: Statement,
     /// The same in the binary format, with each column's type, when every column's type is
@@ -154,46 +152,82 @@ struct Table {
     forms: std::sync::Mutex<HashMap<Form, Statement>>,
 }
 
-/// Most rows a lock, delete or update statement takes as a `VALUES` list of scalar
+/// Most rows a statement (lock, insert, update, delete) takes as a `VALUES` list of scalar
 /// parameters; more go as text arrays through `unnest`. The server keeps one generic plan for a
 /// `VALUES` list of a known length (a nested loop over the key's index), where a join with
 /// `unnest` of parameters is planned again at every execution (its generic plan, sized for
 /// ten rows, costs more than a custom one for a few) or, forced generic, hash-joined.
 const VALUES_MAX: usize = 16;
 
-/// One of a table's statements that find rows by key.
+/// Most statements a table keeps prepared (see [`Table::form`]): past it they are prepared
+/// again as used.
+const FORMS_MAX: usize = 256;
+
+/// What one of a table's statements does: a write of the second round trip, or the lock.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Does {
     /// Lock and read the local rows.
     Lock,
     Delete,
+    Insert,
     /// Set the columns of the mask (over `cols`; the key columns are always passed).
     Update(Vec<bool>),
 }
 
-/// Which statement: what it does, how its rows are passed, presumed or not.
+/// Which statement: what it does, how its rows are passed, alone or not.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Form {
     does: Does,
     /// `Some(n)`: n rows as scalar parameters (row by row) in a `VALUES` list; `None`: one
     /// text array per column.
     rows: Option<usize>,
-    /// Presumed (see [`presumed_sql`]): committed by itself, only rows this source wrote.
-    presumed: bool,
+    /// The whole batch, committed by itself with the origin setup: an insert as it is, an
+    /// update or delete presumed (see [`presumed_sql`]).
+    alone: bool,
 }
 
 impl Form {
-    fn new(does: Does, rows: usize, presumed: bool) -> Self {
+    fn new(does: Does, rows: usize, alone: bool) -> Self {
         Self {
             does,
             rows: (rows <= VALUES_MAX).then_some(rows),
-            presumed,
+            alone,
         }
     }
 
     /// The statement's parameters for `arrays` (one per column, each of every row).
     fn params<'a>(&self, arrays: &'a Arrays) -> Vec<&'a (dyn ToSql + Sync)> {
         params_of(arrays, self.rows)
+    }
+}
+
+/// A write of the second round trip with its statement.
+struct Writing<'a> {
+    tbl: &'a Table,
+    form: Form,
+    stmt: Statement,
+    /// Its rows (which a presumed statement checks it wrote).
+    expected: i64,
+    arrays: Arrays,
+}
+
+impl Writing<'_> {
+    /// The statement's parameters: the rows, then for a form carrying the setup its end LSN
+    /// and commit time, and for a checked one the source's origin and the row count.
+    fn params<'a>(
+        &'a self,
+        setup: &[&'a (dyn ToSql + Sync); 2],
+        origin: &'a i64,
+    ) -> Vec<&'a (dyn ToSql + Sync)> {
+        let mut p = self.form.params(&self.arrays);
+        if self.form.alone {
+            p.extend(setup);
+            if self.form.does != Does::Insert {
+                p.push(origin);
+                p.push(&self.expected);
+            }
+        }
+        p
     }
 }
 
@@ -209,25 +243,6 @@ fn params_of(arrays: &Arrays, rows: Option<usize>) -> Vec<&(dyn ToSql + Sync)> {
 
 /// A statement's parameters: one text array per column it takes.
 type Arrays = Vec<Vec<Option<Text>>>;
-
-/// A write of the second round trip, before its statement is resolved.
-enum Write {
-    Delete,
-    Insert,
-    /// The columns set (a mask over `cols`; the key columns are always passed).
-    Update(Vec<bool>),
-}
-
-impl Write {
-    /// What it does to rows found by key (None: an insert).
-    fn finds(&self) -> Option<Does> {
-        match self {
-            Write::Delete => Some(Does::Delete),
-            Write::Insert => None,
-            Write::Update(mask) => Some(Does::Update(mask.clone())),
-        }
-    }
-}
 
 /// The local row of a key before the batch, as the lock read it.
 struct Local {
@@ -467,10 +482,8 @@ impl Applier {
             let g = &mut groups[idx[c.shape.name.as_str()]];
             g.1.push(g.0.convert(c)?);
         }
-        let presumable = !self.nested
-            && b.fence.is_none()
-            && groups.len() == 1
-            && b.changes.iter().all(|c| c.op != Op::Insert);
+        let presumable =
+            !self.nested && b.fence.is_none() && b.changes.iter().any(|c| c.op != Op::Insert);
         let mut mode = match presumable {
             true => Mode::Presumed,
             false => Mode::Optimistic,
@@ -504,7 +517,8 @@ impl Applier {
         mode: Mode,
     ) -> Result<Outcome, Failed> {
         let res = self.attempt_inner(dst, b, groups, mode).await;
-        // A presumed batch is one statement in an implicit transaction, or nothing sent.
+        // A presumed batch is one statement in an implicit transaction, or a pipeline that
+        // ends in COMMIT (no COPY), or nothing sent: no transaction is left open.
         if res.is_err() && mode != Mode::Presumed {
             // Whatever failed, the transaction is not left open (a no-op if COMMIT already
             // rolled the aborted one back).
@@ -596,12 +610,18 @@ impl Applier {
                 );
             }
             if mode == Mode::Presumed {
+                // A key the batch first inserts is presumed absent, any other last written by
+                // this source.
+                let mut seen: rustc_hash::FxHashSet<&[Text]> = Default::default();
                 for c in chs {
-                    locals.entry(c.key.clone()).or_insert_with(|| Local {
-                        origin: self.origin_id,
-                        ts_us: None,
-                        vals: Vec::new(),
-                    });
+                    if seen.insert(&c.key) && c.op != Op::Insert {
+                        let ours = Local {
+                            origin: self.origin_id,
+                            ts_us: None,
+                            vals: Vec::new(),
+                        };
+                        locals.insert(c.key.clone(), ours);
+                    }
                 }
             }
             plans.push(self.decide(chs, &locals, now_us));
@@ -609,7 +629,7 @@ impl Applier {
         // Round trip 2 (with the begin and setup when there was nothing to read): the conflict
         // log, the writes, commit; a large insert goes by COPY.
         let mut logs: Vec<(&Statement, Vec<Option<String>>)> = Vec::new();
-        let mut planned: Vec<(&Table, Write, Arrays)> = Vec::new();
+        let mut planned: Vec<(&Table, Does, Arrays)> = Vec::new();
         for ((tbl, chs), plan) in groups.iter().zip(&plans) {
             for c in &plan.conflicts {
                 logs.push((&tbl.conflict, self.conflict_params(tbl, &chs[c.change], c)));
@@ -621,66 +641,56 @@ impl Applier {
             };
             planned.extend(writes.into_iter().map(|(w, arrays)| (*tbl, w, arrays)));
         }
-        if mode == Mode::Presumed {
-            let found = match &planned[..] {
-                [(tbl, w, arrays)] => w.finds().map(|does| (*tbl, does, arrays)),
-                _ => None,
-            };
-            let Some((tbl, does, arrays)) = found else {
-                return Err(Failed::presumption(Error::Protocol(
-                    "not one update or delete".into(),
-                )));
-            };
-            if !logs.is_empty() {
-                return Err(Failed::presumption(Error::Protocol(
-                    "a conflict to log".into(),
-                )));
-            }
-            let expected = arrays[0].len() as i64;
-            let f = Form::new(does, arrays[0].len(), true);
-            let stmt = tbl.form(dst, t, f.clone()).await.map_err(Failed::fatal)?;
-            let mut params = f.params(arrays);
-            params.extend(setup_params);
-            params.push(&self.origin_id);
-            params.push(&expected);
-            return match dst.execute(&stmt, &params).await {
-                Ok(_) => Ok(self.outcome(b, groups, &plans, now_us)),
-                Err(e) => Err(Failed::presumption(Error::db(
-                    t,
-                    "applying presumed rows",
-                    e,
-                ))),
-            };
+        let presumed = mode == Mode::Presumed;
+        if presumed && !logs.is_empty() {
+            return Err(Failed::presumption(Error::Protocol(
+                "a conflict to log".into(),
+            )));
         }
-        // Each write's statement, how its rows are passed (`Form::rows`) and its arrays.
-        let mut writes: Vec<(Statement, Option<usize>, Arrays)> = Vec::new();
+        let mut writes: Vec<Writing> = Vec::with_capacity(planned.len());
         let mut copies: Vec<(&Statement, bytes::Bytes)> = Vec::new();
-        // The table of the last INSERT among `writes`.
-        let mut inserts_into: Option<&Table> = None;
-        for (tbl, w, arrays) in planned {
-            let (stmt, rows) = match w.finds() {
-                Some(does) => {
-                    let f = Form::new(does, arrays[0].len(), false);
-                    let rows = f.rows;
-                    (tbl.form(dst, t, f).await.map_err(Failed::fatal)?, rows)
+        for (tbl, does, arrays) in planned {
+            let n = arrays[0].len();
+            if does == Does::Insert && n >= COPY_FROM {
+                if presumed {
+                    // A COPY ends the pipeline early when it fails: no presumption with it.
+                    return Err(Failed::presumption(Error::Protocol("a COPY".into())));
                 }
-                None if arrays[0].len() >= COPY_FROM => {
-                    copies.push(tbl.copy_data(&arrays));
-                    continue;
-                }
-                None => {
-                    inserts_into = Some(tbl);
-                    (tbl.insert.clone(), None)
-                }
-            };
-            writes.push((stmt, rows, arrays));
+                copies.push(tbl.copy_data(&arrays));
+                continue;
+            }
+            // Presumed: an update or delete checks that this source last wrote every row.
+            let checked = presumed && does != Does::Insert;
+            let f = Form::new(does, n, checked);
+            writes.push(Writing {
+                tbl,
+                stmt: tbl.form(dst, t, f.clone()).await.map_err(Failed::fatal)?,
+                form: f,
+                expected: n as i64,
+                arrays,
+            });
         }
-        if let ([(_, _, arrays)], Some(tbl)) = (&writes[..], inserts_into) {
-            if !began && !self.nested && logs.is_empty() && copies.is_empty() && b.fence.is_none() {
-                let mut params = params_of(arrays, None);
-                params.extend(setup_params);
-                return match dst.execute(&tbl.insert_alone, &params).await {
+        // One write and nothing else (an insert, or a presumed update or delete): one
+        // statement carrying the setup, committed by itself.
+        let single = !began && !self.nested && logs.is_empty() && copies.is_empty();
+        if let [w] = &mut writes[..] {
+            if single && b.fence.is_none() && (w.form.alone || w.form.does == Does::Insert) {
+                if !w.form.alone {
+                    w.form.alone = true;
+                    w.stmt = w
+                        .tbl
+                        .form(dst, t, w.form.clone())
+                        .await
+                        .map_err(Failed::fatal)?;
+                }
+                let params = w.params(&setup_params, &self.origin_id);
+                return match dst.execute(&w.stmt, &params).await {
                     Ok(_) => Ok(self.outcome(b, groups, &plans, now_us)),
+                    Err(e) if presumed => Err(Failed::presumption(Error::db(
+                        t,
+                        "applying presumed rows",
+                        e,
+                    ))),
                     Err(e) => Err(write_failed(t, b, mode, e)),
                 };
             }
@@ -701,9 +711,9 @@ impl Applier {
                 p.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
             async move { dst.execute(*stmt, &params).await }
         }));
-        let ws = futures_util::future::join_all(writes.iter().map(|(stmt, rows, arrays)| {
-            let params = params_of(arrays, *rows);
-            async move { dst.execute(stmt, &params).await }
+        let ws = futures_util::future::join_all(writes.iter().map(|w| {
+            let params = w.params(&setup_params, &self.origin_id);
+            async move { dst.execute(&w.stmt, &params).await }
         }));
         // The cursor move (trigger capture) after the writes, in the same round trip.
         let fence = async {
@@ -740,7 +750,10 @@ impl Applier {
         }
         let failed = write_err.or(r_tail.err());
         if let Some(e) = failed {
-            return Err(write_failed(t, b, mode, e));
+            return Err(match presumed {
+                true => Failed::presumption(Error::db(t, "applying presumed rows", e)),
+                false => write_failed(t, b, mode, e),
+            });
         }
         Ok(self.outcome(b, groups, &plans, now_us))
     }
@@ -964,8 +977,8 @@ impl Failed {
         Self { error, retry: None }
     }
 
-    /// The presumption did not hold (or the batch is not one statement): apply it again
-    /// reading its rows.
+    /// The presumption did not hold (or the batch has a conflict to log or a COPY): apply it
+    /// again reading its rows.
     fn presumption(error: Error) -> Self {
         Self {
             error,
@@ -977,8 +990,9 @@ impl Failed {
 /// How a batch is applied; on a constraint failure the next one is tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// A batch without inserts, of one table: every key presumed last written by this source
-    /// (not read); applied only as one statement that checks the presumption.
+    /// A batch with updates or deletes: nothing read, every key the batch first inserts
+    /// presumed absent and every other last written by this source, which each update and
+    /// delete statement checks (failing the batch's one transaction otherwise).
     Presumed,
     /// Keys the batch inserts first are presumed absent (not read); set-based writes.
     Optimistic,
@@ -1109,25 +1123,6 @@ impl Table {
         }
         let all: Vec<usize> = (0..cols.len()).collect();
         let keys_t = keys_of_t(&cols, &key);
-        let insert = format!(
-            "INSERT INTO {q} ({}) {}",
-            all.iter()
-                .map(|&i| ident(&cols[i].name))
-                .collect::<Vec<_>>()
-                .join(", "),
-            select_rows(&cols, &all, 1, None)
-        );
-        // The setup in a CTE the insert's one-time filter reads: run once, before any row.
-        let setup = origin_setup(all.len() + 1, all.len() + 2);
-        let insert_alone = format!(
-            "WITH gsb_setup AS MATERIALIZED ({setup}) \
-             INSERT INTO {q} ({}) SELECT * FROM ({}) AS v WHERE (SELECT true FROM gsb_setup)",
-            all.iter()
-                .map(|&i| ident(&cols[i].name))
-                .collect::<Vec<_>>()
-                .join(", "),
-            select_rows(&cols, &all, 1, None)
-        );
         let copy = format!(
             "COPY {q} ({}) FROM STDIN",
             all.iter()
@@ -1177,8 +1172,6 @@ impl Table {
                 .map_err(db(site, format!("preparing the apply of {name}")))
         };
         Ok(Self {
-            insert: prep(insert).await?,
-            insert_alone: prep(insert_alone).await?,
             copy: prep(copy).await?,
             copy_bin,
             conflict: prep(conflict).await?,
@@ -1268,7 +1261,7 @@ impl Table {
     }
 
     /// Set-based: per key its net outcome; one DELETE, one UPDATE per column set, one INSERT.
-    fn set_writes(&self, chs: &[Ch], plan: &Plan) -> Vec<(Write, Vec<Vec<Option<Text>>>)> {
+    fn set_writes(&self, chs: &[Ch], plan: &Plan) -> Vec<(Does, Arrays)> {
         let mut out = Vec::new();
         let n = self.cols.len();
         let mut deletes = vec![Vec::new(); self.key.len()];
@@ -1342,7 +1335,7 @@ impl Table {
             }
         }
         if !deletes[0].is_empty() {
-            out.push((Write::Delete, deletes));
+            out.push((Does::Delete, deletes));
         }
         for (mask, arrays) in updates {
             let arrays = arrays
@@ -1351,16 +1344,16 @@ impl Table {
                 .filter(|(i, _)| mask[*i] || self.cols[*i].key)
                 .map(|(_, a)| a)
                 .collect();
-            out.push((Write::Update(mask), arrays));
+            out.push((Does::Update(mask), arrays));
         }
         if !inserts[0].is_empty() {
-            out.push((Write::Insert, inserts));
+            out.push((Does::Insert, inserts));
         }
         out
     }
 
     /// In commit order: one statement per accepted change.
-    fn ordered_writes(&self, chs: &[Ch], plan: &Plan) -> Vec<(Write, Vec<Vec<Option<Text>>>)> {
+    fn ordered_writes(&self, chs: &[Ch], plan: &Plan) -> Vec<(Does, Arrays)> {
         let mut out = Vec::new();
         let mut exists: HashMap<&[Text], bool> =
             plan.keys.iter().map(|(k, p)| (k.as_slice(), *p)).collect();
@@ -1376,11 +1369,11 @@ impl Table {
             let keys = || c.key.iter().map(|k| vec![Some(k.clone())]).collect();
             match c.op {
                 Op::Delete => {
-                    out.push((Write::Delete, keys()));
+                    out.push((Does::Delete, keys()));
                     exists.insert(&c.key, false);
                 }
                 Op::Insert if !e => {
-                    out.push((Write::Insert, c.cells.iter().map(one).collect()));
+                    out.push((Does::Insert, c.cells.iter().map(one).collect()));
                     exists.insert(&c.key, true);
                 }
                 Op::Insert | Op::Update => {
@@ -1400,7 +1393,7 @@ impl Table {
                         .filter(|(j, _)| mask[*j] || self.cols[*j].key)
                         .map(|(_, v)| one(v))
                         .collect();
-                    out.push((Write::Update(mask), arrays));
+                    out.push((Does::Update(mask), arrays));
                 }
             }
         }
@@ -1430,6 +1423,27 @@ impl Table {
                     src = select_rows(&self.cols, &self.key, 1, f.rows),
                 );
                 (sql, self.key.len() * rows)
+            }
+            Does::Insert => {
+                let names = (self.cols.iter())
+                    .map(|c| ident(&c.name))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let all: Vec<usize> = (0..self.cols.len()).collect();
+                let rows_sql = select_rows(&self.cols, &all, 1, f.rows);
+                let n = all.len() * rows;
+                if f.alone {
+                    // The setup in a CTE the insert's one-time filter reads: run once,
+                    // before any row.
+                    let setup = origin_setup(n + 1, n + 2);
+                    let sql = format!(
+                        "WITH gsb_setup AS MATERIALIZED ({setup}) \
+                         INSERT INTO {q} ({names}) SELECT * FROM ({rows_sql}) AS v \
+                         WHERE (SELECT true FROM gsb_setup)"
+                    );
+                    return (sql, n);
+                }
+                (format!("INSERT INTO {q} ({names}) {rows_sql}"), n)
             }
             Does::Delete => (
                 format!(
@@ -1464,7 +1478,7 @@ impl Table {
                 (sql, which.len() * rows)
             }
         };
-        match f.presumed {
+        match f.alone {
             true => (presumed_sql(&plain, n), n),
             false => (plain, n),
         }
@@ -1481,7 +1495,13 @@ impl Table {
             site,
             format!("preparing the apply of {}", self.shape.name),
         ))?;
-        cache().insert(f, stmt.clone());
+        let mut forms = cache();
+        // Bounded: column sets times row counts can be many; the server's prepared
+        // statements (and their plans) are closed as their last handle is dropped.
+        if forms.len() >= FORMS_MAX {
+            forms.clear();
+        }
+        forms.insert(f, stmt.clone());
         Ok(stmt)
     }
 }
@@ -2036,11 +2056,76 @@ mod tests {
         );
     }
 
-    /// Updates and deletes of a few rows go as a `VALUES` list of scalars, of many as text
-    /// arrays; each way, presumed or read, every row ends as the decision says, its values
-    /// in the right row.
+    /// A batch that inserts new keys and updates and deletes the source's rows is one
+    /// transaction with nothing read; where a row to update was written here, or a key to
+    /// insert exists here, nothing of it stays and the batch is read and decided.
     #[tokio::test]
-    async fn few_and_many_rows_of_updates_and_deletes_land_alike_as_values_lists_and_as_arrays() {
+    async fn a_mixed_batch_presumes_inserted_keys_absent_and_the_rest_the_sources() {
+        let (_srv, c, mut a, users) = target().await;
+        let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
+        let seed = (1..=3)
+            .map(|id| row(&users, Op::Insert, id, Some(&format!("e{id}")), t))
+            .collect();
+        a.apply(&c, &batch(seed, 0x100)).await.unwrap();
+        let mixed = |tag: &str, new: i32, ts: i64| {
+            vec![
+                row(&users, Op::Insert, new, Some(&format!("{tag}{new}")), ts),
+                row(&users, Op::Update, 1, Some(&format!("{tag}1")), ts),
+                row(&users, Op::Update, new, Some(&format!("{tag}{new}b")), ts),
+                row(&users, Op::Delete, 3, None, ts),
+            ]
+        };
+        let out = a
+            .apply(&c, &batch(mixed("m", 10, t + 1), 0x200))
+            .await
+            .unwrap();
+        assert_eq!(out["attempts"], 1, "one round trip: {out}");
+        assert_eq!(out["applied"]["public.users"], 4, "{out}");
+        assert_eq!(
+            ids_and_emails(&c).await,
+            vec![(1, "m1".into()), (2, "e2".into()), (10, "m10b".into())]
+        );
+        assert_eq!(last_writer(&c, 10).await, (a.origin_id, t + 1));
+        assert_eq!(progress(&c).await, "0/200");
+        // Row 1 edited here later: the update loses (logged), the rest is applied.
+        write_here(&c, "UPDATE users SET email = 'here' WHERE id = 1").await;
+        let mut changes = mixed("n", 11, t + 2);
+        changes.pop();
+        let out = a.apply(&c, &batch(changes, 0x300)).await.unwrap();
+        assert_eq!(out["attempts"], 2, "presumed, then read: {out}");
+        assert_eq!(out["conflicts"]["public.users"], 1, "{out}");
+        // Key 12 inserted here first: the source's later insert wins, logged.
+        write_here(&c, "INSERT INTO users VALUES (12, 'here12', NULL)").await;
+        let changes = vec![
+            row(
+                &users,
+                Op::Insert,
+                12,
+                Some("s12"),
+                chrono::Utc::now().timestamp_micros(),
+            ),
+            row(&users, Op::Update, 2, Some("s2"), t + 3),
+        ];
+        let out = a.apply(&c, &batch(changes, 0x400)).await.unwrap();
+        assert!(out["attempts"].as_i64() > Some(1), "{out}");
+        assert_eq!(progress(&c).await, "0/400");
+        assert_eq!(
+            ids_and_emails(&c).await,
+            vec![
+                (1, "here".into()),
+                (2, "s2".into()),
+                (10, "m10b".into()),
+                (11, "n11b".into()),
+                (12, "s12".into())
+            ]
+        );
+    }
+
+    /// Inserts, updates and deletes of a few rows go as a `VALUES` list of scalars, of many as
+    /// text arrays; each way, alone, presumed or read, every row ends as the decision says,
+    /// its values in the right row.
+    #[tokio::test]
+    async fn few_and_many_rows_of_each_write_land_alike_as_values_lists_and_as_arrays() {
         let (_srv, c, mut a, users) = target().await;
         let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
         let mut lsn = 0x100;
@@ -2060,6 +2145,8 @@ mod tests {
                     .collect()
             };
             a.apply(&c, &apply(each(Op::Insert, "a", t))).await.unwrap();
+            let want: Vec<(i32, String)> = ids.clone().map(|id| (id, format!("a{id}"))).collect();
+            assert_eq!(ids_and_emails(&c).await, want, "n={n}");
             // Presumed: every row is the source's.
             let out = a
                 .apply(&c, &apply(each(Op::Update, "b", t + 1)))

@@ -196,6 +196,9 @@ enum Writes {
     Inserts,
     /// The name of these users, in turn, each write known by the new name (a fresh uuid).
     Updates(Arc<Vec<Uuid>>),
+    /// Both in turn: a new user, then an update of one of these (a meeting service creates
+    /// rows and changes recent ones), so a batch holds both.
+    Mixed(Arc<Vec<Uuid>>),
 }
 
 /// Writes `rate` users per second for `dur` on `dsn` (4 connections, open loop); records acks.
@@ -224,16 +227,18 @@ async fn write_load_of(
     let n = (rate * dur.as_secs_f64()) as u64;
     let tracker = TaskTracker::new();
     let start = tokio::time::Instant::now();
+    const INSERT: &str = "INSERT INTO users (id, email, name, created_at, updated_at) \
+                          VALUES ($1, $2, 'bench', now(), now())";
+    const UPDATE: &str = "UPDATE users SET name = $2, updated_at = now() WHERE id = $1";
+    // Per connection: the statement of even writes, then of odd ones.
     let sql = match writes {
-        Writes::Inserts => {
-            "INSERT INTO users (id, email, name, created_at, updated_at) \
-             VALUES ($1, $2, 'bench', now(), now())"
-        }
-        Writes::Updates(_) => "UPDATE users SET name = $2, updated_at = now() WHERE id = $1",
+        Writes::Inserts => [INSERT, INSERT],
+        Writes::Updates(_) => [UPDATE, UPDATE],
+        Writes::Mixed(_) => [INSERT, UPDATE],
     };
     let mut stmts = Vec::new();
     for c in &clients {
-        stmts.push(c.prepare(sql).await?);
+        stmts.push([c.prepare(sql[0]).await?, c.prepare(sql[1]).await?]);
     }
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for i in 0..n {
@@ -241,7 +246,7 @@ async fn write_load_of(
         let k = (i % 4) as usize;
         let (c, s, times, errors) = (
             clients[k].clone(),
-            stmts[k].clone(),
+            stmts[k][(i % 2) as usize].clone(),
             times.clone(),
             errors.clone(),
         );
@@ -250,6 +255,8 @@ async fn write_load_of(
         let (row, value, known) = match &writes {
             Writes::Inserts => (fresh, format!("{tag}-{i}@bench"), fresh),
             Writes::Updates(ids) => (ids[i as usize % ids.len()], fresh.to_string(), fresh),
+            Writes::Mixed(_) if i % 2 == 0 => (fresh, format!("{tag}-{i}@bench"), fresh),
+            Writes::Mixed(ids) => (ids[i as usize / 2 % ids.len()], fresh.to_string(), fresh),
         };
         tracker.spawn(async move {
             match c.execute(&s, &[&row, &value]).await {
@@ -347,14 +354,16 @@ pub(crate) async fn lag_run(
 
 /// One-way lag of updates at `rate`: `rate * dur` users are inserted on the primary and
 /// awaited on the backup first, then each is updated once (open loop), each update's commit
-/// to its arrival on the backup.
+/// to its arrival on the backup. `mixed`: half the writes are inserts of new users, in turn
+/// with the updates (of half as many seeded users).
 pub(crate) async fn update_lag_run(
     pair: &Pair,
     rate: f64,
     dur: Duration,
     tag: &str,
+    mixed: bool,
 ) -> anyhow::Result<DirLags> {
-    let n = (rate * dur.as_secs_f64()) as i64;
+    let n = (rate * dur.as_secs_f64()) as i64 / if mixed { 2 } else { 1 };
     let (p, b) = (
         connect(&pair.primary.dsn("site")).await,
         connect(&pair.backup.dsn("site")).await,
@@ -391,17 +400,21 @@ pub(crate) async fn update_lag_run(
     let tracker = TaskTracker::new();
     let times = Arc::new(Mutex::new(Times::default()));
     let _l = listen(&pair.backup.dsn("site"), times.clone(), &tracker).await?;
+    let ids = Arc::new(ids);
     let errors = write_load_of(
         &pair.primary.dsn("site"),
         tag,
-        Writes::Updates(Arc::new(ids)),
+        match mixed {
+            true => Writes::Mixed(ids),
+            false => Writes::Updates(ids),
+        },
         rate,
         dur,
         times.clone(),
     )
     .await?;
     if errors > 0 {
-        bail!("{errors} updates failed");
+        bail!("{errors} writes failed");
     }
     let out = vec![(
         "primary_to_backup",
@@ -412,19 +425,23 @@ pub(crate) async fn update_lag_run(
     Ok(out)
 }
 
-/// The update lag runs of one contender, reported as "lag of updates @rate writes/s one way".
+/// The update lag runs of one contender, reported as "lag of updates @rate writes/s one way"
+/// (`mixed`: "lag of mixed writes ...", inserts and updates in turn).
 pub(crate) async fn update_lag_runs(
     pair: &Pair,
     dur: Duration,
     contender: &str,
+    mixed: bool,
     report: &mut Report,
 ) {
+    let what = if mixed { "mixed writes" } else { "updates" };
     for rate in [1000.0, 5000.0] {
-        let res = update_lag_run(pair, rate, dur, &format!("u{rate}")).await;
+        let tag = format!("{}{rate}", if mixed { "x" } else { "u" });
+        let res = update_lag_run(pair, rate, dur, &tag, mixed).await;
         match res {
             Ok(dirs) => {
                 for (_, (p50, p99, missing)) in dirs {
-                    let m = format!("lag of updates @{rate} writes/s one way");
+                    let m = format!("lag of {what} @{rate} writes/s one way");
                     report.put(
                         "replication",
                         &format!("{m} p50"),
@@ -443,14 +460,12 @@ pub(crate) async fn update_lag_runs(
                     );
                     if missing > 0 {
                         report.note(&format!(
-                            "replication: {contender} updates @{rate}/s: {missing} not visible within 30 s"
+                            "replication: {contender} {what} @{rate}/s: {missing} not visible within 30 s"
                         ));
                     }
                 }
             }
-            Err(e) => report.note(&format!(
-                "replication: {contender} updates @{rate}/s: {e:#}"
-            )),
+            Err(e) => report.note(&format!("replication: {contender} {what} @{rate}/s: {e:#}")),
         }
     }
 }
@@ -613,8 +628,8 @@ impl Params {
     }
 }
 
-/// Whether `BENCH_PARTS` (a comma-separated list of lag, updates, conflicts, catch-up, two-way,
-/// overhead) selects `part` of a contender's run; unset or empty selects every part.
+/// Whether `BENCH_PARTS` (a comma-separated list of lag, updates, mixed, conflicts, catch-up,
+/// two-way, overhead) selects `part` of a contender's run; unset or empty selects every part.
 pub(crate) fn part(part: &str) -> bool {
     env_selects("BENCH_PARTS", part)
 }
@@ -1110,7 +1125,10 @@ async fn gsb(p: &Params, report: &mut Report, who: &str, capture: &str) -> anyho
         lag_runs(&pair, dur, &pids, Some(&metrics), who, "g", report).await;
     }
     if part("updates") {
-        update_lag_runs(&pair, dur, who, report).await;
+        update_lag_runs(&pair, dur, who, false, report).await;
+    }
+    if part("mixed") {
+        update_lag_runs(&pair, dur, who, true, report).await;
     }
     if part("conflicts") {
         let res = conflicts(&pair, ncf).await;
@@ -1260,7 +1278,10 @@ async fn pglogical(p: &Params, report: &mut Report) -> anyhow::Result<()> {
         }
     }
     if part("updates") {
-        update_lag_runs(&pair, dur, "pglogical", report).await;
+        update_lag_runs(&pair, dur, "pglogical", false, report).await;
+    }
+    if part("mixed") {
+        update_lag_runs(&pair, dur, "pglogical", true, report).await;
     }
     drop_probe(&pair).await?;
     let pc = connect(&pair.primary.dsn("site")).await;
