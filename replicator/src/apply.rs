@@ -148,7 +148,8 @@ struct Table {
     /// one `copybin` writes.
     copy_bin: Option<(Statement, Vec<crate::copybin::BinType>)>,
     conflict: Statement,
-    /// The lock, delete and update statements (see [`Form`]), prepared when first needed.
+    /// The lock, insert, update and delete statements (see [`Form`]), prepared when first
+    /// needed.
     forms: std::sync::Mutex<HashMap<Form, Statement>>,
 }
 
@@ -181,8 +182,9 @@ struct Form {
     /// `Some(n)`: n rows as scalar parameters (row by row) in a `VALUES` list; `None`: one
     /// text array per column.
     rows: Option<usize>,
-    /// The whole batch, committed by itself with the origin setup: an insert as it is, an
-    /// update or delete presumed (see [`presumed_sql`]).
+    /// Carries the origin setup, so it can be the batch's one statement, committed by
+    /// itself. An update or delete in this form is the checked one of presumed batches (see
+    /// [`presumed_sql`]), alone or among the writes of one transaction.
     alone: bool,
 }
 
