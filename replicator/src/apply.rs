@@ -196,24 +196,19 @@ impl Form {
             alone,
         }
     }
-
-    /// The statement's parameters for `arrays` (one per column, each of every row).
-    fn params<'a>(&self, arrays: &'a Arrays) -> Vec<&'a (dyn ToSql + Sync)> {
-        params_of(arrays, self.rows)
-    }
 }
 
 /// A write of the second round trip with its statement.
-struct Writing<'a> {
-    tbl: &'a Table,
+struct Writing {
     form: Form,
     stmt: Statement,
-    /// Its rows (which a presumed statement checks it wrote).
+    /// Its number of rows (a checked statement's count to match), kept as the parameter's
+    /// storage.
     expected: i64,
     arrays: Arrays,
 }
 
-impl Writing<'_> {
+impl Writing {
     /// The statement's parameters: the rows, then for a form carrying the setup its end LSN
     /// and commit time, and for a checked one the source's origin and the row count.
     fn params<'a>(
@@ -221,7 +216,7 @@ impl Writing<'_> {
         setup: &[&'a (dyn ToSql + Sync); 2],
         origin: &'a i64,
     ) -> Vec<&'a (dyn ToSql + Sync)> {
-        let mut p = self.form.params(&self.arrays);
+        let mut p = params_of(&self.arrays, self.form.rows);
         if self.form.alone {
             p.extend(setup);
             if self.form.does != Does::Insert {
@@ -560,7 +555,7 @@ impl Applier {
                 if !arrays[0].is_empty() {
                     let f = Form::new(Does::Lock, arrays[0].len(), false);
                     let stmt = tbl.form(dst, t, f.clone()).await.map_err(Failed::fatal)?;
-                    lock_stmts.push((stmt, f.params(arrays)));
+                    lock_stmts.push((stmt, params_of(arrays, f.rows)));
                 }
             }
             let begin = dst.batch_execute(self.words().begin);
@@ -649,6 +644,19 @@ impl Applier {
                 "a conflict to log".into(),
             )));
         }
+        // One write and nothing else (an insert, or a presumed update or delete): one
+        // statement carrying the setup, committed by itself.
+        let alone = match &planned[..] {
+            [(_, does, arrays)] => {
+                !began
+                    && !self.nested
+                    && logs.is_empty()
+                    && b.fence.is_none()
+                    && (presumed || *does == Does::Insert)
+                    && arrays[0].len() < COPY_FROM
+            }
+            _ => false,
+        };
         let mut writes: Vec<Writing> = Vec::with_capacity(planned.len());
         let mut copies: Vec<(&Statement, bytes::Bytes)> = Vec::new();
         for (tbl, does, arrays) in planned {
@@ -663,39 +671,25 @@ impl Applier {
             }
             // Presumed: an update or delete checks that this source last wrote every row.
             let checked = presumed && does != Does::Insert;
-            let f = Form::new(does, n, checked);
+            let f = Form::new(does, n, alone || checked);
             writes.push(Writing {
-                tbl,
                 stmt: tbl.form(dst, t, f.clone()).await.map_err(Failed::fatal)?,
                 form: f,
                 expected: n as i64,
                 arrays,
             });
         }
-        // One write and nothing else (an insert, or a presumed update or delete): one
-        // statement carrying the setup, committed by itself.
-        let single = !began && !self.nested && logs.is_empty() && copies.is_empty();
-        if let [w] = &mut writes[..] {
-            if single && b.fence.is_none() && (w.form.alone || w.form.does == Does::Insert) {
-                if !w.form.alone {
-                    w.form.alone = true;
-                    w.stmt = w
-                        .tbl
-                        .form(dst, t, w.form.clone())
-                        .await
-                        .map_err(Failed::fatal)?;
-                }
-                let params = w.params(&setup_params, &self.origin_id);
-                return match dst.execute(&w.stmt, &params).await {
-                    Ok(_) => Ok(self.outcome(b, groups, &plans, now_us)),
-                    Err(e) if presumed => Err(Failed::presumption(Error::db(
-                        t,
-                        "applying presumed rows",
-                        e,
-                    ))),
-                    Err(e) => Err(write_failed(t, b, mode, e)),
-                };
-            }
+        if let (true, [w]) = (alone, &writes[..]) {
+            let params = w.params(&setup_params, &self.origin_id);
+            return match dst.execute(&w.stmt, &params).await {
+                Ok(_) => Ok(self.outcome(b, groups, &plans, now_us)),
+                Err(e) if presumed => Err(Failed::presumption(Error::db(
+                    t,
+                    "applying presumed rows",
+                    e,
+                ))),
+                Err(e) => Err(write_failed(t, b, mode, e)),
+            };
         }
         let begin = async {
             if began {
@@ -1402,8 +1396,8 @@ impl Table {
         out
     }
 
-    /// The SQL of form `f` and its number of parameters.
-    fn form_sql(&self, f: &Form) -> (String, usize) {
+    /// The SQL of form `f`.
+    fn form_sql(&self, f: &Form) -> String {
         let q = qident(&self.shape.name);
         let keys_t = keys_of_t(&self.cols, &self.key);
         let rows = f.rows.unwrap_or(1);
@@ -1427,25 +1421,26 @@ impl Table {
                 (sql, self.key.len() * rows)
             }
             Does::Insert => {
-                let names = (self.cols.iter())
+                let names = self
+                    .cols
+                    .iter()
                     .map(|c| ident(&c.name))
                     .collect::<Vec<_>>()
                     .join(", ");
                 let all: Vec<usize> = (0..self.cols.len()).collect();
                 let rows_sql = select_rows(&self.cols, &all, 1, f.rows);
-                let n = all.len() * rows;
-                if f.alone {
-                    // The setup in a CTE the insert's one-time filter reads: run once,
-                    // before any row.
-                    let setup = origin_setup(n + 1, n + 2);
-                    let sql = format!(
-                        "WITH gsb_setup AS MATERIALIZED ({setup}) \
-                         INSERT INTO {q} ({names}) SELECT * FROM ({rows_sql}) AS v \
-                         WHERE (SELECT true FROM gsb_setup)"
-                    );
-                    return (sql, n);
+                if !f.alone {
+                    return format!("INSERT INTO {q} ({names}) {rows_sql}");
                 }
-                (format!("INSERT INTO {q} ({names}) {rows_sql}"), n)
+                // The setup in a CTE the insert's one-time filter reads: run once, before
+                // any row.
+                let n = all.len() * rows;
+                let setup = origin_setup(n + 1, n + 2);
+                return format!(
+                    "WITH gsb_setup AS MATERIALIZED ({setup}) \
+                     INSERT INTO {q} ({names}) SELECT * FROM ({rows_sql}) AS v \
+                     WHERE (SELECT true FROM gsb_setup)"
+                );
             }
             Does::Delete => (
                 format!(
@@ -1481,8 +1476,8 @@ impl Table {
             }
         };
         match f.alone {
-            true => (presumed_sql(&plain, n), n),
-            false => (plain, n),
+            true => presumed_sql(&plain, n),
+            false => plain,
         }
     }
 
@@ -1492,7 +1487,7 @@ impl Table {
         if let Some(s) = cache().get(&f) {
             return Ok(s.clone());
         }
-        let (sql, _) = self.form_sql(&f);
+        let sql = self.form_sql(&f);
         let stmt = dst.prepare(&sql).await.map_err(db(
             site,
             format!("preparing the apply of {}", self.shape.name),
@@ -1724,6 +1719,11 @@ mod tests {
 
     async fn count(c: &Client, sql: &str) -> i64 {
         c.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    /// Applies `changes` as one batch ending at `end_lsn`; its outcome.
+    async fn applied(a: &mut Applier, c: &Client, changes: Vec<Change>, end_lsn: u64) -> Outcome {
+        a.apply(c, &batch(changes, end_lsn)).await.unwrap()
     }
 
     fn batch(changes: Vec<Change>, end_lsn: u64) -> Batch {
@@ -1982,21 +1982,15 @@ mod tests {
         let inserts = (1..=4)
             .map(|id| row(&users, Op::Insert, id, Some(&format!("e{id}")), t))
             .collect();
-        a.apply(&c, &batch(inserts, 0x100)).await.unwrap();
+        applied(&mut a, &c, inserts, 0x100).await;
+        // Updates of (id, email), all at commit time `ts`.
+        let updates = |rows: &[(i32, &str)], ts: i64| -> Vec<Change> {
+            rows.iter()
+                .map(|&(id, email)| row(&users, Op::Update, id, Some(email), ts))
+                .collect()
+        };
         // The source's own rows: updated and deleted as it says.
-        let out = a
-            .apply(
-                &c,
-                &batch(
-                    vec![
-                        row(&users, Op::Update, 1, Some("u1"), t + 1),
-                        row(&users, Op::Update, 4, Some("u4"), t + 1),
-                    ],
-                    0x200,
-                ),
-            )
-            .await
-            .unwrap();
+        let out = applied(&mut a, &c, updates(&[(1, "u1"), (4, "u4")], t + 1), 0x200).await;
         assert_eq!(out["applied"]["public.users"], 2, "{out}");
         assert_eq!(out["attempts"], 1, "one statement: {out}");
         assert_eq!(last_writer(&c, 4).await, (a.origin_id, t + 1));
@@ -2004,44 +1998,23 @@ mod tests {
         // Row 2 edited here since (later than the source's change): the update of 1 and 2
         // cannot go presumed; read, 1 takes it and 2 keeps the local edit, logged.
         write_here(&c, "UPDATE users SET email = 'here' WHERE id = 2").await;
-        let out = a
-            .apply(
-                &c,
-                &batch(
-                    vec![
-                        row(&users, Op::Update, 1, Some("v1"), t + 2),
-                        row(&users, Op::Update, 2, Some("v2"), t + 2),
-                    ],
-                    0x300,
-                ),
-            )
-            .await
-            .unwrap();
+        let out = applied(&mut a, &c, updates(&[(1, "v1"), (2, "v2")], t + 2), 0x300).await;
         assert_eq!(out["conflicts"]["public.users"], 1, "{out}");
         assert_eq!(out["attempts"], 2, "presumed, then read: {out}");
         assert_eq!(progress(&c).await, "0/300");
         // Deletes of the source's rows; then an update of one of them, gone: skipped, logged.
-        let out = a
-            .apply(
-                &c,
-                &batch(
-                    vec![
-                        row(&users, Op::Delete, 3, None, t + 3),
-                        row(&users, Op::Delete, 4, None, t + 3),
-                    ],
-                    0x400,
-                ),
-            )
-            .await
-            .unwrap();
+        let out = applied(
+            &mut a,
+            &c,
+            vec![
+                row(&users, Op::Delete, 3, None, t + 3),
+                row(&users, Op::Delete, 4, None, t + 3),
+            ],
+            0x400,
+        )
+        .await;
         assert_eq!(out["attempts"], 1, "one statement: {out}");
-        let out = a
-            .apply(
-                &c,
-                &batch(vec![row(&users, Op::Update, 3, Some("late"), t + 4)], 0x500),
-            )
-            .await
-            .unwrap();
+        let out = applied(&mut a, &c, updates(&[(3, "late")], t + 4), 0x500).await;
         assert_eq!(out["conflicts"]["public.users"], 1, "{out}");
         assert_eq!(progress(&c).await, "0/500");
         assert_eq!(
@@ -2068,7 +2041,7 @@ mod tests {
         let seed = (1..=3)
             .map(|id| row(&users, Op::Insert, id, Some(&format!("e{id}")), t))
             .collect();
-        a.apply(&c, &batch(seed, 0x100)).await.unwrap();
+        applied(&mut a, &c, seed, 0x100).await;
         let mixed = |tag: &str, new: i32, ts: i64| {
             vec![
                 row(&users, Op::Insert, new, Some(&format!("{tag}{new}")), ts),
@@ -2077,10 +2050,7 @@ mod tests {
                 row(&users, Op::Delete, 3, None, ts),
             ]
         };
-        let out = a
-            .apply(&c, &batch(mixed("m", 10, t + 1), 0x200))
-            .await
-            .unwrap();
+        let out = applied(&mut a, &c, mixed("m", 10, t + 1), 0x200).await;
         assert_eq!(out["attempts"], 1, "one round trip: {out}");
         assert_eq!(out["applied"]["public.users"], 4, "{out}");
         assert_eq!(
@@ -2093,7 +2063,7 @@ mod tests {
         write_here(&c, "UPDATE users SET email = 'here' WHERE id = 1").await;
         let mut changes = mixed("n", 11, t + 2);
         changes.pop();
-        let out = a.apply(&c, &batch(changes, 0x300)).await.unwrap();
+        let out = applied(&mut a, &c, changes, 0x300).await;
         assert_eq!(out["attempts"], 2, "presumed, then read: {out}");
         assert_eq!(out["conflicts"]["public.users"], 1, "{out}");
         // Key 12 inserted here first: the source's later insert wins, logged.
@@ -2108,7 +2078,7 @@ mod tests {
             ),
             row(&users, Op::Update, 2, Some("s2"), t + 3),
         ];
-        let out = a.apply(&c, &batch(changes, 0x400)).await.unwrap();
+        let out = applied(&mut a, &c, changes, 0x400).await;
         assert!(out["attempts"].as_i64() > Some(1), "{out}");
         assert_eq!(progress(&c).await, "0/400");
         assert_eq!(
@@ -2131,9 +2101,9 @@ mod tests {
         let (_srv, c, mut a, users) = target().await;
         let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
         let mut lsn = 0x100;
-        let mut apply = |changes: Vec<Change>| {
+        let mut next_lsn = || {
             lsn += 0x100;
-            batch(changes, lsn)
+            lsn
         };
         for n in [3, VALUES_MAX, VALUES_MAX + 5] {
             let n = n as i32;
@@ -2146,21 +2116,15 @@ mod tests {
                     .map(|id| row(&users, op, id, Some(&format!("{tag}{id}")), ts))
                     .collect()
             };
-            a.apply(&c, &apply(each(Op::Insert, "a", t))).await.unwrap();
+            applied(&mut a, &c, each(Op::Insert, "a", t), next_lsn()).await;
             let want: Vec<(i32, String)> = ids.clone().map(|id| (id, format!("a{id}"))).collect();
             assert_eq!(ids_and_emails(&c).await, want, "n={n}");
             // Presumed: every row is the source's.
-            let out = a
-                .apply(&c, &apply(each(Op::Update, "b", t + 1)))
-                .await
-                .unwrap();
+            let out = applied(&mut a, &c, each(Op::Update, "b", t + 1), next_lsn()).await;
             assert_eq!(out["attempts"], 1, "n={n}: {out}");
             // Read: row 2 was edited here later, so it keeps its edit (logged).
             write_here(&c, "UPDATE users SET email = 'here' WHERE id = 2").await;
-            let out = a
-                .apply(&c, &apply(each(Op::Update, "c", t + 2)))
-                .await
-                .unwrap();
+            let out = applied(&mut a, &c, each(Op::Update, "c", t + 2), next_lsn()).await;
             assert_eq!(out["attempts"], 2, "n={n}: {out}");
             assert_eq!(out["conflicts"]["public.users"], 1, "n={n}: {out}");
             let want: Vec<(i32, String)> = ids
@@ -2178,23 +2142,17 @@ mod tests {
                 .collect();
             assert_eq!(ids_and_emails(&c).await, want, "n={n}");
             // Deletes: the odd rows presumed; then the even ones, row 2 read (a delete wins).
-            let odd = |op: Op, ts: i64, even: bool| -> Vec<Change> {
+            let half = |op: Op, ts: i64, even: bool| -> Vec<Change> {
                 ids.clone()
                     .filter(|id| (id % 2 == 0) == even)
                     .map(|id| row(&users, op, id, None, ts))
                     .collect()
             };
-            let out = a
-                .apply(&c, &apply(odd(Op::Delete, t + 3, false)))
-                .await
-                .unwrap();
+            let out = applied(&mut a, &c, half(Op::Delete, t + 3, false), next_lsn()).await;
             assert_eq!(out["attempts"], 1, "n={n}: {out}");
             let want: Vec<(i32, String)> = want.into_iter().filter(|(id, _)| id % 2 == 0).collect();
             assert_eq!(ids_and_emails(&c).await, want, "n={n}");
-            let out = a
-                .apply(&c, &apply(odd(Op::Delete, t + 4, true)))
-                .await
-                .unwrap();
+            let out = applied(&mut a, &c, half(Op::Delete, t + 4, true), next_lsn()).await;
             assert_eq!(out["attempts"], 2, "n={n}: {out}");
             assert_eq!(count(&c, "SELECT count(*) FROM users").await, 0, "n={n}");
         }
