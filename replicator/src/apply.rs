@@ -28,8 +28,9 @@
 //! them: a key it first inserts absent, any other last written by this source. Each `UPDATE`
 //! and `DELETE` then writes only rows whose last writer is this source's origin and fails
 //! unless every key was such a row; alone it is one statement committed by itself, else the
-//! batch is one pipelined transaction (`BEGIN`, the setup, the writes, `COMMIT`: one round
-//! trip). A row written here or by another origin, or gone, or an inserted key that exists,
+//! batch is one pipelined transaction (`BEGIN`, the writes, `COMMIT`: one round trip), whose
+//! first write carries the origin setup as the lone statement does (any batch with nothing
+//! to read does so). A row written here or by another origin, or gone, or an inserted key that exists,
 //! fails it (nothing is committed), and the batch takes the two round trips above.
 //!
 //! Statements are prepared once per table and session and derived again when the source's
@@ -657,6 +658,12 @@ impl Applier {
             }
             _ => false,
         };
+        // With nothing read, the first write carries the origin setup (a statement fewer
+        // in the pipeline); it runs before any other write, log or COPY of the batch.
+        let first_sets_up = !began
+            && planned
+                .iter()
+                .any(|(_, does, arrays)| *does != Does::Insert || arrays[0].len() < COPY_FROM);
         let mut writes: Vec<Writing> = Vec::with_capacity(planned.len());
         let mut copies: Vec<(&Statement, bytes::Bytes)> = Vec::new();
         for (tbl, does, arrays) in planned {
@@ -671,7 +678,8 @@ impl Applier {
             }
             // Presumed: an update or delete checks that this source last wrote every row.
             let checked = presumed && does != Does::Insert;
-            let f = Form::new(does, n, alone || checked);
+            let sets_up = first_sets_up && writes.is_empty();
+            let f = Form::new(does, n, alone || checked || sets_up);
             writes.push(Writing {
                 stmt: tbl.form(dst, t, f.clone()).await.map_err(Failed::fatal)?,
                 form: f,
@@ -694,6 +702,8 @@ impl Applier {
         let begin = async {
             if began {
                 Ok(())
+            } else if first_sets_up {
+                dst.batch_execute(self.words().begin).await
             } else {
                 let (b, s) = tokio::join!(
                     dst.batch_execute(self.words().begin),
@@ -2091,6 +2101,84 @@ mod tests {
                 (12, "s12".into())
             ]
         );
+    }
+
+    /// A batch of several tables with nothing to read is one transaction whose first write
+    /// sets up the origin: every row carries the source's origin and commit time, and the
+    /// progress moves, whether the batch only inserts or also presumes an update.
+    #[tokio::test]
+    async fn a_batch_of_two_tables_commits_under_the_origin_set_up_by_its_first_write() {
+        let (_srv, mut c, mut a, users) = target().await;
+        c.batch_execute("CREATE TABLE public.meetings (id int PRIMARY KEY, title text)")
+            .await
+            .unwrap();
+        let mut infos = Vec::new();
+        for t in ["public.meetings", "public.users"] {
+            infos.push(table_info(&c, Site::Backup, t).await.unwrap());
+        }
+        install(&mut c, Site::Backup, &infos, &infos, false)
+            .await
+            .unwrap();
+        let meetings = Arc::new(Shape {
+            name: "public.meetings".into(),
+            columns: vec![
+                pgoutput::Column {
+                    name: "id".into(),
+                    key: true,
+                    type_oid: 23,
+                },
+                pgoutput::Column {
+                    name: "title".into(),
+                    key: false,
+                    type_oid: 25,
+                },
+            ],
+        });
+        let meeting = |op: Op, id: i32, ts_us: i64| Change {
+            shape: meetings.clone(),
+            op,
+            vals: vec![
+                Value::Text(id.to_string().into()),
+                Value::Text(format!("m{id}").into()),
+            ],
+            ts_us,
+            initial: false,
+        };
+        let meeting_writer = |id: i32| {
+            let c = &c;
+            async move {
+                let r = c
+                    .query_one(
+                        "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident::int8, \
+                                (extract(epoch FROM (pg_xact_commit_timestamp_origin(xmin)).\"timestamp\") * 1000000)::int8 \
+                         FROM public.meetings WHERE id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .unwrap();
+                (r.get::<_, i64>(0), r.get::<_, i64>(1))
+            }
+        };
+        let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
+        let inserts = vec![
+            meeting(Op::Insert, 1, t),
+            row(&users, Op::Insert, 1, Some("e1"), t),
+        ];
+        let out = applied(&mut a, &c, inserts, 0x100).await;
+        assert_eq!(out["attempts"], 1, "{out}");
+        assert_eq!(progress(&c).await, "0/100");
+        assert_eq!(meeting_writer(1).await, (a.origin_id, t));
+        assert_eq!(last_writer(&c, 1).await, (a.origin_id, t));
+        let mixed = vec![
+            meeting(Op::Insert, 2, t + 1),
+            row(&users, Op::Update, 1, Some("e1b"), t + 1),
+        ];
+        let out = applied(&mut a, &c, mixed, 0x200).await;
+        assert_eq!(out["attempts"], 1, "presumed, nothing read: {out}");
+        assert_eq!(progress(&c).await, "0/200");
+        assert_eq!(meeting_writer(2).await, (a.origin_id, t + 1));
+        assert_eq!(last_writer(&c, 1).await, (a.origin_id, t + 1));
+        assert_eq!(ids_and_emails(&c).await, vec![(1, "e1b".into())]);
     }
 
     /// Inserts, updates and deletes of a few rows go as a `VALUES` list of scalars, of many as
