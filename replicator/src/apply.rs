@@ -28,10 +28,11 @@
 //! them: a key it first inserts absent, any other last written by this source. Each `UPDATE`
 //! and `DELETE` then writes only rows whose last writer is this source's origin and fails
 //! unless every key was such a row; alone it is one statement committed by itself, else the
-//! batch is one pipelined transaction (`BEGIN`, the writes, `COMMIT`: one round trip), whose
-//! first write carries the origin setup as the lone statement does (any batch with nothing
-//! to read does so). A row written here or by another origin, or gone, or an inserted key that exists,
-//! fails it (nothing is committed), and the batch takes the two round trips above.
+//! batch is one pipelined transaction (`BEGIN`, the writes, `COMMIT`: one round trip) whose
+//! first write carries the origin setup, as the lone statement does (so does that of any
+//! batch with nothing to read). A row written here or by another origin, or gone, or an
+//! inserted key that exists, fails it (nothing is committed), and the batch takes the two
+//! round trips above.
 //!
 //! Statements are prepared once per table and session and derived again when the source's
 //! relation changes (a Relation message: a column added). Values travel in their text form
@@ -659,7 +660,9 @@ impl Applier {
             _ => false,
         };
         // With nothing read, the first write carries the origin setup (a statement fewer
-        // in the pipeline); it runs before any other write, log or COPY of the batch.
+        // in the pipeline): it runs before the other writes and any COPY, so every write to
+        // a captured table has `gsb.applying` set (the conflict log rows sent before it are
+        // not captured), and before COMMIT.
         let first_sets_up = !began
             && planned
                 .iter()
@@ -1705,11 +1708,18 @@ mod tests {
 
     /// The origin id and commit time (µs) of the last write of user `id`.
     async fn last_writer(c: &Client, id: i32) -> (i64, i64) {
+        last_writer_in(c, "public.users", id).await
+    }
+
+    /// The origin id and commit time (µs) of the last write of row `id` of `table`.
+    async fn last_writer_in(c: &Client, table: &str, id: i32) -> (i64, i64) {
         let r = c
             .query_one(
-                "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident::int8, \
-                        (extract(epoch FROM (pg_xact_commit_timestamp_origin(xmin)).\"timestamp\") * 1000000)::int8 \
-                 FROM users WHERE id = $1",
+                &format!(
+                    "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident::int8, \
+                            (extract(epoch FROM (pg_xact_commit_timestamp_origin(xmin)).\"timestamp\") * 1000000)::int8 \
+                     FROM {table} WHERE id = $1"
+                ),
                 &[&id],
             )
             .await
@@ -2144,21 +2154,6 @@ mod tests {
             ts_us,
             initial: false,
         };
-        let meeting_writer = |id: i32| {
-            let c = &c;
-            async move {
-                let r = c
-                    .query_one(
-                        "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident::int8, \
-                                (extract(epoch FROM (pg_xact_commit_timestamp_origin(xmin)).\"timestamp\") * 1000000)::int8 \
-                         FROM public.meetings WHERE id = $1",
-                        &[&id],
-                    )
-                    .await
-                    .unwrap();
-                (r.get::<_, i64>(0), r.get::<_, i64>(1))
-            }
-        };
         let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
         let inserts = vec![
             meeting(Op::Insert, 1, t),
@@ -2167,7 +2162,10 @@ mod tests {
         let out = applied(&mut a, &c, inserts, 0x100).await;
         assert_eq!(out["attempts"], 1, "{out}");
         assert_eq!(progress(&c).await, "0/100");
-        assert_eq!(meeting_writer(1).await, (a.origin_id, t));
+        assert_eq!(
+            last_writer_in(&c, "public.meetings", 1).await,
+            (a.origin_id, t)
+        );
         assert_eq!(last_writer(&c, 1).await, (a.origin_id, t));
         let mixed = vec![
             meeting(Op::Insert, 2, t + 1),
@@ -2176,7 +2174,10 @@ mod tests {
         let out = applied(&mut a, &c, mixed, 0x200).await;
         assert_eq!(out["attempts"], 1, "presumed, nothing read: {out}");
         assert_eq!(progress(&c).await, "0/200");
-        assert_eq!(meeting_writer(2).await, (a.origin_id, t + 1));
+        assert_eq!(
+            last_writer_in(&c, "public.meetings", 2).await,
+            (a.origin_id, t + 1)
+        );
         assert_eq!(last_writer(&c, 1).await, (a.origin_id, t + 1));
         assert_eq!(ids_and_emails(&c).await, vec![(1, "e1b".into())]);
     }
