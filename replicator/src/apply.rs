@@ -27,12 +27,12 @@
 //! deletes is first tried without reading, its rows presumed as one-way replication leaves
 //! them: a key it first inserts absent, any other last written by this source. Each `UPDATE`
 //! and `DELETE` then writes only rows whose last writer is this source's origin and fails
-//! unless every key was such a row; alone it is one statement committed by itself, else the
-//! batch is one pipelined transaction (`BEGIN`, the writes, `COMMIT`: one round trip) whose
-//! first write carries the origin setup, as the lone statement does (so does that of any
-//! batch with nothing to read). A row written here or by another origin, or gone, or an
-//! inserted key that exists, fails it (nothing is committed), and the batch takes the two
-//! round trips above.
+//! unless every key was such a row. Alone it is one statement committed by itself; several
+//! writes (each key in one of them) are one statement too, each write a data-modifying CTE
+//! ([`combined_sql`]): one sync point either way. A row written here or by another origin, or
+//! gone, or an inserted key that exists, fails it (nothing is committed), and the batch takes
+//! the two round trips above. Any other batch with nothing to read is one pipelined
+//! transaction (`BEGIN`, the writes, `COMMIT`) whose first write carries the origin setup.
 //!
 //! Statements are prepared once per table and session and derived again when the source's
 //! relation changes (a Relation message: a column added). Values travel in their text form
@@ -325,6 +325,9 @@ pub(crate) struct Applier {
     fence: Option<Statement>,
     /// Batches applied inside the caller's transaction (savepoints instead of BEGIN/COMMIT).
     nested: bool,
+    /// The one-statement writes of presumed batches (see [`combined_sql`]), by the table and
+    /// form of each write; cleared when a table is prepared again, bounded by [`FORMS_MAX`].
+    combined: std::sync::Mutex<HashMap<Vec<(String, Form)>, Statement>>,
 }
 
 /// The statements that start, end and undo a batch's transaction.
@@ -419,6 +422,7 @@ impl Applier {
             clock: clock.into(),
             fence: None,
             nested: false,
+            combined: Default::default(),
         })
     }
 
@@ -464,6 +468,11 @@ impl Applier {
             {
                 let t = Table::prepare(dst, self.target, shape.clone()).await?;
                 self.tables.insert(name.clone(), t);
+                // Its columns may have changed: the writes combined with it are derived again.
+                self.combined
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
             }
         }
         // Lock order: by table name, then key (no deadlock between batches of two appliers).
@@ -659,6 +668,11 @@ impl Applier {
             }
             _ => false,
         };
+        if presumed && planned.len() > 1 {
+            return self
+                .apply_combined(dst, b, groups, &plans, now_us, planned, &setup_params)
+                .await;
+        }
         // With nothing read, the first write carries the origin setup (a statement fewer
         // in the pipeline): it runs before the other writes and any COPY, so every write to
         // a captured table has `gsb.applying` set (the conflict log rows sent before it are
@@ -765,6 +779,94 @@ impl Applier {
             });
         }
         Ok(self.outcome(b, groups, &plans, now_us))
+    }
+
+    /// The writes of a presumed batch (each key in one of them) as one statement committed by
+    /// itself (see [`combined_sql`]): one sync point. It fails, nothing written, where a
+    /// presumption does not hold.
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_combined(
+        &self,
+        dst: &Client,
+        b: &Batch,
+        groups: &[(&Table, Vec<Ch>)],
+        plans: &[Plan],
+        now_us: i64,
+        planned: Vec<(&Table, Does, Arrays)>,
+        setup: &[&(dyn ToSql + Sync); 2],
+    ) -> Result<Outcome, Failed> {
+        let t = self.target;
+        if planned
+            .iter()
+            .any(|(_, does, arrays)| *does == Does::Insert && arrays[0].len() >= COPY_FROM)
+        {
+            return Err(Failed::presumption(Error::Protocol("a COPY".into())));
+        }
+        let key: Vec<(String, Form)> = planned
+            .iter()
+            .map(|(tbl, does, arrays)| {
+                let f = Form::new(does.clone(), arrays[0].len(), false);
+                (tbl.shape.name.clone(), f)
+            })
+            .collect();
+        let stmt = self
+            .combined_stmt(dst, &planned, &key)
+            .await
+            .map_err(Failed::fatal)?;
+        // The checked writes' row counts, kept as their parameters' storage.
+        let expected: Vec<i64> = planned
+            .iter()
+            .filter(|(_, does, _)| *does != Does::Insert)
+            .map(|(_, _, arrays)| arrays[0].len() as i64)
+            .collect();
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        for ((_, _, arrays), (_, f)) in planned.iter().zip(&key) {
+            params.extend(params_of(arrays, f.rows));
+        }
+        params.extend(setup);
+        if !expected.is_empty() {
+            params.push(&self.origin_id);
+            params.extend(expected.iter().map(|e| e as &(dyn ToSql + Sync)));
+        }
+        match dst.execute(&stmt, &params).await {
+            Ok(_) => Ok(self.outcome(b, groups, plans, now_us)),
+            Err(e) => Err(Failed::presumption(Error::db(
+                t,
+                "applying presumed rows",
+                e,
+            ))),
+        }
+    }
+
+    /// The statement of [`Applier::apply_combined`] for writes `key` (`planned`'s), prepared
+    /// on first use.
+    async fn combined_stmt(
+        &self,
+        dst: &Client,
+        planned: &[(&Table, Does, Arrays)],
+        key: &[(String, Form)],
+    ) -> Result<Statement, Error> {
+        let cache = || self.combined.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = cache().get(key) {
+            return Ok(s.clone());
+        }
+        let mut from = 1;
+        let mut parts = Vec::with_capacity(planned.len());
+        for ((tbl, does, _), (_, f)) in planned.iter().zip(key) {
+            let (plain, n) = tbl.plain_sql(does, f.rows, from);
+            from += n;
+            parts.push((plain, n, *does != Does::Insert));
+        }
+        let stmt = dst
+            .prepare(&combined_sql(&parts))
+            .await
+            .map_err(db(self.target, "preparing the apply of a presumed batch"))?;
+        let mut combined = cache();
+        if combined.len() >= FORMS_MAX {
+            combined.clear();
+        }
+        combined.insert(key.to_vec(), stmt.clone());
+        Ok(stmt)
     }
 
     /// Decides every change of one table against the locked local rows.
@@ -1411,10 +1513,29 @@ impl Table {
 
     /// The SQL of form `f`.
     fn form_sql(&self, f: &Form) -> String {
+        let (plain, n) = self.plain_sql(&f.does, f.rows, 1);
+        match (f.alone, &f.does) {
+            (false, _) => plain,
+            // The setup in a CTE the insert's one-time filter reads: run once, before any row.
+            (true, Does::Insert) => {
+                let setup = origin_setup(n + 1, n + 2);
+                format!(
+                    "WITH gsb_setup AS MATERIALIZED ({setup}) {plain} WHERE (SELECT true FROM gsb_setup)"
+                )
+            }
+            (true, _) => presumed_sql(&plain, n),
+        }
+    }
+
+    /// The plain statement that does `does` with `rows_of` rows (see [`Form`]), its
+    /// parameters numbered from `$from`, and their number. An `INSERT` ends in its rows'
+    /// subquery (a `WHERE` may follow), an `UPDATE` or `DELETE` in its `WHERE` clause (an
+    /// `AND` may follow).
+    fn plain_sql(&self, does: &Does, rows_of: Option<usize>, from: usize) -> (String, usize) {
         let q = qident(&self.shape.name);
         let keys_t = keys_of_t(&self.cols, &self.key);
-        let rows = f.rows.unwrap_or(1);
-        let (plain, n) = match &f.does {
+        let rows = rows_of.unwrap_or(1);
+        match does {
             // The last writer in the select list, not a LATERAL join: a row another
             // transaction changes while this waits for its lock is re-read (EvalPlanQual) and
             // the list is computed again from the new version, where a joined function's row
@@ -1429,7 +1550,7 @@ impl Table {
                      WHERE ({keys_t}) IN ({src}) ORDER BY {keys_t} FOR UPDATE OF t",
                     ktext = self.key.iter().map(text).collect::<Vec<_>>().join(", "),
                     vals = (0..self.cols.len()).map(|i| text(&i)).collect::<Vec<_>>().join(", "),
-                    src = select_rows(&self.cols, &self.key, 1, f.rows),
+                    src = select_rows(&self.cols, &self.key, from, rows_of),
                 );
                 (sql, self.key.len() * rows)
             }
@@ -1441,24 +1562,16 @@ impl Table {
                     .collect::<Vec<_>>()
                     .join(", ");
                 let all: Vec<usize> = (0..self.cols.len()).collect();
-                let rows_sql = select_rows(&self.cols, &all, 1, f.rows);
-                if !f.alone {
-                    return format!("INSERT INTO {q} ({names}) {rows_sql}");
-                }
-                // The setup in a CTE the insert's one-time filter reads: run once, before
-                // any row.
-                let n = all.len() * rows;
-                let setup = origin_setup(n + 1, n + 2);
-                return format!(
-                    "WITH gsb_setup AS MATERIALIZED ({setup}) \
-                     INSERT INTO {q} ({names}) SELECT * FROM ({rows_sql}) AS v \
-                     WHERE (SELECT true FROM gsb_setup)"
-                );
+                let rows_sql = select_rows(&self.cols, &all, from, rows_of);
+                (
+                    format!("INSERT INTO {q} ({names}) SELECT * FROM ({rows_sql}) AS v"),
+                    all.len() * rows,
+                )
             }
             Does::Delete => (
                 format!(
                     "DELETE FROM {q} t WHERE ({keys_t}) IN ({})",
-                    select_rows(&self.cols, &self.key, 1, f.rows)
+                    select_rows(&self.cols, &self.key, from, rows_of)
                 ),
                 self.key.len() * rows,
             ),
@@ -1483,14 +1596,10 @@ impl Table {
                     .join(" AND ");
                 let sql = format!(
                     "UPDATE {q} t SET {set} FROM {} WHERE {matches}",
-                    rows_from(which.len(), 1, f.rows)
+                    rows_from(which.len(), from, rows_of)
                 );
                 (sql, which.len() * rows)
             }
-        };
-        match f.alone {
-            true => presumed_sql(&plain, n),
-            false => plain,
         }
     }
 
@@ -1539,6 +1648,50 @@ fn presumed_sql(plain: &str, n: usize) -> String {
          SELECT CASE WHEN c.n = ${expected}::int8 THEN c.n \
                 ELSE ('gsb: ' || c.n || ' of ' || ${expected}::int8 || ' rows were last written by this source')::int8 END \
          FROM (SELECT count(*) AS n FROM w) c"
+    )
+}
+
+/// The writes `parts` (plain SQL as [`Table::plain_sql`] gives it, parameters numbered on
+/// from the previous part's, their number, checked or not) as one statement committed by
+/// itself, each a data-modifying CTE reading the origin setup (`$n+1`, `$n+2`: end LSN and
+/// commit time, after the parts' `n` parameters). A checked part (an `UPDATE` or `DELETE`)
+/// writes only rows last written by origin `$n+3`, and the statement fails (nothing written)
+/// unless each checked part wrote its count (`$n+4`, ... in order). The parts must touch
+/// disjoint keys: they run on one snapshot, in no set order.
+fn combined_sql(parts: &[(String, usize, bool)]) -> String {
+    let n: usize = parts.iter().map(|p| p.1).sum();
+    let setup = origin_setup(n + 1, n + 2);
+    let origin = n + 3;
+    let mut ctes = vec![format!("gsb_setup AS MATERIALIZED ({setup})")];
+    let (mut checks, mut counts) = (Vec::new(), Vec::new());
+    for (i, (plain, _, checked)) in parts.iter().enumerate() {
+        let cond = if *checked {
+            checks.push(format!(
+                "(SELECT count(*) FROM w{i}) = ${}::int8",
+                origin + 1 + checks.len()
+            ));
+            counts.push(format!("(SELECT count(*) FROM w{i})"));
+            format!(
+                " AND (pg_xact_commit_timestamp_origin(t.xmin)).roident::int8 = ${origin}::int8 \
+                  AND (SELECT true FROM gsb_setup)"
+            )
+        } else {
+            " WHERE (SELECT true FROM gsb_setup)".to_owned()
+        };
+        ctes.push(format!("w{i} AS ({plain}{cond} RETURNING 1)"));
+    }
+    let ctes = ctes.join(", ");
+    if checks.is_empty() {
+        return format!("WITH {ctes} SELECT 0::int8");
+    }
+    // The message holds what was written, so the server cannot fold the failing cast into a
+    // constant when it plans the statement with its parameters (a custom plan).
+    format!(
+        "WITH {ctes} SELECT CASE WHEN {} THEN 0::int8 \
+         ELSE ('gsb: presumed writes wrote ' || concat_ws(', ', {}) \
+               || ' rows: not every row they name was last written by this source')::int8 END",
+        checks.join(" AND "),
+        counts.join(", ")
     )
 }
 
