@@ -1899,6 +1899,15 @@ mod tests {
         a.apply(c, &batch(changes, end_lsn)).await.unwrap()
     }
 
+    /// Users 1 to `n` (email `e<id>`), committed at `ts_us` by the source, applied as a batch
+    /// ending at 0/100.
+    async fn seeded(a: &mut Applier, c: &Client, users: &Arc<Shape>, n: i32, ts_us: i64) {
+        let inserts = (1..=n)
+            .map(|id| row(users, Op::Insert, id, Some(&format!("e{id}")), ts_us))
+            .collect();
+        applied(a, c, inserts, 0x100).await;
+    }
+
     fn batch(changes: Vec<Change>, end_lsn: u64) -> Batch {
         let ts = changes.iter().map(|c| c.ts_us).max().unwrap_or_default();
         Batch {
@@ -2152,10 +2161,7 @@ mod tests {
     {
         let (_srv, c, mut a, users) = target().await;
         let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
-        let inserts = (1..=4)
-            .map(|id| row(&users, Op::Insert, id, Some(&format!("e{id}")), t))
-            .collect();
-        applied(&mut a, &c, inserts, 0x100).await;
+        seeded(&mut a, &c, &users, 4, t).await;
         // Updates of (id, email), all at commit time `ts`.
         let updates = |rows: &[(i32, &str)], ts: i64| -> Vec<Change> {
             rows.iter()
@@ -2211,10 +2217,7 @@ mod tests {
     async fn a_mixed_batch_presumes_inserted_keys_absent_and_the_rest_the_sources() {
         let (_srv, c, mut a, users) = target().await;
         let t = chrono::Utc::now().timestamp_micros() - 1_000_000;
-        let seed = (1..=3)
-            .map(|id| row(&users, Op::Insert, id, Some(&format!("e{id}")), t))
-            .collect();
-        applied(&mut a, &c, seed, 0x100).await;
+        seeded(&mut a, &c, &users, 3, t).await;
         let mixed = |tag: &str, new: i32, ts: i64| {
             vec![
                 row(&users, Op::Insert, new, Some(&format!("{tag}{new}")), ts),
