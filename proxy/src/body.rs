@@ -4,11 +4,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
+use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::error::BoxError;
@@ -86,6 +88,13 @@ enum Kind {
         /// The drain token, until the body first has to wait (then it moves into `cut`).
         drain: Option<CancellationToken>,
         cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        /// The longest the site may send nothing mid-body (`proxy.upstream_timeout`).
+        pause: Duration,
+        /// Armed when the body first waits for the site; re-armed at the next wait after
+        /// bytes came.
+        silence: Option<Pin<Box<Sleep>>>,
+        /// A frame came since `silence` was armed.
+        moved: bool,
     },
 }
 
@@ -107,8 +116,14 @@ impl ProxyBody {
         }
     }
 
-    /// A site's body streamed through, aborted when `drain` is cancelled.
-    pub fn upstream(body: Incoming, drain: Option<&CancellationToken>) -> ProxyBody {
+    /// A site's body streamed through, aborted when `drain` is cancelled or when the site
+    /// sends nothing for `pause` (as HAProxy's `timeout server` and nginx's
+    /// `proxy_read_timeout` cut a stalled answer).
+    pub fn upstream(
+        body: Incoming,
+        drain: Option<&CancellationToken>,
+        pause: Duration,
+    ) -> ProxyBody {
         // A body that is already complete needs no drain watch (no token clone, no allocation).
         let drain = drain.filter(|_| !body.is_end_stream()).cloned();
         ProxyBody {
@@ -116,6 +131,9 @@ impl ProxyBody {
                 body,
                 drain,
                 cut: None,
+                pause,
+                silence: None,
+                moved: false,
             },
             log: None,
         }
@@ -141,6 +159,11 @@ fn drained() -> BoxError {
     "the site was drained: traffic moved and the drain timeout passed".into()
 }
 
+/// The error that aborts a body whose site went silent.
+fn silent(pause: Duration) -> BoxError {
+    format!("the site sent nothing for {pause:?} mid-answer (proxy.upstream_timeout)").into()
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -152,7 +175,14 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream { body, drain, cut } => {
+            Kind::Upstream {
+                body,
+                drain,
+                cut,
+                pause,
+                silence,
+                moved,
+            } => {
                 let cut_now = match cut {
                     Some(c) => c.as_mut().poll(cx).is_ready(),
                     None => drain.as_ref().is_some_and(|t| t.is_cancelled()),
@@ -173,9 +203,27 @@ impl Body for ProxyBody {
                             }
                             *cut = Some(c);
                         }
+                        // Likewise the silence timer: armed at the first wait, moved on at
+                        // a wait after bytes came (not at every frame).
+                        let deadline = tokio::time::Instant::now() + *pause;
+                        let timer = silence.get_or_insert_with(|| {
+                            *moved = false;
+                            Box::pin(tokio::time::sleep_until(deadline))
+                        });
+                        if std::mem::take(moved) {
+                            timer.as_mut().reset(deadline);
+                        }
+                        if timer.as_mut().poll(cx).is_ready() {
+                            *silence = None;
+                            tracing::warn!(pause = ?*pause, "answer cut: the site sent nothing mid-body for proxy.upstream_timeout");
+                            return Poll::Ready(Some(Err(silent(*pause))));
+                        }
                         Poll::Pending
                     }
-                    ready => ready.map_err(BoxError::from),
+                    ready => {
+                        *moved = true;
+                        ready.map_err(BoxError::from)
+                    }
                 }
             }
         };
@@ -308,7 +356,6 @@ impl Drop for ReturnableBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     use http_body_util::BodyExt;
     use hyper_util::rt::TokioIo;
@@ -343,7 +390,7 @@ mod tests {
     async fn a_body_waiting_for_its_site_is_cut_when_the_drain_fires() {
         let (body, _site) = stalled_body(b"hello").await;
         let drain = CancellationToken::new();
-        let mut body = ProxyBody::upstream(body, Some(&drain));
+        let mut body = ProxyBody::upstream(body, Some(&drain), Duration::from_secs(60));
         let first = body.frame().await.expect("frame").expect("data");
         assert_eq!(first.into_data().expect("data"), "hello");
         // The rest never comes: the cut must wake the waiting body.
@@ -363,16 +410,38 @@ mod tests {
         let (body, _site) = stalled_body(b"hello").await;
         let drain = CancellationToken::new();
         drain.cancel();
-        let mut body = ProxyBody::upstream(body, Some(&drain));
+        let mut body = ProxyBody::upstream(body, Some(&drain), Duration::from_secs(60));
         let next = body.frame().await;
         assert!(matches!(next, Some(Err(_))), "cut before any data");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_site_silent_mid_body_for_the_upstream_timeout_is_cut_and_not_before() {
+        let (body, mut site) = stalled_body(b"he").await;
+        let mut body = ProxyBody::upstream(body, None, Duration::from_secs(60));
+        let first = body.frame().await.expect("frame").expect("data");
+        assert_eq!(first.into_data().expect("data"), "he");
+        // Bytes every 50 s: each pause is under the timeout, the whole answer is not.
+        for part in [&b"ll"[..], b"o"] {
+            let wait = tokio::time::timeout(Duration::from_secs(50), body.frame()).await;
+            assert!(wait.is_err(), "nothing came yet");
+            site.write_all(part).await.expect("more");
+            let frame = body.frame().await.expect("frame").expect("data");
+            assert_eq!(frame.into_data().expect("data"), part);
+        }
+        let started = tokio::time::Instant::now();
+        let next = tokio::time::timeout(Duration::from_secs(120), body.frame())
+            .await
+            .expect("cut, not left waiting");
+        assert!(matches!(next, Some(Err(_))), "cut with an error");
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
     }
 
     #[tokio::test]
     async fn a_body_that_is_not_drained_streams_whole() {
         let (body, mut site) = stalled_body(b"hello").await;
         let drain = CancellationToken::new();
-        let body = ProxyBody::upstream(body, Some(&drain));
+        let body = ProxyBody::upstream(body, Some(&drain), Duration::from_secs(60));
         site.write_all(b"world").await.expect("rest");
         let all = body.collect().await.expect("body").to_bytes();
         assert_eq!(all, "helloworld");

@@ -96,7 +96,10 @@ pub struct ListenerConfig {
     /// Time a client has to send complete request headers (slowloris guard). Default 10s.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// Time a site has to send response headers before a 504. Default 60s.
+    /// Time a site has to send response headers before a 504, and the longest it may send
+    /// nothing in the middle of an answer body before the answer is cut (the client
+    /// connection closed, as HAProxy's `timeout server` and nginx's `proxy_read_timeout`).
+    /// Default 60s.
     #[serde(with = "humantime_serde")]
     pub upstream_timeout: Duration,
     /// Idle keep-alive time of client and pooled upstream connections. Default 60s.

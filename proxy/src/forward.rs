@@ -680,6 +680,7 @@ impl Forwarder {
                 client_upgrade,
                 upgrade.is_some(),
                 &out.tokens.drain,
+                settings.upstream_timeout,
             ),
         ))
     }
@@ -813,6 +814,7 @@ impl Forwarder {
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         is_upgrade: bool,
         drain: &CancellationToken,
+        pause: Duration,
     ) -> Response<ProxyBody> {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS && is_upgrade {
             let upgrade = resp.headers().get(header::UPGRADE).cloned();
@@ -828,7 +830,7 @@ impl Forwarder {
             return Response::from_parts(parts, ProxyBody::empty());
         }
         strip_hop_by_hop(resp.headers_mut());
-        resp.map(|b| ProxyBody::upstream(b, Some(drain)))
+        resp.map(|b| ProxyBody::upstream(b, Some(drain), pause))
     }
 
     fn spawn_tunnel(

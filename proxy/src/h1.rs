@@ -211,7 +211,12 @@ async fn exchange(
             fwd.passive_status(site, head.status);
             fwd.count_request(site, status_code(head.status), started);
             let pool = settings.raw_pool(site, worker);
-            relay(tcp, up, head, rbuf, pool, &tokens.drain, &ctx.hard_stop).await
+            let cut = Cut {
+                drain: &tokens.drain,
+                hard_stop: &ctx.hard_stop,
+                pause: settings.upstream_timeout(),
+            };
+            relay(tcp, up, head, rbuf, pool, cut).await
         }
         Err(e) => {
             let site = e.site().unwrap_or(route.active);
@@ -339,17 +344,28 @@ async fn attempt(
     }
 }
 
+/// What cuts a long answer: the drain timeout, the hard stop, or a site silent for `pause`
+/// mid-body (`proxy.upstream_timeout`, as on the hyper path).
+struct Cut<'a> {
+    drain: &'a tokio_util::sync::CancellationToken,
+    hard_stop: &'a tokio_util::sync::CancellationToken,
+    pause: Duration,
+}
+
 /// Sends the answer's head and relays its body; the site connection goes back to `pool` when
-/// its answer ended cleanly. `false`: the client connection must close (the site failed or
-/// was cut mid-answer, or the client went away).
+/// its answer ended cleanly. `false`: the client connection must close (the site failed,
+/// went silent or was cut mid-answer, or the client went away).
 async fn relay(
     client: &mut TcpStream,
     mut up: TcpStream,
     head: RespHead,
     mut rbuf: Vec<u8>,
     pool: Option<&RawPool>,
-    drain: &tokio_util::sync::CancellationToken,
-    hard_stop: &tokio_util::sync::CancellationToken,
+    Cut {
+        drain,
+        hard_stop,
+        pause,
+    }: Cut<'_>,
 ) -> bool {
     let RespHead {
         head_len,
@@ -429,10 +445,14 @@ async fn relay(
         };
         let n = tokio::select! {
             biased;
-            r = up.read(&mut rbuf[..want]) => match r {
-                Ok(n) => n,
-                Err(e) => {
+            r = tokio::time::timeout(pause, up.read(&mut rbuf[..want])) => match r {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
                     tracing::debug!(error = %e, "site connection failed mid-answer");
+                    return false;
+                }
+                Err(_) => {
+                    tracing::warn!(?pause, "answer cut: the site sent nothing mid-body for proxy.upstream_timeout");
                     return false;
                 }
             },

@@ -1157,7 +1157,9 @@ async fn an_unreadable_ca_file_stops_the_start_naming_the_key() {
 /// the connection is closed without an answer (a kept connection the site dropped just as the
 /// proxy reused it); `/cut` gets a head announcing 1000 bytes, 10 of them, and a close (a site
 /// killed mid-answer); `/badchunk` a chunked head whose first chunk size is not hex, in the
-/// same write, and a close. `/health/...` is always answered. Returns its URL and the count of
+/// same write, and a close; `/silent` a head announcing 100000 bytes, 10 of them, and then
+/// nothing for 30 s with the connection open (a site hung mid-answer). `/health/...` is
+/// always answered. Returns its URL and the count of
 /// `/stale` requests it read.
 async fn raw_site() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -1198,6 +1200,15 @@ async fn raw_site() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
                         let _ = tcp
                             .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
                             .await;
+                        return;
+                    }
+                    if path == "/silent" {
+                        let _ = tcp
+                            .write_all(
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n0123456789",
+                            )
+                            .await;
+                        tokio::time::sleep(Duration::from_secs(30)).await;
                         return;
                     }
                     if path == "/badchunk" {
@@ -1447,6 +1458,44 @@ async fn fast_path_retries_a_stale_site_connection_and_survives_a_site_cut_mid_a
     // The proxy is fine.
     let r = c.get(gsb.url("/after-cut")).send().await.expect("get");
     assert_eq!(r.text().await.expect("body"), "raw /after-cut");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_whose_site_goes_silent_mid_body_is_cut_after_the_upstream_timeout() {
+    let (url, _) = raw_site().await;
+    let backup = upstream::start("backup").await;
+    let opts = Opts {
+        proxy: "upstream_timeout = \"1s\"".into(),
+        ..Opts::default()
+    };
+    let gsb = Gsb::start_urls(&url, &backup.url(), opts).await;
+    let port = gsb.port;
+    // A GET takes the fast path; a chunked POST goes to hyper. Both cut the answer.
+    for request in [
+        "GET /silent HTTP/1.1\r\nHost: x\r\n\r\n",
+        "POST /silent HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ] {
+        let (got, body, took) = tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let started = std::time::Instant::now();
+            s.write_all(request.as_bytes()).expect("write");
+            let mut out = Vec::new();
+            let got = s.read_to_end(&mut out);
+            (got.map_err(|e| e.kind()), out, started.elapsed())
+        })
+        .await
+        .expect("join");
+        let text = String::from_utf8_lossy(&body);
+        assert!(got.is_ok(), "closed by the proxy, not left hanging: {got:?} after {text}");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("0123456789"), "the short answer, then the close: {text}");
+        assert!(took >= Duration::from_millis(900), "cut after the timeout, not before: {took:?}");
+    }
+    // The proxy serves on.
+    let r = client().get(gsb.url("/after")).send().await.expect("get");
+    assert_eq!(r.text().await.expect("body"), "raw /after");
 }
 
 #[tokio::test(flavor = "multi_thread")]
